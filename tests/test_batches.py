@@ -1,0 +1,66 @@
+import pandas as pd
+import pytest
+import torch
+
+from medqa.batches import EOT, IGNORE, LengthGroupedBatches, QADataset, collate, encode_examples, token_efficiency
+from tests.conftest import table
+
+
+def test_tokenizer_is_gpt2s(tokenizer):
+    assert tokenizer.n_vocab == 50257
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.encode("<|endoftext|>", allowed_special="all") == [EOT]
+
+
+def test_collate_pads_with_eot_and_ignores_all_padding_but_the_first_eot():
+    b = collate([([1, 2], [3, 4, 5]), ([6], [7])], max_length=100)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, EOT, EOT, EOT]]
+    assert b["labels"].tolist() == [[2, 3, 4, 5, EOT], [7, EOT, IGNORE, IGNORE, IGNORE]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_collate_can_mask_the_prompt():
+    b = collate([([1, 2, 3], [4, 5])], max_length=100, mask_prompt=True)
+    # Targets of positions inside the prompt are ignored; the first answer token is the first target.
+    assert b["labels"].tolist() == [[IGNORE, IGNORE, 4, 5, EOT]]
+
+
+def test_collate_truncates_the_answer_tail_never_the_prompt():
+    b = collate([([1, 2, 3], [4, 5, 6, 7, 8])], max_length=5)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert b["labels"].tolist() == [[2, 3, 4, 5, 6]]  # no end-of-text: the answer was cut, not finished
+
+
+def test_dataset_drops_and_counts_prompts_that_do_not_fit():
+    df = pd.DataFrame({"prompt_ids": [[1] * 3, [1] * 10, [1] * 9], "answer_ids": [[2] * 50, [2], [2] * 4]})
+    ds = QADataset(df, max_length=10)
+    assert len(ds) == 2 and ds.dropped == 1
+    assert ds.lengths == [10, 10]  # 3 + 50 + 1 capped at 10; 9 + 4 + 1 capped at 10
+    assert ds[1] == ([1] * 9, [2] * 4)
+
+
+def test_encode_examples_formats_then_tokenizes(tokenizer):
+    df = encode_examples(table([("What causes gout ?", "Uric acid.")]), tokenizer)
+    assert tokenizer.decode(df.prompt_ids[0]).endswith("### Instruction:\nWhat causes gout ?\n\n### Response:\n")
+    assert tokenizer.decode(df.answer_ids[0]) == "Uric acid."
+
+
+def test_length_grouped_batches_cover_every_example_once_and_vary_by_epoch():
+    lengths = [(i * 37) % 500 + 1 for i in range(1000)]
+    s = LengthGroupedBatches(lengths, batch_size=8, seed=1)
+    e0, e1 = s.batches(0), s.batches(1)
+    for epoch in (e0, e1):
+        flat = sorted(i for b in epoch for i in b)
+        assert flat == list(range(1000))
+        assert all(len(b) <= 8 for b in epoch)
+    assert e0 != e1 and e0 == LengthGroupedBatches(lengths, 8, seed=1).batches(0)
+    assert token_efficiency(lengths, e0) > 0.97
+
+
+def test_sorted_batches_for_evaluation_are_longest_first():
+    lengths = [5, 1, 9, 3]
+    assert LengthGroupedBatches(lengths, 2, shuffle=False).batches(0) == [[2, 0], [3, 1]]
+
+
+def test_token_efficiency_counts_padding():
+    assert token_efficiency([4, 2], [[0, 1]]) == pytest.approx(6 / 8)

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from medqa import data
+from medqa.errors import MedQAError
+from tests.sample_data import write_sample_alpaca_json, write_sample_csv
+
+
+def test_reads_medquad_csv_into_the_common_table(tmp_path):
+    df = data.read_table(write_sample_csv(tmp_path / "m.csv"))
+    assert list(df.columns) == data.COLUMNS
+    assert len(df) == 308 and (df["input"] == "").all()
+    assert df["instruction"].iloc[0].endswith("?")
+
+
+def test_reads_alpaca_json_and_json_lines(tmp_path):
+    js = write_sample_alpaca_json(tmp_path / "a.json")
+    records = json.loads(js.read_text())
+    records[0]["input"] = "some context"
+    js.write_text(json.dumps(records))
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for path in (js, jl):
+        df = data.read_table(path)
+        assert len(df) == len(records) and df["input"].iloc[0] == "some context"
+        assert df["output"].iloc[1] == records[1]["output"]
+
+
+def test_normalise_whitespace():
+    assert data.normalise_whitespace("  Key Points\n      - a    b\r\n\n\n\n  c  ") == "Key Points\n- a b\n\nc"
+
+
+def test_clean_counts_what_each_rule_removes():
+    import pandas as pd
+
+    df = pd.DataFrame({"instruction": ["q1", "q1", "q2", "", "q3"], "input": "",
+                       "output": ["a  1", "a 1", "   ", "a", "a3"], "source": "", "focus_area": ""})
+    out, report = data.clean(df)
+    assert report == {"rows read": 5, "empty answer": 1, "empty question": 1, "duplicate pair": 1, "rows kept": 2}
+    assert list(out["output"]) == ["a 1", "a3"]
+
+
+def test_sample_rows_is_seeded_and_notes_too_large_requests(tmp_path):
+    df = data.read_table(write_sample_csv(tmp_path / "m.csv"))
+    a, b = data.sample_rows(df, 50, 1), data.sample_rows(df, 50, 1)
+    assert a.equals(b) and len(a) == 50
+    notes = []
+    assert len(data.sample_rows(df, 10_000, 1, log=notes.append)) == len(df)
+    assert "using all" in notes[0]
+
+
+def test_locate_prefers_data_path_then_a_local_copy_then_downloads(tmp_path):
+    calls = []
+
+    def fake_download(folder):
+        calls.append(folder)
+        return write_sample_csv(folder / "medquad.csv")
+
+    sources = [("fake", fake_download)]
+    given = write_sample_csv(tmp_path / "given.csv")
+    assert data.locate_data(str(given), tmp_path / "d", sources) == given and not calls
+    got = data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+    assert got == tmp_path / "d" / "medquad.csv" and len(calls) == 1
+    assert data.locate_data(None, tmp_path / "d", sources) == got and len(calls) == 1  # reused, not downloaded again
+
+
+def test_no_data_and_no_network_ends_with_a_clear_error(tmp_path):
+    def no_gdown(**kw):
+        raise ConnectionError("no network")
+
+    sources = [("Google Drive", lambda d: data.fetch_from_gdrive(d, no_gdown, retries=1)),
+               ("GitHub", lambda d: data.fetch_from_github(d, url="http://127.0.0.1:9/x.zip", retries=1))]
+    with pytest.raises(MedQAError, match="DATA_PATH"):
+        data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_medquad_xml_is_parsed_into_the_table():
+    xml = b"""<?xml version="1.0"?><Document id="1" source="GHR"><Focus>Gout</Focus>
+      <QAPairs><QAPair pid="1"><Question qid="1" qtype="cause">What causes gout ?</Question>
+      <Answer>Uric acid crystals.</Answer></QAPair></QAPairs></Document>"""
+    df = data.parse_medquad_xml([("a.xml", xml)])
+    assert df.iloc[0].to_dict() == {"instruction": "What causes gout ?", "input": "", "output": "Uric acid crystals.",
+                                    "source": "GHR", "focus_area": "Gout"}

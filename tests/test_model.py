@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from medqa import generate, model as gpt
+from medqa.errors import MedQAError
+from medqa.settings import TINY_MODEL
+
+
+def test_tiny_model_is_saved_and_loaded_like_a_downloaded_one(tmp_path):
+    source = gpt.model_source(TINY_MODEL, tmp_path, seed=0)
+    assert (tmp_path / "tiny-gpt2" / "config.json").exists()
+    m = gpt.load_model(source, torch.device("cpu"))
+    assert m.config.vocab_size == 50257 and m.config.n_positions == 1024 and m.config.n_layer == 2
+    assert gpt.model_source("gpt2-medium", tmp_path, 0) == "openai-community/gpt2-medium"
+
+
+def test_weights_that_cannot_be_loaded_name_the_ways_out(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedQAError, match="PROFILE=smoke.*MODEL=<a local folder"):
+        gpt.load_model(str(tmp_path / "empty"), torch.device("cpu"))
+
+
+def test_max_length_longer_than_the_context_is_refused(tiny_model):
+    gpt.check_fits(1024, tiny_model)
+    with pytest.raises(MedQAError, match="MAX_LENGTH=2048.*at most 1024"):
+        gpt.check_fits(2048, tiny_model)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model):
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9, 30, 2)]
+    batched = generate.generate_ids(tiny_model, prompts, max_new_tokens=12, batch_size=5)
+    single = [generate.generate_ids(tiny_model, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(0 < len(r) <= 12 for r in batched)
+
+
+def test_answer_stops_at_end_of_text():
+    assert generate.cut_answer([5, 6, 50256, 7]) == [5, 6]
+    assert generate.cut_answer([5, 6]) == [5, 6]
