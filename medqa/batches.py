@@ -78,6 +78,9 @@ class QADataset(Dataset):
         fits = df["prompt_ids"].map(len) < max_length
         self.frame = df[fits].reset_index(drop=True)
         self.dropped = int((~fits).sum())
+        if len(df) and self.frame.empty:
+            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are longer. "
+                             f"Raise MAX_LENGTH (the profiles use 256 to 1024).")
         self.pairs = list(zip(self.frame["prompt_ids"], self.frame["answer_ids"]))
         # The length a training row has after collate's truncation: what batching groups by.
         self.lengths = [min(len(p) + len(a) + 1, max_length + 1) - 1 for p, a in self.pairs]

@@ -140,7 +140,8 @@ def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, ba
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def attempt():
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        # Hidden, and ending in the real name so that `validate` can read it by its extension.
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-", suffix=f"-{dest.name}")
         try:
             with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
                 expected = resp.headers.get("Content-Length")
@@ -178,7 +179,7 @@ def parse_medquad_xml(files) -> pd.DataFrame:
 
 
 def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.part")
+    tmp = dest.with_name(f".part-{dest.name}")
     df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input").to_csv(tmp, index=False)
     read_table(tmp)  # only a file that reads back replaces anything
     os.replace(tmp, dest)

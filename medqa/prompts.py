@@ -6,6 +6,8 @@ import random
 
 import pandas as pd
 
+from medqa.errors import MedQAError
+
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 
@@ -38,6 +40,11 @@ def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: floa
             filled[part] += sizes[g]
     part_of = key.map(assign)
     splits = {p: df[part_of == p].reset_index(drop=True) for p in ("train", "val", "test")}
+    empty = [p for p, part in splits.items() if part.empty]
+    if empty:
+        raise MedQAError(f"The split leaves the {' and '.join(empty)} set empty ({len(df)} examples, "
+                         f"{len(groups)} distinct questions, VAL_FRACTION={val_fraction}, TEST_FRACTION={test_fraction}): "
+                         f"use more examples (N_SAMPLES) or adjust the fractions.")
     return splits["train"], splits["val"], splits["test"]
 
 

@@ -146,6 +146,8 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
             values[name] = value
     if not given("OLLAMA_HOST")[0] and env.get("OLLAMA_HOST"):
         values["OLLAMA_HOST"] = env["OLLAMA_HOST"]  # Ollama's own variable
+    if "://" not in values["OLLAMA_HOST"]:
+        values["OLLAMA_HOST"] = "http://" + values["OLLAMA_HOST"]  # Ollama accepts a bare host:port
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
     settings = Settings(**values)

@@ -32,6 +32,8 @@ def test_default_profile_follows_the_hardware():
 def test_ollama_host_comes_from_its_usual_variable():
     assert settings.resolve({"PROFILE": "smoke"}, env={"OLLAMA_HOST": "http://gpu-box:11434"}).OLLAMA_HOST \
         == "http://gpu-box:11434"
+    assert settings.resolve({"PROFILE": "smoke"}, env={"OLLAMA_HOST": "0.0.0.0:11434"}).OLLAMA_HOST \
+        == "http://0.0.0.0:11434"
 
 
 def test_output_dir_records_the_run_and_accepts_the_same_settings_again(tmp_path):
