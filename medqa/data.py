@@ -131,7 +131,8 @@ def _retry(action, what: str, retries: int, backoff: float):
             last = err
             if attempt + 1 < retries:
                 time.sleep(backoff * 2**attempt)
-    raise MedQAError(f"{what} failed after {retries} tries: {type(last).__name__}: {last}")
+    detail = str(last).splitlines()[0][:200] if str(last) else ""
+    raise MedQAError(f"{what} failed after {retries} tries: {type(last).__name__}: {detail}")
 
 
 def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, backoff: float = 2.0,

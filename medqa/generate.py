@@ -24,7 +24,7 @@ def cut_answer(new_ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
                  temperature: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[list[int]]:
     """New token ids for each prompt, in the prompts' order; greedy when temperature is 0.
 

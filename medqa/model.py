@@ -46,11 +46,15 @@ def model_source(model: str, output_dir, seed: int) -> str:
     return HUB_IDS.get(model, model)
 
 
-def load_model(source: str, device: torch.device) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention."""
+def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
+    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention.
+
+    `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
+    """
     hf_logging.disable_progress_bar()  # the notebook shows its own progress; these bars only clutter it
+    rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa")
+        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)
     except OSError as err:
         raise MedQAError(
             f"Could not load GPT-2 weights from {source!r} ({str(err).splitlines()[0]}). Without a network, "

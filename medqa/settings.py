@@ -46,6 +46,7 @@ class Settings:
     LEARNING_RATE: float
     WEIGHT_DECAY: float
     WARMUP_STEPS: int
+    DROPOUT: float
     MAX_STEPS: int | None
     EVAL_EVERY: int
     EVAL_BATCHES: int
@@ -72,14 +73,14 @@ class Settings:
 
 
 # Defaults shared by every profile; a profile's own entries override these.
-COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, MAX_STEPS=None,
+COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, MAX_STEPS=None,
               CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
-              GEN_BATCH_SIZE=16, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
+              GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
               JUDGE_MODEL="llama3", OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
-                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
+                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
                 "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
 
@@ -177,6 +178,7 @@ def validate(s: Settings) -> None:
            f"MAX_LENGTH={s.MAX_LENGTH!r} is too short for any prompt: the Alpaca preamble alone takes about "
            f"40 tokens; use at least 64 (the profiles use 256 to 1024).")
     _check(s.LEARNING_RATE > 0, f"LEARNING_RATE={s.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
+    _check(0 <= s.DROPOUT < 1, f"DROPOUT={s.DROPOUT!r} must lie in [0, 1) (0 = off).")
     _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
     _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must be >= 0.")
     _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")

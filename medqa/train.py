@@ -18,8 +18,16 @@ from medqa.store import save_torch_atomic
 
 
 def autocast_dtype(device: torch.device):
-    """bf16 where it is faster (CUDA); fp32 on CPU, where bf16 autocast measured slower (benchmarks/)."""
-    return torch.bfloat16 if device.type == "cuda" else None
+    """bf16 autocast where the hardware computes bf16 natively, else fp32.
+
+    On CUDA, and on CPUs with AVX-512 BF16 or AMX (measured 2x faster than fp32 for GPT-2 on an AMD EPYC with
+    AVX-512 BF16, see benchmarks/); CPUs without them emulate bf16 and run slower, and MPS stays in fp32.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -31,11 +39,15 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
 
 
 def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed next-token loss over the batch's target tokens (the caller divides by their count)."""
+    """Summed next-token loss over the batch's target tokens (the caller divides by their count).
+
+    No attention mask: padding is on the right, so causal attention already keeps every real token from
+    seeing it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's
+    fused causal kernel instead of the masked fallback (measured in benchmarks/).
+    """
     dtype = autocast_dtype(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                       attention_mask=batch["attention_mask"].to(device, non_blocking=True)).logits
+        logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True)).logits
     labels = batch["labels"].to(device, non_blocking=True)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -53,6 +65,25 @@ def mean_loss(model, loader, device, max_batches: int | None = None) -> float:
         count += int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     return total.item() / max(count, 1)
+
+
+def train_step(model, opt, group: list[dict], device) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step over a group of batches (gradient accumulation).
+
+    The loss is divided by the target tokens of the whole group, so every token weighs the same however the
+    examples fall into batches. Returns the summed loss (on the device: no sync), target and real-token counts.
+    """
+    n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+    total = torch.zeros((), device=device)
+    for b in group:
+        loss = loss_sum(model, b, device)
+        (loss / n_targets).backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, n_targets, n_tokens
 
 
 def _rng_state(device):
@@ -97,7 +128,8 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
         log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
 
     def save():
-        if not math.isfinite(float(st["window_loss"])):
+        finite = math.isfinite(float(st["window_loss"])) and all(bool(p.isfinite().all()) for p in model.parameters())
+        if not finite:
             return  # never replace a good checkpoint with broken weights
         save_torch_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "rng": _rng_state(device), "state": st}, ckpt_path)
@@ -114,18 +146,11 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
                     log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
                     return st["history"]
                 group = [make_batch([train_set[i] for i in b]) for b in batches[st["pos"]: st["pos"] + s.GRAD_ACCUM]]
-                # Divide by the target tokens of the whole accumulated group, so that every token weighs the same.
-                n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)
-                for b in group:
-                    loss = loss_sum(model, b, device)
-                    (loss / n_targets).backward()
-                    st["window_loss"] += loss.detach()
-                    st["window_tokens"] += int(b["attention_mask"].sum())
-                st["window_targets"] += n_targets
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                loss, n_targets, n_tokens = train_step(model, opt, group, device)
                 sched.step()
-                opt.zero_grad(set_to_none=True)
+                st["window_loss"] += loss
+                st["window_targets"] += n_targets
+                st["window_tokens"] += n_tokens
                 st["step"] += 1
                 st["pos"] += len(group)
                 bar.update(1)

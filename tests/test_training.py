@@ -19,7 +19,8 @@ def setup(tmp_path_factory, tokenizer):
     df = batches.encode_examples(data.sample_rows(df, 120, 0), tokenizer)
     tr, va, _ = prompts.split_by_question(df, 0.1, 0.05, 0)
     s = settings.resolve({"PROFILE": "smoke", "MAX_LENGTH": 96, "BATCH_SIZE": 4, "GRAD_ACCUM": 2, "EPOCHS": 2,
-                          "EVAL_EVERY": 3, "EVAL_BATCHES": 2, "CHECKPOINT_EVERY": 4, "WARMUP_STEPS": 2}, env={})
+                          "EVAL_EVERY": 3, "EVAL_BATCHES": 2, "CHECKPOINT_EVERY": 4, "WARMUP_STEPS": 2,
+                          "DROPOUT": 0.1}, env={})  # dropout on: resuming must restore the random state too
     train_set, val_set = batches.QADataset(tr, s.MAX_LENGTH), batches.QADataset(va, s.MAX_LENGTH)
     val_loader = batches.make_loader(val_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=False)
     source = str(gpt.build_tiny_gpt2(root / "tiny", seed=0))
@@ -29,7 +30,7 @@ def setup(tmp_path_factory, tokenizer):
 def run(setup, out_dir, dataset=None, **overrides):
     s, train_set, val_loader, source = setup
     s = replace(s, OUTPUT_DIR=str(out_dir), **overrides)
-    model = gpt.load_model(source, torch.device("cpu"))
+    model = gpt.load_model(source, torch.device("cpu"), s.DROPOUT)
     history = train.train(model, dataset or train_set, val_loader, s, out_dir, log=lambda *_: None)
     return model, history
 
