@@ -157,6 +157,16 @@ def run_generation(way: str, arch: dict, prompts_: list[list[int]], max_new_toke
             "answers": answers}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _child(fn, args, queue):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     result = fn(*args)
@@ -206,7 +216,7 @@ def main(argv=None):
            "curve_steps": 0 if q else 300, "curve_max_length": 256, "curve_lr": 5e-3}
     started = time.perf_counter()
     train_df, val_df, test_df = load_splits()
-    results = {"quick": q, "settings": cfg, "device": f"cpu ({platform.processor() or platform.machine()})",
+    results = {"quick": q, "settings": cfg, "device": f"cpu ({cpu_name()}, {os.cpu_count()} cores)",
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "bf16_autocast": train.autocast_dtype(torch.device("cpu")) is not None}
 

@@ -164,7 +164,7 @@ def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, ba
 def parse_medquad_xml(files) -> pd.DataFrame:
     """Turn MedQuAD's XML documents (one per focus topic) into the common table."""
     rows = []
-    for name, content in files:
+    for _name, content in files:
         root = ET.fromstring(content)
         source = root.get("source", "")
         focus = (root.findtext("Focus") or "").strip()
@@ -181,9 +181,12 @@ def parse_medquad_xml(files) -> pd.DataFrame:
 
 def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
     tmp = dest.with_name(f".part-{dest.name}")
-    df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input").to_csv(tmp, index=False)
-    read_table(tmp)  # only a file that reads back replaces anything
-    os.replace(tmp, dest)
+    try:
+        df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input").to_csv(tmp, index=False)
+        read_table(tmp)  # only a file that reads back replaces anything
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -222,31 +225,14 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
 
     if not zpath.exists():
         download_url(url, zpath, validate=check_zip, **kw)
-    with zipfile.ZipFile(zpath) as z:
-        files = [(n, z.read(n)) for n in z.namelist() if n.endswith(".xml")]
-    return _write_csv_atomic(parse_medquad_xml(files), data_dir / "medquad.csv")
-
-
-def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
-    """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
-    if data_path:
-        return Path(data_path)
-    for name in LOCAL_NAMES:
-        if (data_dir / name).is_file():
-            return data_dir / name
-    data_dir.mkdir(parents=True, exist_ok=True)
-    sources = sources if sources is not None else [("Google Drive (gdown)", fetch_from_gdrive),
-                                                   ("GitHub abachaa/MedQuAD", fetch_from_github)]
-    failures = []
-    for label, fetch in sources:
-        try:
-            log(f"Downloading MedQuAD from {label} ...")
-            return fetch(data_dir)
-        except MedQAError as err:
-            failures.append(f"{label}: {err}")
-            log(f"  failed: {err}")
-    raise MedQAError("No MedQuAD data: DATA_PATH is not set, data/ holds no copy, and the downloads failed "
-                     f"({'; '.join(failures)}). Fix: {NO_DATA_HELP}.")
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            table = parse_medquad_xml([(n, z.read(n)) for n in z.namelist() if n.endswith(".xml")])
+    except (zipfile.BadZipFile, ET.ParseError, ValueError) as err:
+        zpath.unlink()  # our own download, and unusable: the next run fetches it again
+        raise MedQAError(f"{zpath} is not a readable MedQuAD release ({err}); it was removed, so the next run "
+                         f"downloads it again.") from None
+    return _write_csv_atomic(table, data_dir / "medquad.csv")
 
 
 # ---------------------------------------------------------------- cleaning

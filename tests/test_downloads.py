@@ -18,10 +18,11 @@ XML = b"""<?xml version="1.0"?><Document id="1" source="GHR"><Focus>Gout</Focus>
 </QAPairs></Document>"""
 
 
-def _zip_bytes():
+def _zip_bytes(with_xml=True):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("MedQuAD-master/1_CancerGov_QA/0000001.xml", XML)
+        if with_xml:
+            z.writestr("MedQuAD-master/1_CancerGov_QA/0000001.xml", XML)
         z.writestr("MedQuAD-master/readme.txt", b"hello")
     return buf.getvalue()
 
@@ -64,6 +65,8 @@ def server(tmp_path_factory):
                 self.send_body(b"\x00\x01 this is no csv \xff\xfe")
             elif self.path == "/medquad.zip":
                 self.send_body(zip_bytes)
+            elif self.path == "/no-xml.zip":
+                self.send_body(_zip_bytes(with_xml=False))
             elif self.path == "/truncated.zip":
                 self.send_body(zip_bytes[:-40])
             else:
@@ -119,6 +122,13 @@ def test_a_truncated_zip_is_never_kept(server, tmp_path):
     base, _ = server
     with pytest.raises(MedQAError):
         data.fetch_from_github(tmp_path, url=f"{base}/truncated.zip", timeout=1, retries=2, backoff=0)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_zip_without_medquad_in_it_is_removed_with_a_clear_error(server, tmp_path):
+    base, _ = server
+    with pytest.raises(MedQAError, match="not a readable MedQuAD release.*downloads it again"):
+        data.fetch_from_github(tmp_path, url=f"{base}/no-xml.zip", timeout=1, retries=1, backoff=0)
     assert leftovers(tmp_path) == []
 
 
