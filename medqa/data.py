@@ -235,6 +235,28 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
     return _write_csv_atomic(table, data_dir / "medquad.csv")
 
 
+def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
+    """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
+    if data_path:
+        return Path(data_path)
+    for name in LOCAL_NAMES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sources = sources if sources is not None else [("Google Drive (gdown)", fetch_from_gdrive),
+                                                   ("GitHub abachaa/MedQuAD", fetch_from_github)]
+    failures = []
+    for label, fetch in sources:
+        try:
+            log(f"Downloading MedQuAD from {label} ...")
+            return fetch(data_dir)
+        except MedQAError as err:
+            failures.append(f"{label}: {err}")
+            log(f"  failed: {err}")
+    raise MedQAError("No MedQuAD data: DATA_PATH is not set, data/ holds no copy, and the downloads failed "
+                     f"({'; '.join(failures)}). Fix: {NO_DATA_HELP}.")
+
+
 # ---------------------------------------------------------------- cleaning
 
 def normalise_whitespace(text: str) -> str:
