@@ -126,7 +126,6 @@ class LengthGroupedBatches:
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 64):
         self.lengths, self.batch_size, self.seed, self.shuffle, self.window = list(lengths), batch_size, seed, shuffle, window
-        self.epoch = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
         idx = list(range(len(self.lengths)))
@@ -144,11 +143,8 @@ class LengthGroupedBatches:
         rng.shuffle(out)
         return out
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(self.batches(self.epoch))
+    def __iter__(self):  # as a DataLoader's batch_sampler: the first epoch's order (train() asks per epoch)
+        return iter(self.batches(0))
 
     def __len__(self):
         return -(-len(self.lengths) // self.batch_size)
