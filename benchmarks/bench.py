@@ -75,29 +75,28 @@ def textbook_step(model, opt, batch):
     return loss.detach() * int((batch["labels"] != IGNORE).sum()), int(batch["attention_mask"].sum())
 
 
-def run_training(way: str, arch: dict, pairs, max_length: int, batch_size: int, lr: float, seed: int,
-                 steps: int | None = None, val_pairs=None, eval_every: int = 0):
-    """Train on `pairs` (one pass, or `steps` steps); returns timing of all but the first step, and losses."""
+def run_training(way: str, arch: dict, dataset: batches.QADataset, max_length: int, batch_size: int, lr: float,
+                 seed: int, steps: int | None = None, val_pairs=None, eval_every: int = 0):
+    """Train on `dataset` (one pass, or `steps` steps); returns timing of all but the first step, and losses."""
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    lengths = [min(len(p) + len(a) + 1, max_length + 1) - 1 for p, a in pairs]
     make = partial(batches.collate, max_length=max_length)
     if way == "project":
         model = make_model(arch, "sdpa", seed)
         opt = train.make_optimizer(model, lr, 0.1, device)
-        order = batches.LengthGroupedBatches(lengths, batch_size, seed=seed).batches(0)
+        order = batches.LengthGroupedBatches(dataset.lengths, batch_size, seed=seed).batches(0)
         step = partial(train.train_step, model, opt, device=device)
         run_step = lambda b: step([b])[::2]  # noqa: E731 - (loss sum, real tokens)
     else:
         model = make_model(arch, "eager", seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, foreach=False, fused=False)
-        order = textbook_batches(len(pairs), batch_size, seed)
+        order = textbook_batches(len(dataset), batch_size, seed)
         run_step = partial(textbook_step, model, opt)
     order = order[:steps] if steps else order
     model.train()
     curve, tokens, padded, elapsed = [], 0, 0, 0.0
     for i, idx in enumerate(order):
-        batch = make([pairs[j] for j in idx])
+        batch = make([dataset[j] for j in idx])
         t = time.perf_counter()
         loss, n_tokens = run_step(batch)
         loss = float(loss)  # the sync a logging loop makes anyway
@@ -114,7 +113,10 @@ def run_training(way: str, arch: dict, pairs, max_length: int, batch_size: int, 
 
 @torch.no_grad()
 def _val_loss(model, pairs, max_length):
-    """The same yardstick for both ways: mean loss per target token on fixed validation examples, in fp32."""
+    """The same yardstick for both ways: mean loss per target token on fixed validation examples, in fp32.
+
+    Deliberately not train.mean_loss, which is the project's own (bf16, unmasked) path: the judge of the two
+    ways should be neither of them."""
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(pairs), 8):
@@ -230,10 +232,10 @@ def main(argv=None):
     print("token efficiency:", results["token_efficiency"], flush=True)
 
     # 2. Training throughput, GPT-2 124M architecture (random weights), batch 8, MAX_LENGTH 512.
-    pairs = batches.QADataset(train_df.sample(cfg["train_examples"], random_state=0), 512).pairs
+    examples = batches.QADataset(train_df.sample(cfg["train_examples"], random_state=0), 512)
     tr = {}
     for way in ("project", "textbook"):
-        tr[way] = isolated(run_training, way, GPT2_124M, pairs, 512, 8, 5e-5, 123)
+        tr[way] = isolated(run_training, way, GPT2_124M, examples, 512, 8, 5e-5, 123)
         tr[way].pop("curve")
         print(f"train {way}:", tr[way], flush=True)
     tr["ratio"] = round(tr["project"]["tokens_per_s"] / tr["textbook"]["tokens_per_s"], 2)
@@ -252,9 +254,9 @@ def main(argv=None):
 
     # 4. Loss curves of both ways on the tiny model: the speed-up must not change what is learned (full run only).
     if cfg["curve_steps"]:
-        curve_pairs = batches.QADataset(train_df.sample(cfg["curve_steps"] * 8, random_state=1), 256).pairs
+        curve_set = batches.QADataset(train_df.sample(cfg["curve_steps"] * 8, random_state=1), 256)
         val_pairs = batches.QADataset(val_df.head(64), 256).pairs
-        curves = {way: isolated(run_training, way, TINY, curve_pairs, 256, 8, cfg["curve_lr"], 123, None, val_pairs,
+        curves = {way: isolated(run_training, way, TINY, curve_set, 256, 8, cfg["curve_lr"], 123, None, val_pairs,
                                 max(cfg["curve_steps"] // 15, 1)) for way in ("project", "textbook")}
         plot_curves(curves["project"], curves["textbook"], HERE / "loss_curves.png")
         results["loss_curves"] = {way: {"final_val_loss": round(c["curve"][-1]["val_loss"], 4),

@@ -20,8 +20,8 @@ from medqa.store import save_torch_atomic
 def autocast_dtype(device: torch.device):
     """bf16 autocast where the hardware computes bf16 natively, else fp32.
 
-    On CUDA, and on CPUs with AVX-512 BF16 or AMX (measured 2x faster than fp32 for GPT-2 on an AMD EPYC with
-    AVX-512 BF16, see benchmarks/); CPUs without them emulate bf16 and run slower, and MPS stays in fp32.
+    On CUDA, and on CPUs with AVX-512 BF16 or AMX (about 2x faster than fp32 for a GPT-2 124M step on an AMD EPYC
+    with AVX-512 BF16, in profiling); CPUs without them emulate bf16 and run slower, and MPS stays in fp32.
     """
     if device.type == "cuda":
         return torch.bfloat16
@@ -43,7 +43,7 @@ def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
 
     No attention mask: padding is on the right, so causal attention already keeps every real token from
     seeing it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's
-    fused causal kernel instead of the masked fallback (measured in benchmarks/).
+    fused causal kernel instead of the masked fallback (tests/test_speed.py checks the losses are unchanged).
     """
     dtype = autocast_dtype(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
