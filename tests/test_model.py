@@ -35,6 +35,15 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model):
     assert all(0 < len(r) <= 12 for r in batched)
 
 
+def test_answering_between_epochs_leaves_the_model_training(tiny_model):
+    tiny_model.train()
+    try:
+        generate.generate_ids(tiny_model, [[5, 6, 7]], max_new_tokens=2)
+        assert tiny_model.training  # else dropout would be off for the epochs that follow
+    finally:
+        tiny_model.eval()
+
+
 def test_answer_stops_at_end_of_text():
     assert generate.cut_answer([5, 6, 50256, 7]) == [5, 6]
     assert generate.cut_answer([5, 6]) == [5, 6]

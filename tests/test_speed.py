@@ -1,13 +1,17 @@
-"""The speed-ups change no numbers: grouped batches give the same per-example loss as random ones, and
-batched KV-cache generation gives the same greedy answers as the textbook's one-at-a-time loop."""
+"""The speed-ups change no numbers: grouped batches give the same per-example loss as random ones,
+batched KV-cache generation gives the same greedy answers as the textbook's one-at-a-time loop, and the oneDNN
+layers used while answering on the CPU compute what the model's own layers compute."""
+
+import copy
 
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.bench import textbook_batches, textbook_generate
 from medqa.batches import IGNORE, LengthGroupedBatches, QADataset, collate
-from medqa.generate import generate_ids
+from medqa.generate import OneDNNLinear, generate_ids, onednn_linears
 
 
 def per_example_loss(model, examples, order, max_length):
@@ -45,3 +49,32 @@ def test_batched_generation_matches_the_textbook_loop(tiny_model):
     prompts = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in (3, 25, 11, 40)]
     textbook = [textbook_generate(tiny_model, p, 20) for p in prompts]
     assert generate_ids(tiny_model, prompts, 20, batch_size=4) == textbook
+
+
+def test_onednn_layers_compute_the_same_and_the_model_gets_its_own_back(tiny_model):
+    layers = dict(tiny_model.named_modules())
+    weights = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    ids = torch.randint(0, 50000, (3, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = tiny_model(input_ids=ids).logits
+        with onednn_linears(tiny_model):
+            swapped = [n for n, m in tiny_model.named_modules() if isinstance(m, OneDNNLinear)]
+            fast = tiny_model(input_ids=ids).logits
+    assert len(swapped) == 4 * tiny_model.config.n_layer + 1  # attention in/out, MLP in/out; the output head
+    assert torch.allclose(fast, own, rtol=1e-4, atol=1e-5)
+    assert dict(tiny_model.named_modules()) == layers  # the very same layer objects
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_model.state_dict().items())
+
+
+def test_onednn_layers_are_put_back_after_an_error(tiny_model):
+    layers = dict(tiny_model.named_modules())
+    with pytest.raises(KeyboardInterrupt):
+        with onednn_linears(tiny_model):
+            raise KeyboardInterrupt
+    assert dict(tiny_model.named_modules()) == layers
+
+
+def test_a_bf16_model_keeps_its_layers(tiny_model):
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with onednn_linears(model):
+        assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
