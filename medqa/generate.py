@@ -91,17 +91,19 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     if temperature > 0:
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    with onednn_linears(model):
-        for s in range(0, len(order), batch_size):
-            chunk = order[s: s + batch_size]
-            rows = [prompts[i][-(context - 1):] for i in chunk]  # a prompt never fills the whole context
-            ids, mask = _left_pad(rows, device)
-            room = min(max_new_tokens, context - ids.shape[1])
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room, eos_token_id=EOT,
-                                 pad_token_id=EOT, repetition_penalty=repetition_penalty, **sampling)
-            for i, row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
-                out[i] = cut_answer(row)
-    model.train(was_training)
+    try:
+        with onednn_linears(model):
+            for s in range(0, len(order), batch_size):
+                chunk = order[s: s + batch_size]
+                rows = [prompts[i][-(context - 1):] for i in chunk]  # a prompt never fills the whole context
+                ids, mask = _left_pad(rows, device)
+                room = min(max_new_tokens, context - ids.shape[1])
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room, eos_token_id=EOT,
+                                     pad_token_id=EOT, repetition_penalty=repetition_penalty, **sampling)
+                for i, row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
+                    out[i] = cut_answer(row)
+    finally:  # an interrupted answer must not leave dropout off either
+        model.train(was_training)
     return out
 
 
