@@ -16,6 +16,10 @@ from medqa.store import discard_run, write_json_atomic
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
+# GPT-2's shapes with random weights, built locally: they cost what the real models cost (timings, memory) and
+# answer noise. For measuring without a network; never reported as GPT-2 results.
+RANDOM_MODELS = ("random-gpt2", "random-gpt2-medium")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 PROFILES = {
     # No network: a tiny random GPT-2 and a few hundred examples, to check the whole notebook runs.
@@ -47,6 +51,9 @@ class Settings:
     WEIGHT_DECAY: float
     WARMUP_STEPS: int
     DROPOUT: float
+    LORA_R: int | None
+    LORA_ALPHA: int | None
+    PRECISION: str | None
     MAX_STEPS: int | None
     EVAL_EVERY: int
     EVAL_BATCHES: int
@@ -62,6 +69,7 @@ class Settings:
     N_BEFORE: int
     BASELINE_EVAL: bool
     JUDGE_MODEL: str
+    JUDGE_BUDGET_S: float
     OLLAMA_HOST: str
     OUTPUT_DIR: str
     OVERWRITE: bool
@@ -73,14 +81,15 @@ class Settings:
 
 
 # Defaults shared by every profile; a profile's own entries override these.
-COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, MAX_STEPS=None,
+COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, LORA_R=None,
+              LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None,
               CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
               GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
-              JUDGE_MODEL="llama3", OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
+              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
-                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
+                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
                 "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
 
@@ -163,9 +172,10 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(s: Settings) -> None:
     """Reject values out of range before anything is read, trained or written."""
-    if s.MODEL not in GPT2_MODELS + (TINY_MODEL,) and not Path(s.MODEL).is_dir():
+    known = GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
+    if s.MODEL not in known and not Path(s.MODEL).is_dir():
         raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
-                         f"{list(GPT2_MODELS) + [TINY_MODEL]} or the path of a folder saved with save_pretrained.")
+                         f"{list(known)} or the path of a folder saved with save_pretrained.")
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
                  "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
         value = getattr(s, name)
@@ -181,6 +191,13 @@ def validate(s: Settings) -> None:
     _check(0 <= s.DROPOUT < 1, f"DROPOUT={s.DROPOUT!r} must lie in [0, 1) (0 = off).")
     _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
     _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must be >= 0.")
+    for name in ("LORA_R", "LORA_ALPHA"):
+        value = getattr(s, name)
+        _check(value is None or (isinstance(value, int) and value > 0),
+               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full fine-tuning).")
+    _check(s.PRECISION is None or s.PRECISION in PRECISIONS,
+           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by hardware.")
+    _check(s.JUDGE_BUDGET_S > 0, f"JUDGE_BUDGET_S={s.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
     _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")
     _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
     _check(isinstance(s.N_BEFORE, int) and s.N_BEFORE >= 0, f"N_BEFORE={s.N_BEFORE!r} must be >= 0.")
