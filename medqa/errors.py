@@ -1,5 +1,23 @@
-"""The one exception type the project raises for problems a user can fix."""
+"""The one exception type the project raises for problems a user can fix, and the one way it retries."""
+
+from __future__ import annotations
 
 
 class MedQAError(Exception):
     """A setting, a data file or a download is wrong; the message says what and how to fix it."""
+
+
+def retry(action, tries: int = 3, backoff: float = 2.0, retry_on=(Exception,), sleep=None):
+    """`action()`, tried up to `tries` times, waiting backoff, 2*backoff, ... seconds between tries.
+
+    Only exceptions of the types in `retry_on` are retried; the last one is raised as it is, so that the caller
+    can say what failed in its own words. Built on tenacity, so that every retry in the project behaves alike.
+    """
+    import tenacity
+
+    kwargs = {} if sleep is None else {"sleep": sleep}
+    retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(tries),
+                                 wait=tenacity.wait_exponential(multiplier=backoff, min=0, max=60) if backoff else
+                                 tenacity.wait_none(),
+                                 retry=tenacity.retry_if_exception_type(retry_on), reraise=True, **kwargs)
+    return retrying(action)
