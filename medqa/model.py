@@ -51,15 +51,25 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
     """
-    hf_logging.disable_progress_bar()  # the notebook shows its own progress; these bars only clutter it
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
+    if hub_bars:
+        enable_progress_bars()  # ... but a download of up to 6 GB shows that it moves (the call above hid it too)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)
     except OSError as err:
         raise MedQAError(
-            f"Could not load GPT-2 weights from {source!r} ({str(err).splitlines()[0]}). Without a network, "
+            f"Could not load GPT-2 weights from {source!r} ({(str(err).splitlines() or [type(err).__name__])[0]}). Without a network, "
             "either set PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
             "save_pretrained>.") from None
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+        raise MedQAError(
+            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}). "
+            "Its files are damaged or hold another model: save or copy the folder again, or set MODEL to one of "
+            "gpt2, gpt2-medium, ... or tiny.") from None
     return model.to(device)
 
 
