@@ -99,8 +99,9 @@ def _read_text(path: Path) -> str:
             f"and point DATA_PATH at the converted file.") from None
 
 
-def _content_kind(text: str) -> str:
-    """'json', 'jsonl' or 'csv', by what the text holds (not by the file's name)."""
+def _content_kind(text: str, suffix: str) -> str:
+    """'json', 'jsonl' or 'csv', by what the text holds (the name decides only where both fit: one object on
+    one line is a JSON document and JSON Lines alike)."""
     body = text.lstrip()
     if body.startswith("["):
         return "json"
@@ -109,7 +110,9 @@ def _content_kind(text: str) -> str:
             json.loads(body)
         except json.JSONDecodeError as err:
             return "jsonl" if err.msg == "Extra data" else "json"
-        return "jsonl" if len(body.strip().splitlines()) == 1 else "json"
+        if len(body.strip().splitlines()) > 1:
+            return "json"
+        return "json" if suffix == ".json" else "jsonl"
     return "csv"
 
 
@@ -226,7 +229,7 @@ def read_table(path) -> pd.DataFrame:
                          f"a file and point DATA_PATH at it.")
     suffix = path.suffix.lower()
     text = _read_text(path)
-    kind = _content_kind(text)
+    kind = _content_kind(text, suffix)
     if suffix not in SUFFIXES:
         raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not read: "
                          f"use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks like "

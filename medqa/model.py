@@ -51,12 +51,12 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
     """
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from huggingface_hub import constants
+    from huggingface_hub.utils import enable_progress_bars
 
-    hub_bars = not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
-    if hub_bars:
-        enable_progress_bars()  # ... but a download of up to 6 GB shows that it moves (the call above hid it too)
+    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
+        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar too)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)

@@ -71,10 +71,15 @@ def atomic_write(path, folder: bool = False):
             tmp = Path(name)
         yield tmp
         _fsync(tmp)
-        if folder and path.exists():
+        if folder and path.exists():  # a folder cannot be renamed over another: set the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX, suffix=f"-{path.name}.old"))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
