@@ -60,16 +60,17 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)
-    except OSError as err:
-        raise MedQAError(
-            f"Could not load GPT-2 weights from {source!r} ({(str(err).splitlines() or [type(err).__name__])[0]}). Without a network, "
-            "either set PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
-            "save_pretrained>.") from None
     except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, OSError):
+            raise MedQAError(
+                f"Could not load GPT-2 weights from {source!r} ({first}). Without a network, either set "
+                "PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
+                "save_pretrained>.") from None
         raise MedQAError(
-            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}). "
-            "Its files are damaged or hold another model: save or copy the folder again, or set MODEL to one of "
-            "gpt2, gpt2-medium, ... or tiny.") from None
+            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {first}). Its files are damaged "
+            "or hold another model: save or copy the folder again, or set MODEL to one of gpt2, gpt2-medium, ... "
+            "or tiny.") from None
     return model.to(device)
 
 
