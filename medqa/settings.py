@@ -344,7 +344,7 @@ def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
     if problems and not s.OVERWRITE:
         raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run this one cannot continue: {'; '.join(problems)}. "
                          f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
-    if problems:
-        store.discard_run(out)
+    if out.is_dir():
+        store.discard_run(out, litter_only=not problems)
     store.write_json_atomic(out / "run.json", mine)
     return out

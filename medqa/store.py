@@ -219,11 +219,13 @@ def save_model_atomic(model, folder) -> Path:
     return Path(folder)
 
 
-def discard_run(out_dir) -> None:
-    """Remove what an earlier run wrote (only on OVERWRITE=True), and temporary files a killed write left."""
+def discard_run(out_dir, litter_only: bool = False) -> None:
+    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a killed
+    kernel left (also with `litter_only`: they are never a file of the run)."""
     out_dir = Path(out_dir)
     try:
-        for path in [out_dir / name for name in RUN_FILES] + list(out_dir.glob(TMP_PREFIX + "*")):
+        names = [] if litter_only else [out_dir / name for name in RUN_FILES]
+        for path in names + list(out_dir.glob(TMP_PREFIX + "*")):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():

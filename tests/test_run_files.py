@@ -149,6 +149,15 @@ def test_damaged_run_files_are_named_and_overwrite_gets_past_them(tmp_path, name
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
+def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tmp_path):
+    out = claim(tmp_path / "run")
+    finish(out)
+    (out / f"{store.TMP_PREFIX}x1-checkpoint.pt").write_bytes(b"half")  # a write the kernel's death cut short
+    (out / f"{store.TMP_PREFIX}x2-model").mkdir()
+    claim(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model", "run.json"]
+
+
 def test_files_of_a_run_without_run_json_are_not_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
