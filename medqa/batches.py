@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medqa.errors import MedQAError
+from medqa.errors import MedQAError, StorageError
 from medqa.prompts import format_prompt
+from medqa.store import atomic_write
 
 EOT = 50256  # GPT-2's <|endoftext|>: ends every answer and pads every batch
 IGNORE = -100  # targets the loss skips (PyTorch's cross_entropy default ignore_index)
@@ -46,10 +47,11 @@ def _seed_tiktoken_cache() -> None:
         data = (src / name).read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             continue  # not the file tiktoken expects: let tiktoken download the real one
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        try:
+            with atomic_write(dest) as tmp:
+                tmp.write_bytes(data)
+        except StorageError:
+            return  # the cache is only a shortcut: tiktoken then downloads, or says itself why it cannot
 
 
 def get_tokenizer():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-import time
 import urllib.request
 import zipfile
 import xml.etree.ElementTree as ET
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from medqa.errors import MedQAError
+from medqa import store
+from medqa.errors import MedQAError, StorageError, retry
 
 DATA_DIR = Path("data")
 LOCAL_NAMES = ("medquad.csv", "medquad.json", "medquad.jsonl")
@@ -36,10 +37,59 @@ NO_DATA_HELP = ("set DATA_PATH (or MEDQA_DATA_PATH) to a MedQuAD CSV or an Alpac
 
 # ---------------------------------------------------------------- reading one file
 
+# What a file that is not text really is, by its first bytes, and how to get a CSV from it.
+_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point DATA_PATH at "
+                "that file")
+_MAGIC = [
+    (b"\x1f\x8b", "gzip-compressed", "unpack it first (`gunzip -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "unpack it first (`unxz -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"BZh", "bzip2-compressed", "unpack it first (`bunzip2 -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file", _SAVE_AS_CSV),
+    (b"%PDF", "a PDF document", "export the questions and answers as a CSV"),
+    (b"PAR1", "a Parquet file", "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as a CSV"),
+]
+MIN_PER_SPLIT = 5  # fewer training, validation or test examples than this make no run worth the time
+
+
+def _what_binary(path: Path, raw: bytes) -> str | None:
+    """What a file that is not UTF-8 text is, with the fix, or None if it may be text."""
+    for magic, what, fix in _MAGIC:
+        if raw.startswith(magic) and not (magic == b"BZh" and raw[3:4] not in b"123456789"):
+            return f"{path} is {what}, not a text file: {fix.format(name=path.name)}."
+    if raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(n.startswith("xl/") for n in names):
+            return f"{path} is an Excel workbook (.xlsx), not a CSV: {_SAVE_AS_CSV}."
+        inside = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        return (f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and point DATA_PATH at "
+                f"the CSV or JSON file inside.")
+    head = raw[:4000]
+    odd, even = head[1::2].count(0), head[0::2].count(0)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or max(odd, even) > len(head) // 4 > 10 * min(odd, even):
+        return (f"{path} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8: convert it, e.g. "
+                f"`iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`, or {_SAVE_AS_CSV}.")
+    if 0 in head:
+        return (f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH at a MedQuAD CSV "
+                f"or an Alpaca JSON / JSON Lines file.")
+    return None
+
+
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
+                         f"(chmod u+r) or copy it somewhere you can read it.") from None
     if not raw.strip():
         raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows in it.")
+    binary = _what_binary(path, raw)
+    if binary:
+        raise MedQAError(binary)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -49,13 +99,59 @@ def _read_text(path: Path) -> str:
             f"and point DATA_PATH at the converted file.") from None
 
 
+def _content_kind(text: str, suffix: str) -> str:
+    """'json', 'jsonl' or 'csv', by what the text holds (the name decides only where both fit: one object on
+    one line is a JSON document and JSON Lines alike)."""
+    body = text.lstrip()
+    if body.startswith("["):
+        return "json"
+    if body.startswith("{"):
+        try:
+            json.loads(body)
+        except json.JSONDecodeError as err:
+            return "jsonl" if err.msg == "Extra data" else "json"
+        if len(body.strip().splitlines()) > 1:
+            return "json"
+        return "json" if suffix == ".json" else "jsonl"
+    return "csv"
+
+
+_KIND_NAMES = {"csv": "a CSV", "json": "one JSON document", "jsonl": "JSON Lines (one JSON object per line)"}
+_KIND_SUFFIX = {"csv": ".csv", "json": ".json", "jsonl": ".jsonl"}
+_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _header(text: str, delimiter: str = ",") -> list[str]:
+    try:
+        return [str(c).strip().lower() for c in next(csv.reader(io.StringIO(text), delimiter=delimiter), [])]
+    except csv.Error:
+        return []
+
+
 def _from_csv(path: Path, text: str) -> pd.DataFrame:
+    columns = _header(text)
+    if not {"question", "answer"} <= set(columns):
+        for delimiter, name in _DELIMITERS.items():
+            other = _header(text, delimiter)
+            if len(other) > max(len(columns), 1) or {"question", "answer"} <= set(other):
+                raise MedQAError(
+                    f"{path} is {name}-separated, not comma-separated (its header splits into {other[:6]} at "
+                    f"'{delimiter}'): save it again as 'CSV UTF-8 (comma delimited)', or convert it, e.g. "
+                    f"`pandas.read_csv(path, sep={delimiter!r}).to_csv('medquad.csv', index=False)`.")
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise MedQAError(f"{path} has the column name(s) {twice} more than once (capitals and spaces ignored): "
+                         f"rename or delete the extra column(s) so that each name is used once.")
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the csv module refuses fields over 128 KiB; a long answer is still fine
     try:
         # The python engine reports an unclosed quote instead of silently swallowing the rest of the file.
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python")
     except (pd.errors.ParserError, csv.Error) as err:
         raise MedQAError(f"{path} is not a well-formed CSV ({err}). Look for an unclosed double quote near there; "
                          f"fields with commas, quotes or newlines must be quoted as in RFC 4180.") from None
+    finally:
+        csv.field_size_limit(limit)
     df.columns = [str(c).strip().lower() for c in df.columns]
     if len(df) == 0:
         raise MedQAError(f"{path} has a header but no rows: it needs at least a few hundred question/answer rows.")
@@ -68,97 +164,135 @@ def _from_csv(path: Path, text: str) -> pd.DataFrame:
 
 
 def _from_records(path: Path, records) -> pd.DataFrame:
+    if isinstance(records, dict):
+        inner = [k for k, v in records.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        hint = (f" The records seem to be the list under {inner[0]!r}: save that list alone as the file."
+                if inner else "")
+        raise MedQAError(f"{path} holds one JSON object, not a list of records: Alpaca JSON is a list of objects "
+                         f"with `instruction`, `input` and `output`.{hint}")
     if not isinstance(records, list) or not records:
-        raise MedQAError(f"{path} holds no list of records: Alpaca JSON is a list of objects with "
+        what = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+        raise MedQAError(f"{path} holds {what}, no list of records: Alpaca JSON is a list of objects with "
                          f"`instruction`, `input` and `output`.")
     bad = [i for i, r in enumerate(records)
            if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
     if bad:
         raise MedQAError(f"{path}: {len(bad)} of {len(records)} records lack `instruction` or `output` "
                          f"(the first is record {bad[0]}). Each record needs both; `input` may be empty.")
+    wrong = [(i, k, r[k]) for i, r in enumerate(records) for k in ("instruction", "input", "output")
+             if k in r and not isinstance(r[k], str)]
+    if wrong:
+        i, key, value = wrong[0]
+        kind = "null" if value is None else {"list": "a list", "dict": "an object", "bool": "true/false"}.get(
+            type(value).__name__, "a number")
+        raise MedQAError(f"{path}: {len(wrong)} field(s) are not text; the first is `{key}` of record {i}, which is "
+                         f"{kind} ({json.dumps(value)[:60]}). `instruction`, `input` and `output` must be strings: "
+                         f"write them in quotes (\"\" for an empty input) or drop those records.")
     df = pd.DataFrame.from_records(records)
     out = pd.DataFrame({c: df[c] if c in df.columns else "" for c in COLUMNS})
     return out.fillna("").astype(str)
 
 
-def read_table(path) -> pd.DataFrame:
-    """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table."""
-    path = Path(path)
-    if not path.exists():
-        raise MedQAError(f"DATA_PATH {str(path)!r} does not exist: fix the path, or unset DATA_PATH to use data/ "
-                         f"or a download.")
-    if path.is_dir():
-        raise MedQAError(f"DATA_PATH {str(path)!r} is a folder: point it at one file inside it, e.g. medquad.csv.")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not read: "
-                         f"use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records).")
-    text = _read_text(path)
-    if suffix == ".csv":
-        df = _from_csv(path, text)
-    elif suffix == ".json":
+def _json_records(path: Path, text: str, kind: str):
+    if kind == "json":
         try:
-            records = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as err:
             raise MedQAError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
                              f"Fix the file there, or export it again.") from None
-        df = _from_records(path, records)
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise MedQAError(f"{path} is not valid JSON Lines: line {lineno}, column {err.colno}: "
+                                 f"{err.msg}. Each line must be one JSON object.") from None
+    return records
+
+
+def read_table(path) -> pd.DataFrame:
+    """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table.
+
+    What the file holds is judged by its bytes, not its name: a compressed file, a workbook, UTF-16 text, a CSV
+    with another separator, or JSON under the other JSON extension is named as what it is.
+    """
+    path = Path(path)
+    if not path.exists():
+        target = f" (a link to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
+        raise MedQAError(f"DATA_PATH {str(path)!r} does not exist{target}: fix the path, or unset DATA_PATH to use "
+                         f"data/ or a download.")
+    if path.is_dir():
+        raise MedQAError(f"DATA_PATH {str(path)!r} is a folder: point it at one file inside it, e.g. medquad.csv.")
+    if not path.is_file():
+        raise MedQAError(f"DATA_PATH {str(path)!r} is not a regular file (a pipe or a device): copy the data into "
+                         f"a file and point DATA_PATH at it.")
+    suffix = path.suffix.lower()
+    text = _read_text(path)
+    kind = _content_kind(text, suffix)
+    if suffix not in SUFFIXES:
+        raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not read: "
+                         f"use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks like "
+                         f"{_KIND_NAMES[kind]}: if so, rename it to end in {_KIND_SUFFIX[kind]}.")
+    expected = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}[suffix]
+    if kind == "csv" and expected != "csv" and not {"question", "answer"} <= set(_header(text)):
+        kind = expected  # recognisably nothing else: the JSON parser says where it breaks
+    if kind != expected:
+        raise MedQAError(f"{path} holds {_KIND_NAMES[kind]}, not {_KIND_NAMES[expected]} as its name says: rename "
+                         f"it to {path.stem}{_KIND_SUFFIX[kind]}.")
+    if expected == "csv":
+        df = _from_csv(path, text)
     else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise MedQAError(f"{path} is not valid JSON Lines: line {lineno}, column {err.colno}: "
-                                     f"{err.msg}. Each line must be one JSON object.") from None
-        df = _from_records(path, records)
-    if not df["output"].str.strip().astype(bool).any():
-        raise MedQAError(f"{path}: every answer is empty or blank, so there is nothing to learn from. "
-                         f"Check that the answer column holds the answers.")
+        df = _from_records(path, _json_records(path, text, expected))
+    for col, what in (("output", "answer"), ("instruction", "question")):
+        if not df[col].str.strip().astype(bool).any():
+            raise MedQAError(f"{path}: every {what} is empty or blank, so there is nothing to learn from. "
+                             f"Check that the {what} column holds the {what}s.")
     return df
+
+
+def check_enough(df: pd.DataFrame, val_fraction: float, test_fraction: float) -> None:
+    """Refuse data too small to give the training, validation and test split MIN_PER_SPLIT examples each."""
+    smallest = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
+    need = math.ceil(MIN_PER_SPLIT / smallest - 1e-9)
+    if len(df) < need:
+        raise MedQAError(f"Only {len(df)} examples are left after cleaning and N_SAMPLES: with VAL_FRACTION="
+                         f"{val_fraction} and TEST_FRACTION={test_fraction} a split would get fewer than "
+                         f"{MIN_PER_SPLIT} examples, the minimum per split. Use at least {need} examples (a larger "
+                         f"data file or N_SAMPLES), or raise the smaller fraction.")
 
 
 # ---------------------------------------------------------------- finding or downloading the data
 
-def _retry(action, what: str, retries: int, backoff: float):
-    """Run `action()` up to `retries` times, waiting backoff, 2*backoff, ... between tries."""
-    last = None
-    for attempt in range(retries):
-        try:
-            return action()
-        except Exception as err:  # noqa: BLE001 - any failure of a download is retried, then reported
-            last = err
-            if attempt + 1 < retries:
-                time.sleep(backoff * 2**attempt)
-    detail = str(last).splitlines()[0][:200] if str(last) else ""
-    raise MedQAError(f"{what} failed after {retries} tries: {type(last).__name__}: {detail}")
+def _download(action, what: str, retries: int, backoff: float):
+    """`action()` with retries; a download that keeps failing ends in one MedQAError that says why."""
+    try:
+        # A write that failed for lack of space or permission fails again: StorageError says so at once.
+        return retry(action, retries, backoff, retry_on=(Exception,), give_up_on=(StorageError,))
+    except StorageError:
+        raise
+    except Exception as last:  # noqa: BLE001 - any failure of a download is retried, then reported
+        detail = str(last).splitlines()[0][:200] if str(last) else ""
+        raise MedQAError(f"{what} failed after {retries} tries: {type(last).__name__}: {detail}") from None
 
 
 def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, backoff: float = 2.0,
                  validate=None) -> Path:
     """Download `url` to `dest` through a temporary file that is renamed into place only once `validate` passes."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
 
     def attempt():
-        # Hidden, and ending in the real name so that `validate` can read it by its extension.
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-", suffix=f"-{dest.name}")
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with store.atomic_write(dest) as tmp:  # the temporary name ends in dest's, so `validate` sees its extension
+            with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
                 expected = resp.headers.get("Content-Length")
                 shutil.copyfileobj(resp, f)
                 size = f.tell()
             if expected is not None and size != int(expected):
                 raise OSError(f"got {size} of {expected} bytes")
             if validate is not None:
-                validate(Path(tmp))
-            os.replace(tmp, dest)
-            return dest
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+                validate(tmp)
+        return dest
 
-    return _retry(attempt, f"Downloading {url}", retries, backoff)
+    return _download(attempt, f"Downloading {url}", retries, backoff)
 
 
 def parse_medquad_xml(files) -> pd.DataFrame:
@@ -180,13 +314,9 @@ def parse_medquad_xml(files) -> pd.DataFrame:
 
 
 def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
-    tmp = dest.with_name(f".part-{dest.name}")
-    try:
+    with store.atomic_write(dest) as tmp:
         df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input").to_csv(tmp, index=False)
         read_table(tmp)  # only a file that reads back replaces anything
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -208,10 +338,11 @@ def fetch_from_gdrive(data_dir: Path, download_folder=None, retries: int = 3, ba
                 raise OSError("the folder holds no .csv, .json or .jsonl file")
             read_table(found[0])
             dest = data_dir / ("medquad" + found[0].suffix.lower())
-            os.replace(found[0], dest)
+            with store.atomic_write(dest) as keep:
+                os.replace(found[0], keep)
             return dest
 
-    return _retry(attempt, "Downloading the Google Drive folder with gdown", retries, backoff)
+    return _download(attempt, "Downloading the Google Drive folder with gdown", retries, backoff)
 
 
 def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
@@ -238,11 +369,14 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
 def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
     """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
     if data_path:
-        return Path(data_path)
+        return Path(data_path).expanduser()
     for name in LOCAL_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise store.write_error(data_dir, err) from None
     sources = sources if sources is not None else [("Google Drive (gdown)", fetch_from_gdrive),
                                                    ("GitHub abachaa/MedQuAD", fetch_from_github)]
     failures = []

@@ -51,15 +51,26 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
     """
-    hf_logging.disable_progress_bar()  # the notebook shows its own progress; these bars only clutter it
+    from huggingface_hub import constants
+    from huggingface_hub.utils import enable_progress_bars
+
+    hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
+    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
+        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar too)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, OSError):
+            raise MedQAError(
+                f"Could not load GPT-2 weights from {source!r} ({first}). Without a network, either set "
+                "PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
+                "save_pretrained>.") from None
         raise MedQAError(
-            f"Could not load GPT-2 weights from {source!r} ({str(err).splitlines()[0]}). Without a network, "
-            "either set PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
-            "save_pretrained>.") from None
+            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {first}). Its files are damaged "
+            "or hold another model: save or copy the folder again, or set MODEL to one of gpt2, gpt2-medium, ... "
+            "or tiny.") from None
     return model.to(device)
 
 

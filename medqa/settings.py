@@ -6,13 +6,14 @@ variable `MEDQA_<NAME>`, the profile's default. `None` in the parameters cell me
 
 from __future__ import annotations
 
-import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medqa import store
 from medqa.errors import MedQAError
-from medqa.store import discard_run, write_json_atomic
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
@@ -93,8 +94,16 @@ RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "
                 "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
 
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "text"}
+
+
 def _field_type(name: str) -> str:
     return {f.name: f.type for f in fields(Settings)}[name]
+
+
+def _example(name: str):
+    """A valid value of the setting, for messages."""
+    return next((p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None), None)
 
 
 def _parse_env(name: str, text: str):
@@ -109,14 +118,15 @@ def _parse_env(name: str, text: str):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(text)
+            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for True, "
+                             f"or 0, false or no for False.")
         if kind.startswith("int"):
             return int(text)
         if kind.startswith("float"):
             return float(text)
     except ValueError:
-        raise MedQAError(f"MEDQA_{name}={text!r} is not a valid {kind.split(' ')[0]}: "
-                         f"set it to a value like {COMMON.get(name) or PROFILES['cpu'].get(name)!r}.") from None
+        raise MedQAError(f"MEDQA_{name}={text!r} is not {_TYPE_WORDS[kind.split(' ')[0]]}: "
+                         f"set it to a value like {_example(name)!r}.") from None
     return text
 
 
@@ -147,7 +157,7 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
 
     has_profile, profile = given("PROFILE")
     profile = profile if has_profile and profile is not None else default_profile()
-    if profile not in PROFILES:
+    if not isinstance(profile, str) or profile not in PROFILES:
         raise MedQAError(f"PROFILE={profile!r} is unknown: choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
     for name in names:
@@ -156,10 +166,11 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
             values[name] = value
     if not given("OLLAMA_HOST")[0] and env.get("OLLAMA_HOST"):
         values["OLLAMA_HOST"] = env["OLLAMA_HOST"]  # Ollama's own variable
-    if "://" not in values["OLLAMA_HOST"]:
-        values["OLLAMA_HOST"] = "http://" + values["OLLAMA_HOST"]  # Ollama accepts a bare host:port
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
+    _check_types(values)
+    if "://" not in values["OLLAMA_HOST"]:
+        values["OLLAMA_HOST"] = "http://" + values["OLLAMA_HOST"]  # Ollama accepts a bare host:port
     settings = Settings(**values)
     validate(settings)
     return settings
@@ -170,12 +181,80 @@ def _check(ok: bool, message: str) -> None:
         raise MedQAError(message)
 
 
+def _check_types(values: dict) -> None:
+    """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE 8.0`
+    a float, and Python counts True as the whole number 1."""
+    for f in fields(Settings):
+        value, base, nullable = values[f.name], f.type.split(" | ")[0], "None" in f.type
+        if value is None and nullable:
+            continue
+        ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+              "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+              "bool": isinstance(value, bool),
+              "str": isinstance(value, str)}.get(base, True)
+        if ok:
+            continue
+        if base == "bool":
+            raise MedQAError(f"{f.name}={value!r} must be True or False (papermill: -p {f.name} True; in the "
+                             f"environment: MEDQA_{f.name}=1, true or yes, or 0, false or no).")
+        if base == "int" and isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                and math.isfinite(value) and value == int(value):
+            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the decimal "
+                             f"point.")
+        raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
+                         f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
+
+
+def _check_output_dir(value: str) -> None:
+    """OUTPUT_DIR can become the run's folder: nothing is written here, so a failed run leaves no trace."""
+    _check(value.strip() != "", "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
+                                "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
+    path = Path(value)
+    _check(not path.exists() or path.is_dir(),
+           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if missing).")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
+                              f"set OUTPUT_DIR to a folder.")
+    _check(os.access(existing, os.W_OK | os.X_OK),
+           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it writable "
+           f"(chmod u+w) or set OUTPUT_DIR to a folder you can write.")
+
+
+def _check_model_folder(value: str) -> None:
+    """A model folder holds GPT-2 weights that load: checked from config.json and the weight files' headers and
+    sizes, in well under a second, instead of failing after the data is prepared."""
+    folder, known = Path(value), GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
+    how = f"point MODEL at a folder saved with save_pretrained from a GPT-2 model, or use one of {list(known)}"
+    _check((folder / "config.json").is_file(),
+           f"MODEL={value!r} is a folder without config.json, so it was not saved with save_pretrained (or the copy "
+           f"is incomplete): {how}.")
+    config = store.read_json(folder / "config.json", f"Fix: {how}.")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    _check(model_type == "gpt2", f"MODEL={value!r} holds a {model_type!r} model (config.json), not GPT-2: this "
+                                 f"notebook fine-tunes GPT-2 with GPT-2's tokenizer and context; {how}.")
+    weights = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    _check(bool(weights), f"MODEL={value!r} holds no weights (model.safetensors or pytorch_model.bin): {how}.")
+    for p in weights:
+        problem = store.safetensors_problem(p) if p.suffix == ".safetensors" else store.zip_problem(p)
+        _check(problem is None, f"MODEL={value!r}: {p.name} {problem}; the copy is damaged or incomplete. Copy or "
+                                f"save the folder again, or {how[0].lower() + how[1:]}.")
+
+
 def validate(s: Settings) -> None:
     """Reject values out of range before anything is read, trained or written."""
+    _check_types(asdict(s))
+    for f in fields(Settings):
+        value = getattr(s, f.name)
+        _check(not (f.type.startswith("float") and value is not None and not math.isfinite(value)),
+               f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
     known = GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
     if s.MODEL not in known and not Path(s.MODEL).is_dir():
         raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
                          f"{list(known)} or the path of a folder saved with save_pretrained.")
+    if s.MODEL not in known:
+        _check_model_folder(s.MODEL)
+    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
+    _check_output_dir(s.OUTPUT_DIR)
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
                  "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
         value = getattr(s, name)
@@ -213,21 +292,59 @@ def run_signature(s: Settings) -> dict:
     return {name: getattr(s, name) for name in RUN_DEFINING}
 
 
-def claim_output_dir(s: Settings) -> Path:
-    """Make OUTPUT_DIR ours: record the run's settings, or refuse if it holds a different run."""
-    out = Path(s.OUTPUT_DIR)
-    record = out / "run.json"
-    mine = run_signature(s)
-    if record.exists():
-        theirs = json.loads(record.read_text())
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if differ and not s.OVERWRITE:
-            listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run with other settings ({listing}). "
-                             f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
-        if differ:
-            discard_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, mine)
-    return out
+# What claim_output_dir records beside the settings: what the data file and the model source were.
+FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
 
+
+def _run_problems(out: Path, mine: dict) -> list[str]:
+    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs, damage."""
+    record = out / "run.json"
+    if not record.exists():
+        left = [name for name in store.RUN_FILES if (out / name).exists()]
+        return [f"files of a run without run.json ({', '.join(left)})"] if left else []
+    problems = []
+    try:
+        theirs = store.read_json(record, "")
+        if not isinstance(theirs, dict):
+            raise MedQAError(f"{record} holds no JSON object")
+    except MedQAError as err:
+        problems.append(f"a damaged run.json ({str(err).split(': it was')[0]})")
+        theirs = None
+    if theirs is not None:
+        differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
+                  if k not in FINGERPRINTS and theirs.get(k) != v]
+        if differ:
+            problems.append(f"other settings ({', '.join(differ)})")
+        problems += [f"{what} changed since that run began ({theirs[k]} there, {mine[k]} now)"
+                     for k, what in FINGERPRINTS.items() if k in theirs and k in mine and theirs[k] != mine[k]]
+    if (out / "checkpoint.pt").is_file() and (problem := store.zip_problem(out / "checkpoint.pt")):
+        problems.append(f"a damaged checkpoint.pt (it {problem})")
+    if (out / "metrics.json").is_file():
+        try:
+            store.read_json(out / "metrics.json", "")
+        except MedQAError as err:
+            problems.append(f"a damaged metrics.json ({str(err).split(': it was')[0]})")
+    return problems
+
+
+def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
+    """Make OUTPUT_DIR this run's: the last step before the run writes its first file there.
+
+    Call it after the data is read and cleaned and the model is loaded, so that a run that fails any of those
+    checks leaves OUTPUT_DIR as it was and records nothing. It records the run's settings and the fingerprints
+    of `data_file` and `model_source` (see store.fingerprint) in run.json. A run there with other settings,
+    other data or another model, or with damaged files, is refused, or with OVERWRITE=True replaced.
+    """
+    out = Path(s.OUTPUT_DIR)
+    mine = run_signature(s)
+    for key, source in (("DATA_FINGERPRINT", data_file), ("MODEL_FINGERPRINT", model_source)):
+        if source is not None:
+            mine[key] = store.fingerprint(source)
+    problems = _run_problems(out, mine) if out.is_dir() else []
+    if problems and not s.OVERWRITE:
+        raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run this one cannot continue: {'; '.join(problems)}. "
+                         f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
+    if out.is_dir():
+        store.discard_run(out, litter_only=not problems)
+    store.write_json_atomic(out / "run.json", mine)
+    return out

