@@ -130,13 +130,14 @@ def _client(host: str, timeout_s: float):
     return ollama.Client(host=host, timeout=timeout_s)
 
 
-def _check_model(host: str, model: str, timeout_s: float) -> int:
-    """Fail fast, before the progress bar: is Ollama there, does it have the model? Returns its context length."""
+def _check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
+    """Fail fast, before the progress bar: is Ollama there, does it have the model? Returns the model's context
+    length and whether it thinks before answering."""
     import httpx
     import ollama
 
     try:
-        info = _client(host, timeout_s).show(model).modelinfo or {}
+        shown = _client(host, timeout_s).show(model)
     except ConnectionError:
         raise JudgeUnavailable(f"Ollama is not reachable at {host}: start it with `ollama serve` (and "
                                f"`ollama pull {model}`), or set OLLAMA_HOST to where it runs") from None
@@ -151,11 +152,11 @@ def _check_model(host: str, model: str, timeout_s: float) -> int:
                                f"is Ollama running there, and not stuck?") from None
     except Exception as err:  # noqa: BLE001 -- whatever else the host does, the run must go on
         raise JudgeUnavailable(f"{host} did not answer like Ollama ({type(err).__name__}: {err})") from None
-    lengths = [v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)]
-    return lengths[0] if lengths else DEFAULT_CONTEXT
+    lengths = [v for k, v in (shown.modelinfo or {}).items() if k.endswith(".context_length") and isinstance(v, int)]
+    return (lengths[0] if lengths else DEFAULT_CONTEXT), "thinking" in (shown.capabilities or [])
 
 
-def _ask(client, host: str, model: str, prompt: str, options: dict) -> tuple[int | None, str]:
+def _ask(client, host: str, model: str, prompt: str, options: dict, think) -> tuple[int | None, str]:
     """One chat request, its failures sorted into reasons; a score (or None) and how it was read."""
     import httpx
     import ollama
@@ -163,7 +164,7 @@ def _ask(client, host: str, model: str, prompt: str, options: dict) -> tuple[int
 
     try:
         reply = client.chat(model, messages=[{"role": "user", "content": prompt}], format=SCORE_SCHEMA,
-                            options=options)
+                            options=options, think=think)
     except ConnectionError:
         raise JudgeUnavailable(f"Ollama stopped answering at {host} (connection refused): start it again with "
                                f"`ollama serve`") from None
@@ -207,7 +208,7 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
                "unscored": len(records), "unscored_by_reason": {}, "empty_answers": 0, "read_from_text": 0,
                "num_ctx": None, "too_long_for_context": 0, "sanity": None, "stopped": None, "seconds": None}
     try:
-        limit = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
+        limit, thinks = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
     except JudgeUnavailable as err:
         log(f"LLM judge skipped: {err}. Judge later with `{rerun}`.")
         summary.update(stopped=str(err), unscored_by_reason={"not asked": len(records)},
@@ -235,6 +236,9 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
     summary["num_ctx"] = num_ctx
     summary["too_long_for_context"] = sum(len(p) // 3 + REPLY_TOKENS > num_ctx for _, _, p in tasks)
     options = {"temperature": 0, "seed": seed, "num_ctx": num_ctx, "num_predict": REPLY_TOKENS}
+    # A thinking model would spend num_predict on its thoughts and leave the score empty; `think` is sent only to
+    # models that can think, because Ollama refuses it (HTTP 400) for the others.
+    think = False if thinks else None
     client = _client(host, timeout_s)
     sanity = {"self": [], "other": []}
     failures_in_row, asked, stopped = 0, 0, None
@@ -244,7 +248,7 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
                 stopped = f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"
                 break
             try:
-                score, how = retry(lambda: _ask(client, host, model, prompt, options), tries=TRIES,
+                score, how = retry(lambda: _ask(client, host, model, prompt, options, think), tries=TRIES,
                                    backoff=retry_wait_s, retry_on=(Transient,))
                 failures_in_row = 0
             except JudgeUnavailable as err:
@@ -284,7 +288,7 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
 def describe(summary: dict) -> str:
     """The summary in words, for the notebook and the command line."""
     if summary["sanity"] is None:
-        return f"LLM judge ({summary['model']}): not run ({summary['stopped']}); judge: mean null, sanity null."
+        return f"LLM judge ({summary['model']}): not run, so its mean and sanity anchors are null."
     s = summary["sanity"]
     lines = [f"LLM judge ({summary['model']}): mean {summary['mean']} over {summary['scored']} of "
              f"{summary['n']} answers ({summary['empty_answers']} empty answers scored 0 without asking)",

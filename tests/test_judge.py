@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from medqa import judge
+from medqa.errors import MedQAError
 
 HANG = object()
 
@@ -48,6 +49,7 @@ class StandIn:
     def __init__(self):
         self.models = {"llama3"}
         self.context_length = 8192
+        self.capabilities = ["completion"]
         self.chat = comparing_judge   # body -> (status, JSON object or raw bytes), or HANG
         self.show_hangs = False
         self.chats = []               # the bodies of /api/chat requests, in order
@@ -75,7 +77,7 @@ def ollama():
                                          "details": {"format": "gguf", "family": "llama"},
                                          "model_info": {"general.architecture": "llama",
                                                         "llama.context_length": stand_in.context_length},
-                                         "capabilities": ["completion"],
+                                         "capabilities": stand_in.capabilities,
                                          "modified_at": "2026-11-01T10:00:00.000000Z"})
             if self.path != "/api/chat":
                 return self._reply(404, b"404 page not found")
@@ -172,6 +174,13 @@ def test_structured_replies_are_read_and_the_request_asks_for_them(ollama):
     body = ollama.chats[-1]
     assert body["format"] == judge.SCORE_SCHEMA and body["stream"] is False
     assert body["options"] == {"temperature": 0, "seed": 7, "num_ctx": 2048, "num_predict": judge.REPLY_TOKENS}
+    assert "think" not in body  # Ollama refuses `think` for models that cannot think
+
+
+def test_a_thinking_model_is_asked_not_to_think(ollama):
+    ollama.capabilities = ["completion", "thinking"]
+    _, scores, _ = run(ollama, answers('{"score": 85}'))
+    assert scores == [85] and ollama.chats[-1]["think"] is False
 
 
 def test_free_text_replies_are_read_carefully_and_counted(ollama):
@@ -379,6 +388,9 @@ def test_the_command_refuses_bad_files_with_one_line(tmp_path, capsys, content, 
 
 def test_a_damaged_metrics_file_is_refused_before_judging(ollama, run_dir, capsys):
     (run_dir / "metrics.json").write_text('{"evaluation": ', encoding="utf-8")
+    with pytest.raises(MedQAError, match="metrics.json is damaged"):
+        judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False)
+    assert ollama.chats == []
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 2
     assert "metrics.json is damaged" in capsys.readouterr().err and ollama.chats == []
 
