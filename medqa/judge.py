@@ -290,8 +290,9 @@ def describe(summary: dict) -> str:
     if summary["sanity"] is None:
         return f"LLM judge ({summary['model']}): not run, so its mean and sanity anchors are null."
     s = summary["sanity"]
+    empty = f" ({summary['empty_answers']} empty answers scored 0 without asking)" if summary["empty_answers"] else ""
     lines = [f"LLM judge ({summary['model']}): mean {summary['mean']} over {summary['scored']} of "
-             f"{summary['n']} answers ({summary['empty_answers']} empty answers scored 0 without asking)",
+             f"{summary['n']} answers{empty}",
              f"  sanity on {s['n']} test items: reference judged against itself {s['self']}, against another "
              f"question's reference {s['other']}"]
     if summary["unscored"]:
