@@ -1,14 +1,9 @@
-"""Step 12: how good are the answers? ROUGE, BLEU, perplexity of the references, and an LLM judge via Ollama."""
+"""Step 12: how good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import statistics
-import time
-import urllib.error
-import urllib.request
 
 from medqa.train import mean_loss
 
@@ -69,77 +64,6 @@ def compare(before: dict | None, after: dict):
         table.insert(0, "before", [get(before, p) for p in rows.values()])
         table["change"] = table["after"] - table["before"]
     return table
-
-
-# ---------------------------------------------------------------- LLM judge through Ollama
-
-JUDGE_PROMPT = (
-    "Given the input `{question}` and correct output `{reference}`, score the model response "
-    "`{response}` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
-)
-
-
-class JudgeUnavailable(Exception):
-    """Ollama cannot judge at all (not running, or the model is not pulled); the message says how to fix it."""
-
-
-def parse_score(text: str) -> int | None:
-    """The first whole number in the reply, if it lies in 0..100; else None (counted as unscored)."""
-    match = re.search(r"-?\d+(?:\.\d+)?", text or "")
-    if not match:
-        return None
-    value = float(match.group())
-    return int(value) if value.is_integer() and 0 <= value <= 100 else None
-
-
-def ask_ollama(host: str, model: str, prompt: str, timeout: float = 60, retries: int = 2, seed: int = 123) -> str:
-    """One chat request to Ollama's /api/chat at temperature 0; retried on timeouts and server errors."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
-                       "options": {"temperature": 0, "seed": seed}}).encode()
-    request = urllib.request.Request(host.rstrip("/") + "/api/chat", data=body,
-                                     headers={"Content-Type": "application/json"})
-    last = None
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                return json.loads(resp.read())["message"]["content"]
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                raise JudgeUnavailable(f"Ollama at {host} has no model {model!r}: run `ollama pull {model}`.") from None
-            last = err
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, ConnectionRefusedError) or "refused" in str(err.reason).lower() \
-                    or "name or service" in str(err.reason).lower():
-                raise JudgeUnavailable(f"Ollama is not reachable at {host}: start it with `ollama serve` "
-                                       f"(and `ollama pull {model}`), or set OLLAMA_HOST.") from None
-            last = err
-        except (TimeoutError, OSError, ValueError, KeyError) as err:
-            last = err
-        if attempt < retries:
-            time.sleep(0.5 * 2**attempt)
-    raise TimeoutError(f"no usable reply from Ollama after {retries + 1} tries: {last}")
-
-
-def judge(examples: list[dict], host: str, model: str, timeout: float = 60, retries: int = 2, log=print):
-    """Score each `{instruction, output, model_response}` 0-100 with an Ollama model.
-
-    Returns (summary, per-example scores), or (None, None) with one line printed when Ollama cannot judge.
-    """
-    scores = []
-    try:
-        for e in examples:
-            prompt = JUDGE_PROMPT.format(question=e["instruction"], reference=e["output"], response=e["model_response"])
-            try:
-                scores.append(parse_score(ask_ollama(host, model, prompt, timeout, retries)))
-            except TimeoutError:
-                scores.append(None)
-    except JudgeUnavailable as err:
-        log(f"LLM judge skipped: {err}")
-        return None, None
-    scored = [x for x in scores if x is not None]
-    summary = {"model": model, "mean": round(statistics.fmean(scored), 2) if scored else None,
-               "scored": len(scored), "unscored": len(scores) - len(scored)}
-    return summary, scores
 
 
 def plot_scores(after: list[float], before: list[float] | None = None, judge_scores=None, path=None):
