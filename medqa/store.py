@@ -11,7 +11,7 @@ import torch
 
 # What a run writes into OUTPUT_DIR (run.json, which names the run, is rewritten by claim_output_dir).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png", "scores.png", "test_responses.json",
-             "base_responses.json", "model", "tiny-gpt2")
+             "base_responses.json", "model", "tiny-gpt2", "splits")
 
 
 def write_json_atomic(path, obj) -> None:
