@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import statistics
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,7 @@ class QADataset(Dataset):
     def __init__(self, df, max_length: int):
         fits = df["prompt_ids"].map(len) < max_length
         self.frame = df[fits].reset_index(drop=True)
+        self.max_length = max_length
         self.dropped = int((~fits).sum())
         if len(df) and self.frame.empty:
             raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are longer. "
@@ -157,6 +159,24 @@ def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle
     sampler = LengthGroupedBatches(dataset.lengths, batch_size, seed=seed, shuffle=shuffle)
     return DataLoader(dataset, batch_sampler=sampler,
                       collate_fn=partial(collate, max_length=max_length, mask_prompt=mask_prompt))
+
+
+def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, dict]:
+    """A fixed, seeded random sample of `n` examples (all of them when there are no more), and what it is.
+
+    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set, so
+    that the loss speaks for the set (its first batches, sorted by length, would hold only the longest examples).
+    The description is what metrics.json records: how many of how many, and their mean length against the set's.
+    """
+    sampled = n < len(dataset)
+    rows = sorted(random.Random(seed).sample(range(len(dataset)), n)) if sampled else list(range(len(dataset)))
+    subset = QADataset(dataset.frame.iloc[rows], dataset.max_length)
+    return subset, {"examples": len(subset), "of": len(dataset), "sampled": sampled, "seed": seed,
+                    "mean_tokens": _mean_length(subset), "mean_tokens_of_all": _mean_length(dataset)}
+
+
+def _mean_length(dataset: QADataset) -> float | None:
+    return round(statistics.fmean(dataset.lengths), 1) if dataset.lengths else None
 
 
 def token_efficiency(lengths, batches) -> float:

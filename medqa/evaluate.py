@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 from medqa.train import mean_loss
@@ -64,6 +65,64 @@ def compare(before: dict | None, after: dict):
         table.insert(0, "before", [get(before, p) for p in rows.values()])
         table["change"] = table["after"] - table["before"]
     return table
+
+
+# MedQuAD's question templates (X: the focus area), from the questions of the public release; `other` for the rest.
+QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, pattern in (
+    ("What is (are) X ?", r"what is \(are\) "),
+    ("What are the symptoms of X ?", r"what are the (signs and )?symptoms (of|for) "),
+    ("What are the treatments for X ?", r"what are the treatments for "),
+    ("Is X inherited ?", r"is .+ inherited ?\?"),
+    ("How many people are affected by X ?", r"how many people are affected by "),
+    ("What are the genetic changes related to X ?", r"what are the genetic changes related to "),
+    ("What causes X ?", r"what causes "),
+    ("How to diagnose X ?", r"how to diagnose "),
+    ("What research (or clinical trials) is being done for X ?", r"what research (\(or clinical trials\) )?is being done for "),
+    ("What is the outlook for X ?", r"what is the outlook for "),
+    ("Who is at risk for X? ?", r"who is at risk for "),
+    ("Do you have information about X", r"do you have information about "),
+    ("What to do for X ?", r"what to do for "),
+    ("How to prevent X ?", r"how to prevent "),
+    ("What are the stages of X ?", r"what are the stages of "),
+    ("What are the complications of X ?", r"what are the complications of "),
+)]
+
+
+def question_type(question: str) -> str:
+    """The MedQuAD template a question follows, e.g. "What causes X ?", or "other"."""
+    return next((template for template, pattern in QUESTION_TYPES if pattern.match(question.strip())), "other")
+
+
+def breakdown(records: list[dict], before: list[dict] | None = None):
+    """Mean ROUGE-L after (and before) fine-tuning, and the judge's mean where it judged, by source and by type.
+
+    `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when unjudged);
+    `before` the per-example scores of the model before fine-tuning, in the same order. One row per source and per
+    question type, with the number of test answers behind it, largest first. The judge's columns (its mean over the
+    answers it scored, and how many) appear when it scored any.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame({"source": [r.get("source") or "unknown" for r in records],
+                          "question type": [question_type(r["instruction"]) for r in records],
+                          "ROUGE-L after": [r["rougeL"] for r in records],
+                          "judge": [r.get("judge_score") for r in records]}, dtype=object)
+    columns = ["ROUGE-L after"]
+    if before is not None:
+        frame.insert(2, "ROUGE-L before", [b["rougeL"] for b in before])
+        columns = ["ROUGE-L before", "ROUGE-L after"]
+    parts = []
+    for by in ("source", "question type"):
+        grouped = frame.groupby(by)
+        part = grouped[columns].agg(lambda x: x.astype(float).mean())
+        part.insert(0, "answers", grouped.size())
+        if before is not None:
+            part["change"] = part["ROUGE-L after"] - part["ROUGE-L before"]
+        if frame["judge"].notna().any():
+            part["judge"] = grouped["judge"].agg(lambda x: x.dropna().astype(float).mean())
+            part["judged"] = grouped["judge"].agg(lambda x: int(x.notna().sum()))
+        parts.append(part.sort_values("answers", ascending=False, kind="stable"))
+    return pd.concat(parts, keys=["source", "question type"], names=["by", "group"])
 
 
 def plot_scores(after: list[float], before: list[float] | None = None, judge_scores=None, path=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 
 import torch
@@ -60,12 +61,19 @@ def onednn_linears(model):
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding puts every prompt's last token in the last column, where generation continues."""
+    """Left padding puts every prompt's last token in the last column, where generation continues.
+
+    The padding repeats the row's own first token. The attention mask hides padding from the model, but the
+    repetition penalty reads every input id: padding with <|endoftext|> would make ending the answer less likely
+    in padded rows only, and a prompt's answer would depend on the prompts batched with it.
+    """
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), EOT, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
+        if r:
+            ids[i, : width - len(r)] = r[0]
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
 
@@ -75,31 +83,52 @@ def cut_answer(new_ids: list[int]) -> list[int]:
     return new_ids[: new_ids.index(EOT)] if EOT in new_ids else new_ids
 
 
+RESPONSE_HEADER = "### Response:"
+
+
+def clean_answer(text: str) -> str:
+    """The answer's text without a "### Response:" header that the model echoed, as the textbook recipe does:
+    the header is removed, the text around it kept, and the ends stripped."""
+    return text.replace(RESPONSE_HEADER, "").strip()
+
+
+def describe_decoding(s) -> str:
+    """The decoding the settings ask for, in words (the notebook prints it and metrics.json records it)."""
+    way = "greedy" if s.TEMPERATURE == 0 else f"sampling at temperature {s.TEMPERATURE}"
+    return way if s.REPETITION_PENALTY == 1.0 else f"{way} with repetition penalty {s.REPETITION_PENALTY}"
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
                  temperature: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[list[int]]:
     """New token ids for each prompt, in the prompts' order; greedy when temperature is 0.
 
     Prompts are batched by length so that little padding is computed; on the CPU the linear layers run on oneDNN.
+    Each answer gets `max_new_tokens`, or what the context leaves after its own prompt when that is less: a batch
+    only holds prompts with the same room, so that a long prompt never shortens the answers batched with it.
     """
     was_training = model.training  # answers between epochs must not switch dropout off for the rest of training
     model.eval()
     device = next(model.parameters()).device
     context = model.config.n_positions
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows = [p[-(context - 1):] for p in prompts]  # a prompt never fills the whole context
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    room = [min(max_new_tokens, context - len(r)) for r in rows]
+    chunks = []
+    for _, group in itertools.groupby(order, key=room.__getitem__):  # sorted by length: equal rooms are adjacent
+        same = list(group)
+        chunks += [same[s: s + batch_size] for s in range(0, len(same), batch_size)]
     out: list[list[int]] = [[] for _ in prompts]
     if temperature > 0:
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     try:
         with onednn_linears(model):
-            for s in range(0, len(order), batch_size):
-                chunk = order[s: s + batch_size]
-                rows = [prompts[i][-(context - 1):] for i in chunk]  # a prompt never fills the whole context
-                ids, mask = _left_pad(rows, device)
-                room = min(max_new_tokens, context - ids.shape[1])
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room, eos_token_id=EOT,
-                                     pad_token_id=EOT, repetition_penalty=repetition_penalty, **sampling)
+            for chunk in chunks:
+                ids, mask = _left_pad([rows[i] for i in chunk], device)
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room[chunk[0]],
+                                     eos_token_id=EOT, pad_token_id=EOT, repetition_penalty=repetition_penalty,
+                                     **sampling)
                 for i, row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
                     out[i] = cut_answer(row)
     finally:  # an interrupted answer must not leave dropout off either
@@ -111,10 +140,12 @@ def answer(model, tokenizer, prompts: list[list[int]], s) -> list[str]:
     """Decoded answers for tokenized prompts, with the generation settings of `s`."""
     ids = generate_ids(model, prompts, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE, s.TEMPERATURE,
                        s.REPETITION_PENALTY, s.SEED)
-    return [tokenizer.decode(r).strip() for r in ids]
+    return [clean_answer(tokenizer.decode(r)) for r in ids]
 
 
 def response_records(frame, answers: list[str]) -> list[dict]:
-    """What test_responses.json holds: each test example beside the model's answer."""
-    return [{"instruction": r.instruction, "input": r.input, "output": r.output, "model_response": a}
+    """What test_responses.json holds: each test example (with MedQuAD's source and focus area) beside the model's
+    answer."""
+    return [{"instruction": r.instruction, "input": r.input, "output": r.output, "source": r.source,
+             "focus_area": r.focus_area, "model_response": a}
             for r, a in zip(frame.itertuples(index=False), answers, strict=True)]

@@ -23,7 +23,7 @@ from medqa.errors import MedQAError, StorageError
 
 # What a run writes into OUTPUT_DIR (run.json, which names the run, is rewritten by claim_output_dir).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png", "scores.png", "test_responses.json",
-             "base_responses.json", "model")
+             "base_responses.json", "model", "splits")
 TMP_PREFIX = ".tmp-"  # hidden, and the target's name stays at the end so that readers still see its extension
 
 # Errors that come from the file system, not from the network or the caller's own checks.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -53,14 +54,12 @@ def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model, loader, device, max_batches: int | None = None) -> float:
-    """Average loss per target token over (the first `max_batches` of) a loader."""
+def mean_loss(model, loader, device) -> float:
+    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in loader:
         total += loss_sum(model, batch, device)
         count += int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
@@ -135,11 +134,24 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
             log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
 
     def save():
-        finite = math.isfinite(float(st["window_loss"])) and all(bool(p.isfinite().all()) for p in model.parameters())
-        if not finite:
-            return  # never replace a good checkpoint with broken weights
+        _stop_if_not_finite(st, model, s)  # never replace a good checkpoint with broken weights
         save_torch_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "rng": _rng_state(device), "state": st}, ckpt_path)
+
+    lap = [time.perf_counter()]
+
+    @contextmanager
+    def not_training():
+        """Validation, checkpoints and answers between epochs do not count as training time (tokens_per_s)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the steps queued so far belong to training
+        spent = time.perf_counter() - lap[0]
+        st["train_seconds"] = st.get("train_seconds", 0.0) + spent
+        st["window_seconds"] = st.get("window_seconds", 0.0) + spent
+        try:
+            yield
+        finally:
+            lap[0] = time.perf_counter()
 
     model.train()
     bar = tqdm(total=total_steps, initial=st["step"], desc="fine-tuning", unit="step")
@@ -149,7 +161,8 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
             batches = sampler.batches(st["epoch"])
             while st["pos"] < len(batches):
                 if s.MAX_STEPS is not None and st["step"] >= s.MAX_STEPS:
-                    save()
+                    with not_training():
+                        save()
                     log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
                     return st["history"]
                 group = [make_batch([train_set[i] for i in b]) for b in batches[st["pos"]: st["pos"] + s.GRAD_ACCUM]]
@@ -162,14 +175,17 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
                 st["pos"] += len(group)
                 bar.update(1)
                 if st["step"] % s.EVAL_EVERY == 0 or st["pos"] >= len(batches):
-                    _log_point(st, model, val_loader, s, device, started, bar)
+                    with not_training():
+                        _log_point(st, model, val_loader, s, device, started, bar)
                 if st["step"] % s.CHECKPOINT_EVERY == 0:
-                    save()
+                    with not_training():
+                        save()
             st["epoch"] += 1
             st["pos"] = 0
-            save()
-            if on_epoch_end is not None:
-                on_epoch_end(st["epoch"])
+            with not_training():
+                save()
+                if on_epoch_end is not None:
+                    on_epoch_end(st["epoch"])
     except torch.OutOfMemoryError as err:
         raise MedQAError(f"Out of GPU memory at step {st['step']}: lower BATCH_SIZE (and raise GRAD_ACCUM to keep "
                          f"the same effective batch) or lower MAX_LENGTH; the last checkpoint is kept.") from err
@@ -178,25 +194,34 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
     return st["history"]
 
 
+def _stop_if_not_finite(st, model, s) -> None:
+    """Stop when the loss or the weights stop being finite: training cannot recover, and the last good checkpoint
+    must stay as it is."""
+    loss = float(st["window_loss"])
+    if math.isfinite(loss) and all(bool(p.isfinite().all()) for p in model.parameters()):
+        return
+    what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became inf or nan"
+    raise MedQAError(f"At step {st['step']} {what}. The last good checkpoint is kept in OUTPUT_DIR; lower "
+                     f"LEARNING_RATE (now {s.LEARNING_RATE}) and run again with OVERWRITE=True.")
+
+
 def _log_point(st, model, val_loader, s, device, started, bar) -> None:
-    """Record train and validation loss; stop on a loss that is not finite."""
+    """Record train and validation loss, and the training throughput (train steps only); stop on non-finite."""
     if st["window_targets"] == 0:
         return
+    _stop_if_not_finite(st, model, s)
     train_loss = st["window_loss"].item() / st["window_targets"]
-    if not math.isfinite(train_loss):
-        raise MedQAError(f"The training loss became {train_loss} at step {st['step']}. The last good checkpoint "
-                         f"is kept in OUTPUT_DIR; lower LEARNING_RATE (now {s.LEARNING_RATE}) and run again "
-                         f"with OVERWRITE=True.")
-    val_loss = mean_loss(model, val_loader, device, s.EVAL_BATCHES)
-    window_seconds = time.perf_counter() - started - st["seconds"]
+    val_loss = mean_loss(model, val_loader, device)
     st["tokens"] += st["window_tokens"]
     st["seconds"] = time.perf_counter() - started
     st["history"].append({"step": st["step"], "tokens_seen": st["tokens"], "train_loss": round(train_loss, 5),
                           "val_loss": round(val_loss, 5), "seconds": round(st["seconds"], 2),
-                          "tokens_per_s": round(st["window_tokens"] / max(window_seconds, 1e-9), 1)})
+                          "train_seconds": round(st["train_seconds"], 2),
+                          "tokens_per_s": round(st["window_tokens"] / max(st["window_seconds"], 1e-9), 1)})
     bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
     st["window_loss"] = torch.zeros((), device=device)
     st["window_targets"] = st["window_tokens"] = 0
+    st["window_seconds"] = 0.0
 
 
 def plot_losses(history: list[dict], path=None):

@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 import torch
 
-from medqa.batches import EOT, IGNORE, LengthGroupedBatches, QADataset, collate, encode_examples, token_efficiency
+from medqa.batches import (EOT, IGNORE, LengthGroupedBatches, QADataset, collate, encode_examples, sample_examples,
+                           token_efficiency)
 from tests.conftest import table
 
 
@@ -64,3 +65,21 @@ def test_sorted_batches_for_evaluation_are_longest_first():
 
 def test_token_efficiency_counts_padding():
     assert token_efficiency([4, 2], [[0, 1]]) == pytest.approx(6 / 8)
+
+
+def test_the_validation_sample_is_fixed_seeded_and_drawn_from_the_whole_set():
+    lengths = list(range(1, 201))  # answer lengths 1..200: the longest-first batches would hold only the longest
+    ds = QADataset(pd.DataFrame({"prompt_ids": [[7]] * 200, "answer_ids": [[8] * n for n in lengths]}), 512)
+    sample, info = sample_examples(ds, 40, seed=3)
+    again, _ = sample_examples(ds, 40, seed=3)
+    assert sample.pairs == again.pairs and sample.pairs != sample_examples(ds, 40, seed=4)[0].pairs
+    assert len(sample) == 40 and len(set(map(str, sample.pairs))) == 40
+    assert min(sample.lengths) < 50 and max(sample.lengths) > 150  # from the whole range, not one end of it
+    assert info == {"examples": 40, "of": 200, "sampled": True, "seed": 3,
+                    "mean_tokens": round(sum(sample.lengths) / 40, 1), "mean_tokens_of_all": 101.5}
+
+
+def test_a_validation_set_no_larger_than_the_sample_is_used_whole():
+    ds = QADataset(pd.DataFrame({"prompt_ids": [[7], [7, 7]], "answer_ids": [[8], [8, 8]]}), 512)
+    sample, info = sample_examples(ds, 16, seed=0)
+    assert sample.pairs == ds.pairs and (info["examples"], info["of"], info["sampled"]) == (2, 2, False)

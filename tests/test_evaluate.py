@@ -59,3 +59,37 @@ def _frame(pairs):
     import pandas as pd
 
     return pd.DataFrame({"prompt_ids": [p for p, _ in pairs], "answer_ids": [a for _, a in pairs]})
+
+
+# ---------------------------------------------------------------- scores by source and question type
+
+def test_questions_are_typed_by_medquads_templates():
+    types = [evaluate.question_type(q) for q in (
+        "What is (are) Cri-du-chat syndrome ?", "what are the symptoms of Gout ?", "What causes Gout ?",
+        "Is Stiff person syndrome inherited ?", "What research (or clinical trials) is being done for Stroke ?",
+        "what research (or clinical trials) is being done for Breast Cancer ?", "Who is at risk for Gout? ?",
+        "How to diagnose Kidney Stones ?", "Do you have information about Anemia", "how is rabies diagnosed?")]
+    assert types == ["What is (are) X ?", "What are the symptoms of X ?", "What causes X ?", "Is X inherited ?",
+                     "What research (or clinical trials) is being done for X ?",
+                     "What research (or clinical trials) is being done for X ?", "Who is at risk for X? ?",
+                     "How to diagnose X ?", "Do you have information about X", "other"]
+
+
+def test_breakdown_by_source_and_question_type_with_counts():
+    records = [{"instruction": "What causes Gout ?", "source": "GARD", "rougeL": 0.4, "judge_score": 80},
+               {"instruction": "What causes Lupus ?", "source": "GHR", "rougeL": 0.2, "judge_score": None},
+               {"instruction": "Is Gout inherited ?", "source": "GHR", "rougeL": 0.3, "judge_score": 60}]
+    table = evaluate.breakdown(records, [{"rougeL": 0.1}, {"rougeL": 0.2}, {"rougeL": 0.0}])
+    assert list(table.columns) == ["answers", "ROUGE-L before", "ROUGE-L after", "change", "judge", "judged"]
+    assert table.loc[("source", "GHR")].tolist() == pytest.approx([2, 0.1, 0.25, 0.15, 60.0, 1])
+    assert table.loc[("source", "GARD")].tolist() == pytest.approx([1, 0.1, 0.4, 0.3, 80.0, 1])
+    assert table.loc[("question type", "What causes X ?")].tolist() == pytest.approx([2, 0.15, 0.3, 0.15, 80.0, 1])
+    assert table.loc[("question type", "Is X inherited ?")].tolist() == pytest.approx([1, 0.0, 0.3, 0.3, 60.0, 1])
+    assert list(table.index.get_level_values(1)) == ["GHR", "GARD", "What causes X ?", "Is X inherited ?"]
+
+
+def test_breakdown_without_a_baseline_or_a_judge_shows_what_there_is():
+    records = [{"instruction": "What causes Gout ?", "source": "GARD", "rougeL": 0.4, "judge_score": None}]
+    table = evaluate.breakdown(records)
+    assert list(table.columns) == ["answers", "ROUGE-L after"]
+    assert table.loc[("source", "GARD"), "ROUGE-L after"] == pytest.approx(0.4)

@@ -1,7 +1,12 @@
+import copy
+from dataclasses import replace
+
+import pandas as pd
 import pytest
 import torch
 
-from medqa import generate, model as gpt
+from medqa import generate, model as gpt, settings
+from medqa.batches import EOT
 from medqa.errors import MedQAError
 from medqa.settings import TINY_MODEL
 
@@ -47,3 +52,61 @@ def test_answering_between_epochs_leaves_the_model_training(tiny_model):
 def test_answer_stops_at_end_of_text():
     assert generate.cut_answer([5, 6, 50256, 7]) == [5, 6]
     assert generate.cut_answer([5, 6]) == [5, 6]
+
+
+def _eot_nearly_first(model, prompt):
+    """A copy of `model` whose <|endoftext|> scores a little above the token it would write first after `prompt`.
+
+    Greedy with the repetition penalty then ends that answer at once, unless something penalises <|endoftext|>.
+    """
+    first = generate.generate_ids(model, [prompt], 1)[0][0]
+    assert first not in prompt  # else the penalty would hit both tokens alike
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        eager.transformer.wte.weight[EOT] = 1.05 * eager.transformer.wte.weight[first]  # tied to the output layer
+    return eager
+
+
+def test_batched_answers_equal_one_by_one_answers_at_the_notebooks_defaults(tiny_model, tokenizer):
+    s = settings.resolve({"PROFILE": "smoke"}, env={})
+    assert s.REPETITION_PENALTY > 1 and s.TEMPERATURE == 0  # the penalty is on: padding must not change what it sees
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9, 30, 2)]
+    model = _eot_nearly_first(tiny_model, prompts[0])
+    one_by_one = [generate.answer(model, tokenizer, [p], s)[0] for p in prompts]
+    assert one_by_one[0] == ""  # the case that padding with <|endoftext|> got wrong
+    assert generate.answer(model, tokenizer, prompts, s) == one_by_one
+
+
+def test_a_long_prompt_in_the_batch_never_shortens_the_other_answers(tiny_model):
+    torch.manual_seed(1)
+    short, long = torch.randint(0, 50000, (40,)).tolist(), torch.randint(0, 50000, (1000,)).tolist()
+    alone = [generate.generate_ids(tiny_model, [p], max_new_tokens=30)[0] for p in (short, long)]
+    assert len(alone[0]) > 1024 - 1000  # the short prompt's answer is longer than the long prompt leaves room for
+    assert generate.generate_ids(tiny_model, [short, long], max_new_tokens=30, batch_size=2) == alone
+    assert len(alone[1]) <= 1024 - 1000
+
+
+def test_an_echoed_response_header_is_removed_as_the_recipe_removes_it(tiny_model):
+    class Echo:  # a tokenizer whose every answer echoes the header
+        def decode(self, ids):
+            return "### Response:\nGlaucoma damages the optic nerve. "
+
+    s = settings.resolve({"PROFILE": "smoke", "MAX_NEW_TOKENS": 1}, env={})
+    assert generate.answer(tiny_model, Echo(), [[5, 6, 7]], s) == ["Glaucoma damages the optic nerve."]
+    assert generate.clean_answer(" It is rare.\n### Response: It is rare.") == "It is rare.\n It is rare."
+
+
+def test_decoding_is_described_as_it_is_set():
+    s = settings.resolve({"PROFILE": "smoke"}, env={})
+    assert generate.describe_decoding(s) == "greedy with repetition penalty 1.1"
+    assert generate.describe_decoding(replace(s, REPETITION_PENALTY=1.0)) == "greedy"
+    assert generate.describe_decoding(replace(s, TEMPERATURE=0.7)) == "sampling at temperature 0.7 with repetition penalty 1.1"
+
+
+def test_response_records_keep_the_source_and_focus_area():
+    frame = pd.DataFrame({"instruction": ["What is gout ?"], "input": [""], "output": ["Arthritis."],
+                          "source": ["MPlusHealthTopics"], "focus_area": ["Gout"], "prompt_ids": [[1]]})
+    assert generate.response_records(frame, ["A joint disease."]) == [
+        {"instruction": "What is gout ?", "input": "", "output": "Arthritis.", "source": "MPlusHealthTopics",
+         "focus_area": "Gout", "model_response": "A joint disease."}]

@@ -1,5 +1,8 @@
+import json
+
 import pandas as pd
 
+from medqa import data, prompts
 from medqa.prompts import PREAMBLE, draw_alpaca_figure, format_prompt, split_by_question
 from tests.conftest import table
 
@@ -28,11 +31,57 @@ def test_split_sizes_follow_the_fractions():
     assert abs(len(val) - 0.10 * len(df)) <= 2 and abs(len(test) - 0.05 * len(df)) <= 2
 
 
-def test_split_never_puts_one_question_in_two_splits():
-    df = _data()
-    parts = split_by_question(df, 0.10, 0.05, seed=3)
-    keys = [set(p["instruction"].str.lower().str.split().str.join(" ")) for p in parts]
-    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+def _related_data(n=400):
+    """Rows that share answers (boilerplate) and questions spelled two ways, as MedQuAD has them."""
+    rows = [(f"Question {i} ?", f"answer {i}") for i in range(n)]
+    rows += [(f"What causes Cri-du-chat {i} ?", "Deletions cause it.") for i in range(30)]  # one answer, 30 questions
+    rows += [(f"what causes cri du chat {i}?", f"Answer about cri du chat {i}.") for i in range(30)]  # other spelling
+    rows += [(f"Is Stiff-Person {i} inherited ?", f"Stiff person {i} is not inherited.") for i in range(20)]
+    rows += [(f"Is Stiff person {i} inherited ?", f"stiff-person {i} is not inherited!") for i in range(20)]
+    return table(rows)
+
+
+def test_split_never_puts_one_question_or_one_answer_in_two_splits():
+    df = _related_data()
+    for seed in range(5):
+        parts = prompts.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
+        for column in ("instruction", "output"):
+            keys = [set(p[column].map(prompts.same_text_key)) for p in parts]
+            assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2]), (seed, column)
+
+
+def test_related_groups_join_through_shared_questions_and_answers_and_count_the_rows_joined():
+    df = table([("Is Stiff-Person inherited ?", "No."), ("is stiff person inherited?", "Not usually."),
+                ("What causes gout ?", "Not usually."), ("What is gout ?", "Arthritis."), ("Why ?", "No!")])
+    groups, stats = prompts.related_groups(df)
+    assert groups[0] == groups[1] == groups[2] == groups[4] != groups[3]  # through the question, then the answers
+    assert stats == {"rows": 5, "groups": 2, "rows joined": 4, "largest group": 4}
+
+
+def test_a_group_too_large_for_the_test_share_stays_in_training():
+    df = table([(f"Question {i} ?", f"answer {i}") for i in range(400)]
+               + [(f"Is condition {i} inherited ?", "It is inherited in an autosomal recessive pattern.")
+                  for i in range(15)])
+    for seed in range(10):
+        train, _, _ = prompts.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
+        assert train["instruction"].str.startswith("Is condition").sum() == 15
+
+
+def test_the_split_says_how_many_rows_the_grouping_joined():
+    lines = []
+    prompts.split_by_question(_related_data(), 0.10, 0.05, seed=0, log=lines.append)
+    assert lines == ["500 rows in 421 groups that share a question or an answer; 60 rows joined a group with "
+                     "another question (largest group: 60 rows)"]
+
+
+def test_splits_are_written_as_alpaca_json_that_reads_back(tmp_path):
+    df = _related_data().assign(source="GHR", focus_area="Gout", prompt_ids=[[1]] * 500)
+    parts = dict(zip(("train", "val", "test"), prompts.split_by_question(df, 0.1, 0.05, 0, log=lambda *_: None)))
+    folder = prompts.save_splits(tmp_path, **parts)
+    for name, part in parts.items():
+        records = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        assert list(records[0]) == ["instruction", "input", "output", "source", "focus_area"]
+        pd.testing.assert_frame_equal(data.read_table(folder / f"{name}.json"), part[data.COLUMNS])
 
 
 def test_split_is_reproducible_and_depends_on_the_seed():

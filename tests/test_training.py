@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from medqa import batches, data, model as gpt, prompts, settings, train
 from medqa.errors import MedQAError
@@ -107,17 +108,91 @@ def test_other_settings_never_clobber_a_run(setup, tmp_path):
     assert not (tmp_path / "metrics.json").exists() and json.loads((tmp_path / "run.json").read_text())["SEED"] == 5
 
 
-def test_a_loss_that_is_not_finite_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+def test_weights_that_stop_being_finite_never_overwrite_the_last_good_checkpoint(setup, tmp_path):
+    """A step leaves inf in the weights (as a too-high learning rate does) and a checkpoint is due at once."""
     s, train_set, val_loader, source = setup
-    s = replace(s, OUTPUT_DIR=str(tmp_path), EVAL_EVERY=3, CHECKPOINT_EVERY=2)
+    s = replace(s, OUTPUT_DIR=str(tmp_path), EPOCHS=1, EVAL_EVERY=1000, CHECKPOINT_EVERY=1)
     model = gpt.load_model(source, torch.device("cpu"))
-    run(setup, tmp_path, MAX_STEPS=2)
-    good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"]
-    with torch.no_grad():
-        model.transformer.wte.weight.fill_(math.inf)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    ckpt["model"] = model.state_dict()
-    torch.save(ckpt, tmp_path / "checkpoint.pt")  # a checkpoint whose weights give an infinite loss
-    with pytest.raises(MedQAError, match="became nan at step 3.*last good checkpoint.*LEARNING_RATE"):
-        train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == good
+    steps = []
+
+    def blow_up(optimizer, args, kwargs):
+        steps.append(len(steps) + 1)
+        if steps[-1] == 3:
+            with torch.no_grad():
+                model.transformer.wte.weight[0, 0] = math.inf
+
+    hook = register_optimizer_step_post_hook(blow_up)
+    try:
+        with pytest.raises(MedQAError, match="At step 3 the weights became inf or nan.*last good checkpoint.*"
+                                             "LEARNING_RATE"):
+            train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
+    finally:
+        hook.remove()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert kept["state"]["step"] == 2 and steps == [1, 2, 3]  # stopped at the first save point that saw them
+    assert all(bool(t.isfinite().all()) for t in kept["model"].values() if t.is_floating_point())
+
+
+class Clock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class SlowLoader:
+    """The validation loader, taking `seconds` of the clock on every pass."""
+
+    def __init__(self, loader, clock, seconds):
+        self.loader, self.clock, self.seconds = loader, clock, seconds
+
+    def __iter__(self):
+        self.clock.now += self.seconds
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+@pytest.fixture(scope="module")
+def clocked(setup, tmp_path_factory):
+    """A run where every train step takes 1 s, every validation 1000 s, every checkpoint 100 s, every answer 500 s."""
+    s, train_set, val_loader, source = setup
+    out = tmp_path_factory.mktemp("clocked")
+    s = replace(s, OUTPUT_DIR=str(out), CHECKPOINT_EVERY=2)
+    clock = Clock()
+    model = gpt.load_model(source, torch.device("cpu"), s.DROPOUT)
+
+    def lasting(seconds, action):
+        def timed(*args, **kwargs):
+            clock.now += seconds
+            return action(*args, **kwargs)
+        return timed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "time", clock)
+        mp.setattr(train, "train_step", lasting(1.0, train.train_step))
+        mp.setattr(train, "save_torch_atomic", lasting(100.0, train.save_torch_atomic))
+        history = train.train(model, train_set, SlowLoader(val_loader, clock, 1000.0), s, out,
+                              on_epoch_end=lasting(500.0, lambda epoch: None), log=lambda *_: None)
+    return s, model, history, val_loader
+
+
+def test_tokens_per_second_counts_the_train_steps_only(clocked):
+    _, _, history, _ = clocked
+    assert len(history) >= 4
+    previous = {"step": 0, "tokens_seen": 0}
+    for h in history:
+        steps, tokens = h["step"] - previous["step"], h["tokens_seen"] - previous["tokens_seen"]
+        assert h["tokens_per_s"] == pytest.approx(tokens / steps, abs=0.05)  # one second per step
+        assert h["train_seconds"] == h["step"] and h["seconds"] > h["step"] + 1000
+        previous = h
+
+
+def test_the_validation_loss_is_that_of_the_whole_sample_it_is_given(clocked):
+    s, model, history, val_loader = clocked
+    assert len(val_loader) > s.EVAL_BATCHES  # the loader is the sample: all of it counts
+    assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader, torch.device("cpu")), abs=1e-5)
