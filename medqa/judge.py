@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from metrics.json, "
                                         f"else {COMMON['JUDGE_MODEL']})")
     parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or COMMON["OLLAMA_HOST"],
-                        help="where Ollama runs (default: $OLLAMA_HOST, else %(default)s)")
+                        help=f"where Ollama runs (default: $OLLAMA_HOST, else {COMMON['OLLAMA_HOST']})")
     parser.add_argument("--budget-s", type=float, default=COMMON["JUDGE_BUDGET_S"],
                         help="seconds the judge may take in all before it stops asking (default: %(default)g)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
