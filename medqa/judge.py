@@ -115,12 +115,16 @@ def judge_prompt(record: dict, response: str) -> str:
     return JUDGE_PROMPT.format(question=question, reference=record["output"], response=response)
 
 
+def tokens_needed(prompt: str) -> int:
+    """The context a request needs: about 3 characters a token (on the safe side for English), plus the reply."""
+    return len(prompt) // 3 + REPLY_TOKENS
+
+
 def context_size(prompts: list[str], limit: int) -> int:
-    """num_ctx for the whole run: the longest prompt (about 3 characters a token, on the safe side) plus the
-    reply, as a power of two from 2048, at most `limit`. One size for all requests, because Ollama reloads the
-    model whenever num_ctx changes; without it the server's default context (2048 or 4096) cuts long
-    references silently."""
-    needed = max((len(p) for p in prompts), default=0) // 3 + REPLY_TOKENS
+    """num_ctx for the whole run: what the longest prompt needs, as a power of two from 2048, at most `limit`.
+    One size for all requests, because Ollama reloads the model whenever num_ctx changes; without it the
+    server's default context (2048 or 4096) cuts long references silently."""
+    needed = max((tokens_needed(p) for p in prompts), default=REPLY_TOKENS)
     return min(max(2048, 1 << (needed - 1).bit_length()), limit)
 
 
@@ -137,7 +141,8 @@ def _check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
     import ollama
 
     try:
-        shown = _client(host, timeout_s).show(model)
+        with _client(host, timeout_s) as client:
+            shown = client.show(model)
     except ConnectionError:
         raise JudgeUnavailable(f"Ollama is not reachable at {host}: start it with `ollama serve` (and "
                                f"`ollama pull {model}`), or set OLLAMA_HOST to where it runs") from None
@@ -234,15 +239,15 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
 
     num_ctx = context_size([p for _, _, p in tasks], limit)
     summary["num_ctx"] = num_ctx
-    summary["too_long_for_context"] = sum(len(p) // 3 + REPLY_TOKENS > num_ctx for _, _, p in tasks)
+    summary["too_long_for_context"] = sum(tokens_needed(p) > num_ctx for _, _, p in tasks)
     options = {"temperature": 0, "seed": seed, "num_ctx": num_ctx, "num_predict": REPLY_TOKENS}
     # A thinking model would spend num_predict on its thoughts and leave the score empty; `think` is sent only to
     # models that can think, because Ollama refuses it (HTTP 400) for the others.
     think = False if thinks else None
-    client = _client(host, timeout_s)
     sanity = {"self": [], "other": []}
     failures_in_row, asked, stopped = 0, 0, None
-    with tqdm(total=len(tasks), desc=f"judging with {model}", unit="request", disable=not progress) as bar:
+    with _client(host, timeout_s) as client, \
+            tqdm(total=len(tasks), desc=f"judging with {model}", unit="request", disable=not progress) as bar:
         for what, i, prompt in tasks:
             if clock() - start >= budget_s:
                 stopped = f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from metrics.json, "
                                         f"else {COMMON['JUDGE_MODEL']})")
     parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or COMMON["OLLAMA_HOST"],
-                        help="where Ollama runs (default: $OLLAMA_HOST, else %(default)s)")
+                        help=f"where Ollama runs (default: $OLLAMA_HOST, else {COMMON['OLLAMA_HOST']})")
     parser.add_argument("--budget-s", type=float, default=COMMON["JUDGE_BUDGET_S"],
                         help="seconds the judge may take in all before it stops asking (default: %(default)g)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
