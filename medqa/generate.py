@@ -63,17 +63,15 @@ def onednn_linears(model):
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding puts every prompt's last token in the last column, where generation continues.
 
-    The padding repeats the row's own first token. The attention mask hides padding from the model, but the
-    repetition penalty reads every input id: padding with <|endoftext|> would make ending the answer less likely
-    in padded rows only, and a prompt's answer would depend on the prompts batched with it.
+    The padding is <|endoftext|>, which the repetition penalty would count as said: `generate` keeps it out, since
+    it gives the penalty each row's padding length from the attention mask (transformers 5, generation/utils.py),
+    so a prompt's answer does not depend on the prompts batched with it (tests/test_model.py checks this).
     """
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), EOT, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            ids[i, : width - len(r)] = r[0]
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
 

@@ -2,8 +2,10 @@ import pandas as pd
 import pytest
 import torch
 
+from medqa import data
 from medqa.batches import (EOT, IGNORE, LengthGroupedBatches, QADataset, collate, encode_examples, sample_examples,
                            token_efficiency)
+from medqa.prompts import format_prompt
 from tests.conftest import table
 
 
@@ -83,3 +85,32 @@ def test_a_validation_set_no_larger_than_the_sample_is_used_whole():
     ds = QADataset(pd.DataFrame({"prompt_ids": [[7], [7, 7]], "answer_ids": [[8], [8, 8]]}), 512)
     sample, info = sample_examples(ds, 16, seed=0)
     assert sample.pairs == ds.pairs and (info["examples"], info["of"], info["sampled"]) == (2, 2, False)
+
+
+# One real MedQuAD row (GHR, CC BY 4.0), as data.clean leaves it.
+REAL_QUESTION = "How many people are affected by aceruloplasminemia ?"
+REAL_ANSWER = ("Aceruloplasminemia has been seen worldwide, but its overall prevalence is unknown. Studies in Japan "
+               "have estimated that approximately 1 in 2 million adults in this population are affected.")
+
+
+def test_one_real_row_gives_the_recipes_prompt_ids_and_targets(tokenizer, tmp_path):
+    path = tmp_path / "one.csv"
+    pd.DataFrame({"question": [REAL_QUESTION], "answer": [REAL_ANSWER], "source": ["GHR"],
+                  "focus_area": ["aceruloplasminemia"]}).to_csv(path, index=False)
+    df, _ = data.clean(data.read_table(path))
+    df = encode_examples(df, tokenizer)
+    prompt, answer = df.prompt_ids[0], df.answer_ids[0]
+    assert format_prompt(REAL_QUESTION) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nHow many people are affected by aceruloplasminemia ?\n\n### Response:\n")
+    assert (len(prompt), prompt[:6], prompt[-6:]) == (44, [21106, 318, 281, 12064, 326, 8477],
+                                                      [198, 198, 21017, 18261, 25, 198])
+    assert (len(answer), answer[:6], answer[-6:]) == (37, [32, 2189, 377, 20106, 292, 1084],
+                                                      [287, 428, 3265, 389, 5676, 13])
+    assert prompt + answer == tokenizer.encode(format_prompt(REAL_QUESTION) + REAL_ANSWER)  # the recipe: one text
+    b = collate([(prompt, answer)], max_length=256)
+    assert b["input_ids"][0].tolist() == prompt + answer and b["attention_mask"].sum() == 81
+    labels = b["labels"][0].tolist()
+    assert (len(labels), labels[:6], labels[-6:]) == (81, [318, 281, 12064, 326, 8477, 257],
+                                                      [428, 3265, 389, 5676, 13, EOT])
+    assert b["labels"][0].tolist() == prompt[1:] + answer + [EOT]  # unmasked: the prompt is learned too
