@@ -1,17 +1,24 @@
 """The project's way against the textbook recipe (Raschka, LLMs from scratch, ch. 7), side by side.
 
-    python benchmarks/bench.py --quick      # about 7 minutes on a 2-core CPU, no loss curves
-    python benchmarks/bench.py              # the full measurement (about 40 minutes on a 2-core CPU)
+    python benchmarks/bench.py --quick      # fewer examples and prompts, no loss curves
+    python benchmarks/bench.py              # the full measurement, with loss curves
 
 The data is MEDQA_DATA_PATH (or data/, or a download), as in the notebook. Writes benchmarks/results.json and
-benchmarks/loss_curves.png and prints a table. Each measurement runs in a fresh process, so that its peak
-memory is its own.
+benchmarks/loss_curves.png and prints a table.
+
+The machine may be busy with other work, so every figure is a median over rounds, and the ways take turns
+within each round (A B A B ..., the order rotating from round to round): a busy moment slows whichever way runs
+then, and the ratio of each round compares ways that ran side by side. Reported: the median ratio over the
+rounds and its spread (lowest and highest round).
 
 The textbook way, faithfully: random shuffled batches padded to their longest example, fp32, plain AdamW, eager
-attention, mean loss per batch; answers one prompt at a time, greedy argmax over the whole recomputed sequence
-until end-of-text or the token limit. Both ways use the same architecture, weights, examples and limits.
-The project's answers are timed a second time with PyTorch's default fp32 kernels (MKL) in place of oneDNN, so
-that batching with the KV cache and the kernels each show what they give; all three must answer alike.
+attention, mean loss per batch; answers one prompt at a time, greedy argmax over the whole recomputed sequence.
+Both ways use the same architecture, weights, examples and limits. The project's answers are timed the way
+medqa.generate.answer_path picks on this machine ("project") and each candidate forced: PyTorch's default fp32
+layers, oneDNN's fp32 layers, bf16 weights (where the CPU computes bf16 natively).
+
+Random weights never write end-of-text, so every answer is stopped where its reference answer ends: end-of-text is
+forced after min(reference length, new-token limit) tokens, the same for every way, and only those tokens count.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import resource
+import statistics
 import sys
 import time
 from functools import partial
@@ -35,7 +42,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from medqa import batches, data, prompts, train  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
+
+from medqa import batches, data, device as hw, generate, prompts, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
 from medqa.generate import generate_ids  # noqa: E402
 
@@ -146,31 +155,77 @@ def textbook_generate(model, prompt: list[int], max_new_tokens: int) -> list[int
     return out
 
 
-def run_generation(way: str, arch: dict, prompts_: list[list[int]], max_new_tokens: int, batch_size: int = 32):
-    model = make_model(arch, "eager" if way == "textbook" else "sdpa").eval()
-    if way == "project_mkl":  # the project's way with PyTorch's default fp32 kernels (MKL): what oneDNN adds
-        torch.backends.mkldnn.enabled = False
-    if way != "textbook":
-        answer_all = lambda ps, n: generate_ids(model, ps, n, batch_size=batch_size)  # noqa: E731
-    else:
-        answer_all = lambda ps, n: [textbook_generate(model, p, n) for p in ps]  # noqa: E731
-    answer_all(prompts_[:1], 2)  # warm-up, not timed
-    t = time.perf_counter()
-    answers = answer_all(prompts_, max_new_tokens)
-    elapsed = time.perf_counter() - t
-    new = sum(len(a) for a in answers)
-    return {"new_tokens": new, "seconds": round(elapsed, 2), "tokens_per_s": round(new / elapsed, 1),
-            "answers": answers}
+class EndAt(LogitsProcessor):
+    """Forces end-of-text once a row has `limit` new tokens, its limit looked up by its prompt's tokens."""
+
+    def __init__(self, limits: dict, ids, mask):
+        self.start = ids.shape[1]
+        self.limit = torch.tensor([limits.get(tuple(r[m.bool()].tolist()), 10 ** 9) for r, m in zip(ids, mask)])
+
+    def __call__(self, input_ids, scores):
+        done = (input_ids.shape[1] - self.start) >= self.limit
+        scores[done] = float("-inf")
+        scores[done, EOT] = 0.0
+        return scores
 
 
-def cpu_name() -> str:
+def stop_where_reference_ends(model, limits: dict):
+    """model.generate, with each prompt's answer ending after its limit (prompts not in `limits` run free)."""
+    plain = model.generate
+
+    def generate_(input_ids, attention_mask, **kw):
+        return plain(input_ids=input_ids, attention_mask=attention_mask,
+                     logits_processor=[EndAt(limits, input_ids, attention_mask)], **kw)
+    model.generate = generate_
+
+
+def answer_ways(hardware: dict) -> list[str]:
+    return ["textbook", "project", "default", "onednn"] + (["bf16"] if hardware["native_bf16"] else [])
+
+
+def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int], ways: list[str]):
+    """Every way answers the same prompts once, in the order given; the models share weights."""
+    models = {"textbook": make_model(arch, "eager").eval(), "project": make_model(arch, "sdpa").eval()}
+    stop_where_reference_ends(models["project"], {tuple(p): n for p, n in zip(prompts_, limits)})
+    generate.answer_path(models["project"], prompts_)  # the choice is made once per process: not timed
+    out = {}
+    for way in ways:
+        if way == "textbook":
+            answer_all = lambda: [textbook_generate(models["textbook"], p, n) for p, n in zip(prompts_, limits)]  # noqa: E731
+            answer_all_warm = lambda: textbook_generate(models["textbook"], prompts_[0], 2)  # noqa: E731
+        else:
+            generate.FORCED_PATH = None if way == "project" else way
+            answer_all = lambda: generate_ids(models["project"], prompts_, max(limits), batch_size=32)  # noqa: E731
+            answer_all_warm = lambda: generate_ids(models["project"], prompts_[:2], 2)  # noqa: E731
+        answer_all_warm()  # not timed
+        t = time.perf_counter()
+        answers = answer_all()
+        elapsed = time.perf_counter() - t
+        answers = [a[:n] for a, n in zip(answers, limits)]
+        new = sum(len(a) for a in answers)
+        out[way] = {"new_tokens": new, "seconds": round(elapsed, 2), "tokens_per_s": round(new / elapsed, 1),
+                    "answers": answers}
+    generate.FORCED_PATH = None
+    chosen = generate.chosen_path(models["project"])
+    out["chosen_path"] = chosen and chosen["path"]
+    out["probe"] = chosen and chosen["measured"]
+    return out
+
+
+def cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "amx_int8")
+                return [f for f in line.split(":", 1)[1].split() if f in wanted]
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return []
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "rounds": [round(v, 2) for v in values]}
 
 
 def _child(fn, args, queue):
@@ -214,19 +269,22 @@ def plot_curves(project, textbook, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer examples and prompts, no loss curves (about 7 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer examples and prompts, no loss curves")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every way (medians over these)")
     args = ap.parse_args(argv)
     q = args.quick
-    cfg = {"train_examples": 48 if q else 160, "train_max_length": 512, "batch_size": 8,
-           "gen_prompts": 8 if q else 32, "gen_new_tokens": 64 if q else 128,
+    cfg = {"train_examples": 24 if q else 160, "train_max_length": 512, "batch_size": 8,
+           "gen_prompts": 8 if q else 32, "gen_new_tokens": 32 if q else 128, "rounds": args.rounds,
            "curve_steps": 0 if q else 300, "curve_max_length": 256, "curve_lr": 5e-3}
     started = time.perf_counter()
     train_df, val_df, test_df = load_splits()
-    results = {"quick": q, "settings": cfg, "device": f"cpu ({cpu_name()}, {os.cpu_count()} cores)",
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "bf16_autocast": train.autocast_dtype(torch.device("cpu")) is not None}
+    caps = hw.capabilities(torch.device("cpu"))
+    hardware = {"cpu": caps.name, "cores": os.cpu_count(), "flags": cpu_flags(), "native_bf16": caps.native_bf16}
+    results = {"quick": q, "settings": cfg, "hardware": hardware, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "training_precision": hw.choose_precision(caps),
+               "note": "medians over rounds in which the ways take turns; the machine was shared with other work"}
 
-    # 1. Share of real tokens, whole train split, MAX_LENGTH 1024, batch 8.
+    # 1. Share of real tokens, whole train split, MAX_LENGTH 1024, batch 8 (no timing: no rounds needed).
     full = batches.QADataset(train_df, 1024)
     grouped = batches.LengthGroupedBatches(full.lengths, 8, seed=123).batches(0)
     results["token_efficiency"] = {
@@ -235,28 +293,50 @@ def main(argv=None):
         "examples": len(full)}
     print("token efficiency:", results["token_efficiency"], flush=True)
 
-    # 2. Training throughput, GPT-2 124M architecture (random weights), batch 8, MAX_LENGTH 512.
-    examples = batches.QADataset(train_df.sample(cfg["train_examples"], random_state=0), 512)
-    tr = {}
-    for way in ("project", "textbook"):
-        tr[way] = isolated(run_training, way, GPT2_124M, examples, 512, 8, 5e-5, 123)
-        tr[way].pop("curve")
-        print(f"train {way}:", tr[way], flush=True)
-    tr["ratio"] = round(tr["project"]["tokens_per_s"] / tr["textbook"]["tokens_per_s"], 2)
-    results["train_tokens_per_s"] = tr
+    # 2. Answers, GPT-2 124M architecture (random weights), test prompts, greedy, each stopped where its reference
+    #    answer ends. One process per round (the ways share its weights), the order rotating per round.
+    test = test_df.head(cfg["gen_prompts"])
+    test_prompts = list(test["prompt_ids"])
+    limits = [min(len(a), cfg["gen_new_tokens"]) for a in test["answer_ids"]]
+    ways = answer_ways(hardware)
+    rounds = []
+    for r in range(cfg["rounds"]):
+        order = ways[r % len(ways):] + ways[: r % len(ways)]
+        rounds.append(isolated(run_generation_round, GPT2_124M, test_prompts, limits, order))
+        print(f"answers, round {r + 1}:", {w: rounds[-1][w]["tokens_per_s"] for w in ways},
+              "chosen:", rounds[-1]["chosen_path"], flush=True)
+    gen = {"new_tokens": sum(limits), "limits": "min(reference answer length, gen_new_tokens) per prompt",
+           "chosen_path": [r["chosen_path"] for r in rounds], "probe": rounds[0]["probe"],
+           "peak_rss_mb_all_ways": max(r["peak_rss_mb"] for r in rounds)}
+    for way in ways:
+        gen[way] = {"tokens_per_s": spread([r[way]["tokens_per_s"] for r in rounds])}
+        if way != "textbook":
+            gen[way]["over_textbook"] = spread([r[way]["tokens_per_s"] / r["textbook"]["tokens_per_s"]
+                                                for r in rounds])
+            gen[way]["over_default"] = spread([r[way]["tokens_per_s"] / r["default"]["tokens_per_s"]
+                                               for r in rounds])
+    answers = {way: rounds[0][way]["answers"] for way in ways}
+    fp32 = [w for w in ways if w != "bf16"]
+    gen["identical_answers_fp32_ways"] = f"{sum(len({tuple(answers[w][i]) for w in fp32}) == 1 for i in range(len(test_prompts)))}/{len(test_prompts)}"
+    if "bf16" in ways:
+        gen["identical_answers_bf16_vs_fp32"] = f"{sum(a == b for a, b in zip(answers['bf16'], answers['default']))}/{len(test_prompts)}"
+    results["answers"] = gen
 
-    # 3. Answer throughput, same architecture, test prompts, greedy.
-    test_prompts = list(test_df["prompt_ids"][: cfg["gen_prompts"]])
-    gen = {}
-    for way in ("project", "project_mkl", "textbook"):
-        gen[way] = isolated(run_generation, way, GPT2_124M, test_prompts, cfg["gen_new_tokens"])
-        print(f"generate {way}:", {k: v for k, v in gen[way].items() if k != "answers"}, flush=True)
-    answers = {way: gen[way].pop("answers") for way in ("project", "project_mkl", "textbook")}
-    same = sum(a == b == c for a, b, c in zip(answers["project"], answers["project_mkl"], answers["textbook"]))
-    gen["identical_answers"] = f"{same}/{len(test_prompts)}"
-    gen["ratio"] = round(gen["project"]["tokens_per_s"] / gen["textbook"]["tokens_per_s"], 2)
-    gen["ratio_with_mkl"] = round(gen["project_mkl"]["tokens_per_s"] / gen["textbook"]["tokens_per_s"], 2)
-    results["generate_tokens_per_s"] = gen
+    # 3. Training throughput, GPT-2 124M architecture (random weights), batch 8, MAX_LENGTH 512: one process per
+    #    way and round (its peak memory is its own), project and textbook taking turns.
+    examples = batches.QADataset(train_df.sample(cfg["train_examples"], random_state=0), 512)
+    runs = {"project": [], "textbook": []}
+    for r in range(cfg["rounds"]):
+        for way in (("project", "textbook") if r % 2 == 0 else ("textbook", "project")):
+            res = isolated(run_training, way, GPT2_124M, examples, 512, 8, 5e-5, 123)
+            res.pop("curve")
+            runs[way].append(res)
+            print(f"train {way}, round {r + 1}:", res, flush=True)
+    results["training"] = {
+        way: {"tokens_per_s": spread([x["tokens_per_s"] for x in runs[way]]),
+              "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[way])} for way in runs}
+    results["training"]["ratio"] = spread([p["tokens_per_s"] / t["tokens_per_s"]
+                                           for p, t in zip(runs["project"], runs["textbook"])])
 
     # 4. Loss curves of both ways on the tiny model: the speed-up must not change what is learned (full run only).
     if cfg["curve_steps"]:
@@ -273,27 +353,29 @@ def main(argv=None):
 
 
 def print_table(r):
-    tr, gen, eff = r["train_tokens_per_s"], r["generate_tokens_per_s"], r["token_efficiency"]
-    rows = [
-        ("real tokens / tokens processed (MAX_LENGTH 1024, batch 8)", eff["project"], eff["textbook"], ""),
-        ("training, real tokens/s (GPT-2 124M, batch 8, MAX_LENGTH 512)", tr["project"]["tokens_per_s"],
-         tr["textbook"]["tokens_per_s"], f"{tr['ratio']}x"),
-        ("training, peak memory (MB)", tr["project"]["peak_rss_mb"], tr["textbook"]["peak_rss_mb"], ""),
-        (f"answers, new tokens/s ({r['settings']['gen_prompts']} prompts, {r['settings']['gen_new_tokens']} new)",
-         gen["project"]["tokens_per_s"], gen["textbook"]["tokens_per_s"], f"{gen['ratio']}x"),
-        ("answers, new tokens/s, project's way with MKL's fp32 layers", gen["project_mkl"]["tokens_per_s"],
-         gen["textbook"]["tokens_per_s"], f"{gen['ratio_with_mkl']}x"),
-        ("answers, peak memory (MB)", gen["project"]["peak_rss_mb"], gen["textbook"]["peak_rss_mb"], ""),
-        ("identical greedy answers", gen["identical_answers"], "", ""),
-    ]
+    gen, tr, eff, hwr = r["answers"], r["training"], r["token_efficiency"], r["hardware"]
+    med = lambda x: f"{x['median']} ({x['min']}-{x['max']})"  # noqa: E731
+    rows = [("real tokens / tokens processed (MAX_LENGTH 1024, batch 8)", eff["project"], eff["textbook"], "")]
+    rows.append(("training, real tokens/s (GPT-2 124M, batch 8, MAX_LENGTH 512)",
+                 med(tr["project"]["tokens_per_s"]), med(tr["textbook"]["tokens_per_s"]), med(tr["ratio"])))
+    rows.append(("training, peak memory (MB)", tr["project"]["peak_rss_mb"], tr["textbook"]["peak_rss_mb"], ""))
+    for way in [w for w in ("project", "default", "onednn", "bf16") if w in gen]:
+        rows.append((f"answers, new tokens/s, {way}" + (f" (chose {gen['chosen_path']})" if way == "project" else ""),
+                     med(gen[way]["tokens_per_s"]), med(gen["textbook"]["tokens_per_s"]),
+                     med(gen[way]["over_textbook"])))
+    rows.append(("identical greedy answers, fp32 ways", gen["identical_answers_fp32_ways"], "", ""))
+    if "identical_answers_bf16_vs_fp32" in gen:
+        rows.append(("identical greedy answers, bf16 vs fp32", gen["identical_answers_bf16_vs_fp32"], "", ""))
     if "loss_curves" in r:
         rows.append(("tiny model, final validation loss (loss_curves.png)", r["loss_curves"]["project"]["final_val_loss"],
                      r["loss_curves"]["textbook"]["final_val_loss"], ""))
-    print(f"\n{r['device']}, torch {r['torch']}, {r['threads']} threads, bf16 autocast: {r['bf16_autocast']}")
-    print(f"| {'measure':<66} | {'project':>9} | {'textbook':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 68}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
+    print(f"\n{hwr['cpu']} ({hwr['cores']} cores, flags {' '.join(hwr['flags'])}), torch {r['torch']}, "
+          f"{r['threads']} threads, training precision {r['training_precision']}; medians (lowest-highest) over "
+          f"{r['settings']['rounds']} interleaved rounds")
+    print(f"| {'measure':<66} | {'project':>20} | {'textbook':>20} | {'ratio':>20} |")
+    print(f"|{'-' * 68}|{'-' * 22}|{'-' * 22}|{'-' * 22}|")
     for name, a, b, c in rows:
-        print(f"| {name:<66} | {a!s:>9} | {b!s:>9} | {c:>6} |")
+        print(f"| {name:<66} | {a!s:>20} | {b!s:>20} | {c!s:>20} |")
 
 
 if __name__ == "__main__":

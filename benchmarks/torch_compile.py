@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench import GPT2_124M, cpu_name, make_model  # noqa: E402
 from medqa import train  # noqa: E402
-from medqa.model import pick_device  # noqa: E402
+from medqa.device import pick_device  # noqa: E402
 
 LENGTHS = [512, 448, 384, 320, 256, 500, 200, 400]
 

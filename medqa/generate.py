@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from medqa.batches import EOT
+from medqa.device import cpu_has_native_bf16
 
 
 class OneDNNLinear(torch.nn.Module):
@@ -21,36 +25,42 @@ class OneDNNLinear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):  # weight: (out, in)
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
-        self.bias = None if bias is None else bias.detach()
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous())
+        self.failed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if not self.failed and x.dtype == torch.float32:
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            except RuntimeError:  # e.g. "could not create a primitive descriptor": private ops, no promises
+                self.failed = True
+        return F.linear(x, self.weight, self.bias)  # PyTorch's own layer: same product, any dtype
+
+
+class BF16Linear(torch.nn.Module):
+    """y = x W^T + b on a bf16 copy of the weight (fp32 in, fp32 out): for CPUs that compute bf16 natively."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight.detach().to(torch.bfloat16)
+        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
 @contextmanager
-def onednn_linears(model):
-    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL.
-
-    PyTorch sends fp32 matrix products on the CPU to MKL, whose kernels for a few rows at a time (one new token per
-    prompt) are slow on some processors. oneDNN computes the same fp32 products (float noise apart); on the AMD EPYC
-    this was built on, GPT-2 124M answers 8 prompts 1.9x and 32 prompts 1.4x faster with it (`benchmarks/bench.py`,
-    same answers). The packed weights are a copy (about 0.5 GB more memory while answering there), held only while
-    inside; the original layers come back on exit, error or not.
-    Elsewhere (CUDA, bf16 weights, no oneDNN, or `torch.backends.mkldnn.enabled = False`) the model is left as is.
-    """
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not (torch.backends.mkldnn.is_available()
-                                                                   and torch.backends.mkldnn.enabled):
-        yield model
-        return
+def _swapped_linears(model, layer):
+    """While inside, every linear layer of the model is `layer(weight (out, in), bias)`; the model's own layers
+    come back on exit, error or not."""
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, Conv1D):  # GPT-2 keeps these weights as (in, out)
-                swaps.append((parent, name, child, OneDNNLinear(child.weight.t(), child.bias)))
+                swaps.append((parent, name, child, layer(child.weight.t(), child.bias)))
             elif isinstance(child, torch.nn.Linear):
-                swaps.append((parent, name, child, OneDNNLinear(child.weight, child.bias)))
+                swaps.append((parent, name, child, layer(child.weight, child.bias)))
     try:
         for parent, name, _, fast in swaps:
             setattr(parent, name, fast)
@@ -58,6 +68,121 @@ def onednn_linears(model):
     finally:
         for parent, name, child, _ in swaps:
             setattr(parent, name, child)
+
+
+def _fp32_on_cpu(model) -> bool:
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+@contextmanager
+def onednn_linears(model):
+    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL.
+
+    PyTorch sends fp32 matrix products on the CPU to MKL, whose kernels for a few rows at a time (one new token per
+    prompt) are slow on some processors, and not on others: answer_path measures which wins on this machine.
+    oneDNN computes the same fp32 products (float noise apart). The packed weights are a copy (about 0.5 GB for
+    GPT-2 124M), held only while inside. A layer whose oneDNN call fails falls back to PyTorch's own product.
+    Elsewhere (CUDA, bf16 weights, no oneDNN, or `torch.backends.mkldnn.enabled = False`) the model is left as is.
+    """
+    if not (_fp32_on_cpu(model) and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        yield model
+        return
+    with _swapped_linears(model, OneDNNLinear):
+        yield model
+
+
+# ---------------------------------------------------------------- which way answers fastest here
+
+PATHS = {"default": nullcontext, "onednn": onednn_linears, "bf16": lambda m: _swapped_linears(m, BF16Linear)}
+FORCED_PATH: str | None = None  # benchmarks set this to time one way on its own
+_CHOSEN: dict = {}  # (model shape, paths, threads) -> (path, measurements)
+MARGIN = 1.05  # another path must beat PyTorch's default by 5% to be chosen: never slower than the default
+PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 8, 8, 3
+
+
+def candidate_paths(model) -> list[str]:
+    """The ways this machine can answer with this model: PyTorch's default layers always; oneDNN's fp32 layers
+    where oneDNN is on; bf16 copies of the weights where the CPU computes bf16 natively (AVX-512 BF16 or AMX)."""
+    if not _fp32_on_cpu(model):
+        return ["default"]
+    paths = ["default"]
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        paths.append("onednn")
+    if cpu_has_native_bf16():
+        paths.append("bf16")
+    return paths
+
+
+def _probe(model, path: str, ids, mask) -> tuple[float, list]:
+    with PATHS[path](model):
+        t = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=PROBE_TOKENS, min_new_tokens=PROBE_TOKENS,
+                             do_sample=False, pad_token_id=EOT, eos_token_id=EOT)
+        return time.perf_counter() - t, out[:, ids.shape[1]:].tolist()
+
+
+def measure_paths(model, prompts: list[list[int]]) -> dict:
+    """A few greedy decoding steps of every candidate path on the model itself and (the first of) the prompts it
+    is about to answer, interleaved (A B C A B C ...) so that a busy moment hurts every path alike.
+
+    Returns each path's median seconds, whether its tokens equal the default's, or the error that ruled it out.
+    """
+    rows = [p[-16:] for p in prompts[:PROBE_PROMPTS]]  # short: the decoding steps are what differ
+    ids, mask = _left_pad(rows, next(model.parameters()).device)
+    seconds: dict[str, list[float]] = {}
+    tokens, failed = {}, {}
+    for _ in range(PROBE_ROUNDS):
+        for path in candidate_paths(model):
+            if path in failed:
+                continue
+            try:
+                took, tokens[path] = _probe(model, path, ids, mask)
+            except RuntimeError as err:  # a private op that this machine (or an outer autocast) does not take
+                failed[path] = str(err).splitlines()[0][:200]
+                continue
+            seconds.setdefault(path, []).append(took)
+    return {path: {"seconds": statistics.median(times), "same_tokens": tokens[path] == tokens.get("default")}
+            for path, times in seconds.items()} | {path: {"error": err} for path, err in failed.items()}
+
+
+def choose_path(measured: dict) -> str:
+    """The fastest path that beats PyTorch's default by MARGIN; bf16 only if its greedy tokens in the probe equal
+    fp32's too (bf16 rounds the logits: where two tokens are nearly tied it may pick the other one)."""
+    default = measured["default"]["seconds"]
+    best, best_s = "default", default / MARGIN
+    for path, m in measured.items():
+        ok = "seconds" in m and (path != "bf16" or m["same_tokens"])
+        if ok and m["seconds"] < best_s:
+            best, best_s = path, m["seconds"]
+    return best
+
+
+def answer_path(model, prompts: list[list[int]]):
+    """The context in which this model answers fastest here: measured once per model shape, process and thread
+    count (a few seconds for GPT-2 124M), then reused, so that a reloaded copy of a model answers the same way.
+    `FORCED_PATH` overrides the choice."""
+    if FORCED_PATH is not None:
+        return PATHS[FORCED_PATH](model)
+    paths = candidate_paths(model)
+    if paths == ["default"]:
+        return nullcontext(model)
+    if _key(model) not in _CHOSEN:
+        measured = measure_paths(model, prompts)
+        _CHOSEN[_key(model)] = (choose_path(measured), measured)
+    return PATHS[_CHOSEN[_key(model)][0]](model)
+
+
+def _key(model) -> tuple:
+    c = model.config
+    return (c.n_layer, c.n_embd, c.n_head, c.vocab_size, tuple(candidate_paths(model)), torch.get_num_threads())
+
+
+def chosen_path(model) -> dict | None:
+    """What answer_path chose for this model's shape here and what it measured (None: nothing to choose or not
+    yet answered), for the notebook and the benchmarks."""
+    path, measured = _CHOSEN.get(_key(model), (None, None))
+    return None if path is None else {"path": path, "measured": measured}
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +226,10 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
                  temperature: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[list[int]]:
     """New token ids for each prompt, in the prompts' order; greedy when temperature is 0.
 
-    Prompts are batched by length so that little padding is computed; on the CPU the linear layers run on oneDNN.
-    Each answer gets `max_new_tokens`, or what the context leaves after its own prompt when that is less: a batch
-    only holds prompts with the same room, so that a long prompt never shortens the answers batched with it.
+    Prompts are batched by length so that little padding is computed; on the CPU the linear layers run the way
+    that answer_path measured fastest on this machine. Each answer gets `max_new_tokens`, or what the context
+    leaves after its own prompt when that is less: a batch only holds prompts with the same room, so that a long
+    prompt never shortens the answers batched with it.
     """
     was_training = model.training  # answers between epochs must not switch dropout off for the rest of training
     model.eval()
@@ -121,7 +247,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     try:
-        with onednn_linears(model):
+        with answer_path(model, prompts):
             for chunk in chunks:
                 ids, mask = _left_pad([rows[i] for i in chunk], device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room[chunk[0]],

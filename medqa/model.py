@@ -1,48 +1,59 @@
-"""Step 7: the device and GPT-2, loaded with `from_pretrained` from the Hugging Face hub or a local folder."""
+"""Step 7: GPT-2, loaded with `from_pretrained` from the Hugging Face hub or a local folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from medqa.device import pick_device  # noqa: F401 - the notebook's `gpt.pick_device()`
 from medqa.errors import MedQAError
 from medqa.settings import TINY_MODEL
+from medqa.store import save_model_atomic
 
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+# GPT-2's shapes, for the models built locally with random weights: they cost what the real ones cost and
+# answer noise. The tiny one has GPT-2's vocabulary and context but two small layers.
+RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
+                 "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),             # 124M
+                 "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}     # 355M
 
 
-def build_tiny_gpt2(folder, seed: int) -> Path:
-    """A randomly initialised GPT-2 with GPT-2's vocabulary and context but two small layers, saved like a
-    downloaded model so that it loads through the very same `from_pretrained` path. For tests and offline
-    runs only: its answers are noise and its numbers are not GPT-2's."""
+def cache_root() -> Path:
+    """Where locally built models live: outside OUTPUT_DIR, so that OVERWRITE never deletes them and nothing is
+    written into OUTPUT_DIR before the run has claimed it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medqa" / "random-init"
+
+
+def build_random_gpt2(folder, shape: dict, seed: int) -> Path:
+    """A randomly initialised GPT-2 of the given shape, saved like a downloaded model so that it loads through
+    the very same `from_pretrained` path. Its answers are noise and its numbers are not GPT-2's."""
     folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=64, n_layer=2, n_head=2)
-    tmp = folder.with_name(folder.name + ".tmp")
-    hf_logging.disable_progress_bar()
-    GPT2LMHeadModel(config).save_pretrained(tmp)
-    tmp.rename(folder)
+    if not (folder / "config.json").exists():
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=50257, n_positions=1024, **shape)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_model_atomic(GPT2LMHeadModel(config), folder)
     return folder
 
 
-def model_source(model: str, output_dir, seed: int) -> str:
-    """What to pass to `from_pretrained`: a hub id, or a local folder (the tiny model is built on first use)."""
-    if model == TINY_MODEL:
-        return str(build_tiny_gpt2(Path(output_dir) / "tiny-gpt2", seed))
+def build_tiny_gpt2(folder, seed: int) -> Path:
+    """The `smoke` profile's model, for tests and offline runs."""
+    return build_random_gpt2(folder, RANDOM_SHAPES[TINY_MODEL], seed)
+
+
+def model_source(model: str, seed: int, cache_dir=None) -> str:
+    """What to pass to `from_pretrained`: a hub id, or a local folder (random models are built on first use,
+    one folder per name and seed, so that another seed never reuses them)."""
+    if model in RANDOM_SHAPES:
+        folder = Path(cache_dir or cache_root()) / f"{model}-seed{seed}"
+        return str(build_random_gpt2(folder, RANDOM_SHAPES[model], seed))
     return HUB_IDS.get(model, model)
 
 

@@ -131,9 +131,12 @@ def _parse_env(name: str, text: str):
 
 
 def default_profile() -> str:
-    import torch
+    """`full` on any CUDA GPU (train() plans micro-batches so that it fits, down to a 16 GB T4), else `cpu`.
 
-    return "full" if torch.cuda.is_available() else "cpu"
+    A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time (medqa.device.plan_memory)."""
+    from medqa import device
+
+    return "full" if device.pick_device().type == "cuda" else "cpu"
 
 
 def resolve(params: dict, env: dict | None = None) -> Settings:

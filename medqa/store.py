@@ -190,8 +190,10 @@ def safetensors_problem(path) -> str | None:
     return None if size >= expected else f"is cut short ({size:,} of {expected:,} bytes)"
 
 
-def load_checkpoint(path, device):
-    """`torch.load` of a training checkpoint; a damaged one gives a MedQAError that says how to get past it."""
+def load_checkpoint(path):
+    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains (torch.set_rng_state
+    takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to wherever the model is).
+    A damaged checkpoint gives a MedQAError that says how to get past it."""
     import pickle
 
     import torch
@@ -202,7 +204,7 @@ def load_checkpoint(path, device):
     problem = zip_problem(path)
     if problem is None:
         try:
-            ckpt = torch.load(path, map_location=device, weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "rng", "state"} <= set(ckpt):
                 problem = "is not a checkpoint of this notebook (keys are missing)"
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, AttributeError) as err:

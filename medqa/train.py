@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -10,25 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
+from tqdm.std import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from medqa import device as hw
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
 from medqa.errors import MedQAError
 from medqa.store import load_checkpoint, save_torch_atomic
-
-
-def autocast_dtype(device: torch.device):
-    """bf16 autocast where the hardware computes bf16 natively, else fp32.
-
-    On CUDA, and on CPUs with AVX-512 BF16 or AMX (about 2x faster than fp32 for a GPT-2 124M step on an AMD EPYC
-    with AVX-512 BF16, in profiling); CPUs without them emulate bf16 and run slower, and MPS stays in fp32.
-    """
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return None
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -39,14 +29,15 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
     return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"))
 
 
-def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+def loss_sum(model, batch: dict, device: torch.device, precision: str | None = None) -> torch.Tensor:
     """Summed next-token loss over the batch's target tokens (the caller divides by their count).
 
     No attention mask: padding is on the right, so causal attention already keeps every real token from
     seeing it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's
     fused causal kernel instead of the masked fallback (tests/test_speed.py checks the losses are unchanged).
+    `precision` None: what the hardware computes natively (medqa.device.choose_precision).
     """
-    dtype = autocast_dtype(device)
+    dtype = hw.autocast_dtype(precision or hw.default_precision(device))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True)).logits
     labels = batch["labels"].to(device, non_blocking=True)
@@ -66,29 +57,70 @@ def mean_loss(model, loader, device) -> float:
     return total.item() / max(count, 1)
 
 
-def train_step(model, opt, group: list[dict], device) -> tuple[torch.Tensor, int, int]:
-    """One optimizer step over a group of batches (gradient accumulation).
+def micro_batches(batch: dict, rows: int) -> list[dict]:
+    """A batch cut into pieces of `rows` rows, each cut to its own longest row (the rest is padding)."""
+    if rows >= len(batch["input_ids"]):
+        return [batch]
+    pieces = []
+    for i in range(0, len(batch["input_ids"]), rows):
+        piece = {k: v[i: i + rows] for k, v in batch.items()}
+        width = int(piece["attention_mask"].sum(1).max())
+        pieces.append({k: v[:, :width] for k, v in piece.items()})
+    return pieces
+
+
+def train_step(model, opt, group: list[dict], device, precision: str | None = None, scaler=None,
+               micro_batch: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step over a group of batches (gradient accumulation), each in micro-batches if asked.
 
     The loss is divided by the target tokens of the whole group, so every token weighs the same however the
-    examples fall into batches. Returns the summed loss (on the device: no sync), target and real-token counts.
+    examples fall into batches and micro-batches. With fp16 a gradient scaler keeps small gradients from
+    vanishing (it skips the step when they overflow). Returns the summed loss (on the device: no sync), target
+    and real-token counts.
     """
     n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
     n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
     total = torch.zeros((), device=device)
     for b in group:
-        loss = loss_sum(model, b, device)
-        (loss / n_targets).backward()
-        total += loss.detach()
+        for piece in micro_batches(b, micro_batch or len(b["input_ids"])):
+            loss = loss_sum(model, piece, device, precision)
+            scaled = loss / n_targets
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(opt)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return total, n_targets, n_tokens
+
+
+def plan_run(model, s) -> dict:
+    """How this machine trains the model with settings `s`: device, precision and memory plan, printable and
+    storable (metrics.json). Gradient checkpointing is switched on here when the plan needs it."""
+    device = next(model.parameters()).device
+    caps = hw.capabilities(device)
+    precision = hw.choose_precision(caps, s.PRECISION)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = hw.plan_memory(caps, n_params, n_trainable, model.config, s.BATCH_SIZE, s.MAX_LENGTH, precision)
+    if plan.checkpointing:
+        model.gradient_checkpointing_enable()
+    return {"device": f"{device.type} ({caps.name})", "precision": precision,
+            "micro_batch": plan.micro_batch, "gradient_checkpointing": plan.checkpointing,
+            "expected_peak_gb": round(plan.peak_bytes / hw.GB, 2), "memory_plan": plan.describe(s.BATCH_SIZE)}
 
 
 def _rng_state(device):
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -96,10 +128,25 @@ def _set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
-def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print) -> list[dict]:
-    """Fine-tune `model` on `train_set` as settings `s` say; returns the loss history.
+def _training_batches(data, s):
+    """The dataset, batch order and collate function to train with: a loader's own (its batch sampler must say
+    which batches each epoch has, `batches(epoch)`, for exact resume), or the project's for a bare dataset."""
+    if isinstance(data, DataLoader):
+        if not hasattr(data.batch_sampler, "batches"):
+            raise MedQAError("train() needs a loader from medqa.batches.make_loader (its batch sampler gives each "
+                             "epoch's batches, so that a resumed run sees the same ones): build it with make_loader.")
+        return data.dataset, data.batch_sampler, data.collate_fn
+    sampler = LengthGroupedBatches(data.lengths, s.BATCH_SIZE, seed=s.SEED, shuffle=True)
+    return data, sampler, partial(collate, max_length=s.MAX_LENGTH, mask_prompt=s.MASK_PROMPT)
+
+
+def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=print, plan=None) -> list[dict]:
+    """Fine-tune `model` on `train_data` (the training loader, or a dataset) as settings `s` say; returns the
+    loss history. `plan`: what plan_run returned (computed here when not given).
 
     A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS and at each
     epoch's end. If one is there, training continues from it, and ends as an uninterrupted run would.
@@ -107,8 +154,11 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
-    sampler = LengthGroupedBatches(train_set.lengths, s.BATCH_SIZE, seed=s.SEED, shuffle=True)
-    make_batch = partial(collate, max_length=s.MAX_LENGTH, mask_prompt=s.MASK_PROMPT)
+    train_set, sampler, make_batch = _training_batches(train_data, s)
+    plan = plan or plan_run(model, s)
+    precision = plan["precision"]
+    log(f"{plan['device']}, {precision}; {plan['memory_plan']}")
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     steps_per_epoch = math.ceil(len(sampler) / s.GRAD_ACCUM)
     total_steps = s.EPOCHS * steps_per_epoch  # MAX_STEPS stops early but never reshapes the schedule
     opt = make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY, device)
@@ -119,7 +169,7 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
           "window_loss": torch.zeros((), device=device), "window_targets": 0, "window_tokens": 0}
     if ckpt_path.exists():
         try:
-            ckpt = load_checkpoint(ckpt_path, device)
+            ckpt = load_checkpoint(ckpt_path)
         except MedQAError:
             if not s.OVERWRITE:
                 raise
@@ -131,12 +181,16 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
             sched.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"], device)
             st = ckpt["state"]
+            st["window_loss"] = st["window_loss"].to(device)
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
 
     def save():
         _stop_if_not_finite(st, model, s)  # never replace a good checkpoint with broken weights
         save_torch_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "rng": _rng_state(device), "state": st}, ckpt_path)
+                           "scheduler": sched.state_dict(), "rng": _rng_state(device), "state": st,
+                           "scaler": scaler.state_dict() if scaler is not None else None}, ckpt_path)
 
     lap = [time.perf_counter()]
 
@@ -154,7 +208,9 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
             lap[0] = time.perf_counter()
 
     model.train()
-    bar = tqdm(total=total_steps, initial=st["step"], desc="fine-tuning", unit="step")
+    # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as it
+    # last was, so a reader on GitHub sees the training that ran.
+    bar = tqdm(total=total_steps, initial=st["step"], desc="fine-tuning", unit="step", file=sys.stdout)
     started = time.perf_counter() - st["seconds"]
     try:
         while st["epoch"] < s.EPOCHS:
@@ -166,7 +222,8 @@ def train(model, train_set, val_loader, s, out_dir, on_epoch_end=None, log=print
                     log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
                     return st["history"]
                 group = [make_batch([train_set[i] for i in b]) for b in batches[st["pos"]: st["pos"] + s.GRAD_ACCUM]]
-                loss, n_targets, n_tokens = train_step(model, opt, group, device)
+                loss, n_targets, n_tokens = train_step(model, opt, group, device, precision, scaler,
+                                                       plan["micro_batch"])
                 sched.step()
                 st["window_loss"] += loss
                 st["window_targets"] += n_targets

@@ -12,11 +12,11 @@ from medqa.settings import TINY_MODEL
 
 
 def test_tiny_model_is_saved_and_loaded_like_a_downloaded_one(tmp_path):
-    source = gpt.model_source(TINY_MODEL, tmp_path, seed=0)
-    assert (tmp_path / "tiny-gpt2" / "config.json").exists()
+    source = gpt.model_source(TINY_MODEL, seed=0, cache_dir=tmp_path)
+    assert (tmp_path / "tiny-seed0" / "config.json").exists()
     m = gpt.load_model(source, torch.device("cpu"))
     assert m.config.vocab_size == 50257 and m.config.n_positions == 1024 and m.config.n_layer == 2
-    assert gpt.model_source("gpt2-medium", tmp_path, 0) == "openai-community/gpt2-medium"
+    assert gpt.model_source("gpt2-medium", 0) == "openai-community/gpt2-medium"
 
 
 def test_weights_that_cannot_be_loaded_name_the_ways_out(tmp_path):
@@ -113,3 +113,15 @@ def test_response_records_keep_the_source_and_focus_area():
     assert generate.response_records(frame, ["A joint disease."]) == [
         {"instruction": "What is gout ?", "input": "", "output": "Arthritis.", "source": "MPlusHealthTopics",
          "focus_area": "Gout", "model_response": "A joint disease."}]
+
+
+def test_random_models_are_built_outside_output_dir_one_folder_per_name_and_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = gpt.model_source(TINY_MODEL, seed=0)
+    assert source == str(tmp_path / "cache" / "medqa" / "random-init" / "tiny-seed0")
+    again = gpt.model_source(TINY_MODEL, seed=0)
+    other = gpt.model_source(TINY_MODEL, seed=1)
+    assert again == source and other != source
+    a, b = (gpt.load_model(s, torch.device("cpu")) for s in (source, other))
+    assert not torch.equal(a.transformer.h[0].mlp.c_fc.weight, b.transformer.h[0].mlp.c_fc.weight)
+    assert sorted(p.name for p in (tmp_path / "cache" / "medqa" / "random-init").iterdir()) == ["tiny-seed0", "tiny-seed1"]

@@ -22,11 +22,14 @@ def test_profile_can_come_from_the_environment_and_full_is_gpt2_medium():
     assert settings.resolve({}, env={"MEDQA_PROFILE": "cpu"}).MODEL == "gpt2"
 
 
-def test_default_profile_follows_the_hardware():
+@pytest.mark.parametrize("kind, profile", [("cuda", "full"), ("mps", "cpu"), ("cpu", "cpu")])
+def test_default_profile_follows_the_hardware(monkeypatch, kind, profile):
     import torch
 
-    expected = "full" if torch.cuda.is_available() else "cpu"
-    assert settings.resolve({}, env={}).PROFILE == expected
+    from medqa import device
+
+    monkeypatch.setattr(device, "pick_device", lambda: torch.device(kind))  # a GPU or a Mac, made up
+    assert settings.resolve({}, env={}).PROFILE == profile
 
 
 def test_ollama_host_comes_from_its_usual_variable():

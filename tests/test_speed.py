@@ -78,3 +78,66 @@ def test_a_bf16_model_keeps_its_layers(tiny_model):
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)
     with onednn_linears(model):
         assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------- which way answers, chosen per machine
+
+def test_the_answer_path_is_the_fastest_that_beats_the_default_by_the_margin_and_bf16_must_agree():
+    from medqa.generate import choose_path
+
+    assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.98, "same_tokens": True}}) == "default"
+    assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.8, "same_tokens": True}}) == "onednn"
+    assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.8, "same_tokens": True},
+                        "bf16": {"seconds": 0.5, "same_tokens": True}}) == "bf16"
+    assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.8, "same_tokens": True},
+                        "bf16": {"seconds": 0.5, "same_tokens": False}}) == "onednn"  # faster, but other answers
+    assert choose_path({"default": {"seconds": 1.0}, "onednn": {"error": "could not create a primitive"}}) == "default"
+
+
+def test_a_path_that_fails_on_this_machine_is_ruled_out_not_fatal(tiny_model, monkeypatch):
+    from medqa import generate
+
+    def broken(model):
+        raise RuntimeError("could not create a primitive descriptor for a matmul primitive")
+
+    monkeypatch.setattr(generate, "PATHS", {**generate.PATHS, "onednn": broken})
+    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
+    tiny_model.eval()
+    with torch.no_grad():
+        measured = generate.measure_paths(tiny_model, [[5, 6, 7], [8, 9]])
+    assert "could not create" in measured["onednn"]["error"] and generate.choose_path(measured) == "default"
+
+
+def test_onednn_layers_fall_back_to_pytorchs_product_when_the_private_op_fails(tiny_model, monkeypatch):
+    layer = tiny_model.transformer.h[0].mlp.c_fc
+    fast = OneDNNLinear(layer.weight.t(), layer.bias)
+    x = torch.randn(3, layer.weight.shape[0])
+    expected = layer(x)
+
+    def refuses(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuses)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where the private op failed in practice
+        assert fast(x).shape == expected.shape
+
+
+def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_shape(tiny_model, monkeypatch):
+    from medqa import generate
+
+    ids = torch.randint(0, 50000, (2, 9), generator=torch.Generator().manual_seed(4))
+    tiny_model.eval()
+    with torch.no_grad():
+        own = tiny_model(input_ids=ids).logits
+        with generate.PATHS["bf16"](tiny_model):
+            bf16 = tiny_model(input_ids=ids).logits
+    assert (bf16 - own).abs().max() < 0.05 * own.abs().max()
+    calls = []
+    monkeypatch.setattr(generate, "_CHOSEN", {})
+    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
+    monkeypatch.setattr(generate, "measure_paths", lambda model, prompts: calls.append(1) or
+                        {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
+    generate.generate_ids(tiny_model, [[5, 6, 7]], 2)
+    generate.generate_ids(copy.deepcopy(tiny_model), [[5, 6, 7]], 2)  # a reloaded copy answers the same way
+    assert calls == [1] and generate.chosen_path(tiny_model)["path"] == "onednn"
