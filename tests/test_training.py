@@ -162,7 +162,7 @@ def clocked(setup, tmp_path_factory):
     """A run where every train step takes 1 s, every validation 1000 s, every checkpoint 100 s, every answer 500 s."""
     s, train_set, val_loader, source = setup
     out = tmp_path_factory.mktemp("clocked")
-    s = replace(s, OUTPUT_DIR=str(out), CHECKPOINT_EVERY=2)
+    s = replace(s, OUTPUT_DIR=str(out), EPOCHS=1, CHECKPOINT_EVERY=2)
     clock = Clock()
     model = gpt.load_model(source, torch.device("cpu"), s.DROPOUT)
 
