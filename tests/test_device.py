@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from medqa import batches, device as hw, model as gpt, train
+from medqa import batches, device as hw, model as gpt, store, train
 from medqa.errors import MedQAError
 
 GB = hw.GB
@@ -163,7 +163,8 @@ def test_fp16_autocast_is_what_loss_sum_runs_under(tiny_model, monkeypatch):
 
 def test_a_checkpoint_loads_on_the_cpu_so_its_random_state_can_be_restored(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    torch.save({"rng": {"torch": torch.get_rng_state()}, "model": {"w": torch.ones(2)}}, path)
+    torch.save({"rng": {"torch": torch.get_rng_state()}, "model": {"w": torch.ones(2)}, "optimizer": {},
+                "scheduler": {}, "state": {}}, path)
     ckpt = store.load_checkpoint(path)
     assert ckpt["rng"]["torch"].device.type == "cpu" and ckpt["rng"]["torch"].dtype == torch.uint8
     torch.set_rng_state(ckpt["rng"]["torch"])  # what resuming does; a GPU-mapped state is refused here

@@ -187,7 +187,7 @@ def test_a_checkpoint_damaged_inside_stops_training_with_the_fix_and_overwrite_s
         train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
     notes = []
     train.train(model, train_set, val_loader, replace(s, OVERWRITE=True), tmp_path, log=notes.append)
-    assert "starts afresh" in notes[0]
+    assert any("starts afresh" in note for note in notes)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
 
 
