@@ -24,5 +24,6 @@ def pytest_configure(config):
         "MEDQA_OUTPUT_DIR": str(work / "notebook-run"),
         "OLLAMA_HOST": "http://127.0.0.1:9",  # nothing listens there: the judge cell takes its 'unavailable' path
         "TOKENIZERS_PARALLELISM": "false",
+        "XDG_CACHE_HOME": str(work / "cache"),  # the random models the notebook builds: not in the user's ~/.cache
     })
     config.medqa_data_path = data_path

@@ -321,6 +321,7 @@ def main(argv=None):
     if "bf16" in ways:
         gen["identical_answers_bf16_vs_fp32"] = f"{sum(a == b for a, b in zip(answers['bf16'], answers['default']))}/{len(test_prompts)}"
     results["answers"] = gen
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if training is cut short
 
     # 3. Training throughput, GPT-2 124M architecture (random weights), batch 8, MAX_LENGTH 512: one process per
     #    way and round (its peak memory is its own), project and textbook taking turns.
