@@ -44,7 +44,9 @@ def onednn_linears(model):
         yield model
         return
     swaps = []
-    for parent in model.modules():
+    for path, parent in model.named_modules():
+        if "lora_" in path:  # peft's LoRA adapters: their layer reads their weights directly, and they are small
+            continue
         for name, child in parent.named_children():
             if isinstance(child, Conv1D):  # GPT-2 keeps these weights as (in, out)
                 swaps.append((parent, name, child, OneDNNLinear(child.weight.t(), child.bias)))

@@ -72,3 +72,42 @@ def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# GPT-2's projections, all Conv1D layers: attention's c_attn (q, k, v) and c_proj, the MLP's c_fc and c_proj.
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0):
+    """The model wrapped with trainable low-rank adapters (peft); every original weight is frozen.
+
+    `alpha` None means 2 * r. GPT-2 keeps its projection weights as (in, out), hence fan_in_fan_out. Only the
+    adapters require gradients, so train.make_optimizer builds AdamW over them alone, and the training checkpoint
+    (the wrapper's state_dict, frozen weights included) resumes exactly as in full fine-tuning.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=LORA_TARGETS, fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model, inplace: bool = False):
+    """A plain GPT2LMHeadModel with the adapters added into its weights; a model without adapters as it is.
+
+    In place, the wrapper gives up its adapters (the notebook does this once training is over); otherwise a copy is
+    merged and the model keeps training as before.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    return model.merge_and_unload()
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
