@@ -55,7 +55,9 @@ def _swapped_linears(model, layer):
     """While inside, every linear layer of the model is `layer(weight (out, in), bias)`; the model's own layers
     come back on exit, error or not."""
     swaps = []
-    for parent in model.modules():
+    for path, parent in model.named_modules():
+        if "lora_" in path:  # peft's LoRA adapters: their layer reads their weights directly, and they are small
+            continue
         for name, child in parent.named_children():
             if isinstance(child, Conv1D):  # GPT-2 keeps these weights as (in, out)
                 swaps.append((parent, name, child, layer(child.weight.t(), child.bias)))

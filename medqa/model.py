@@ -94,3 +94,48 @@ def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# GPT-2's projections, all Conv1D layers: attention's c_attn (q, k, v) and c_proj, the MLP's c_fc and c_proj.
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, seed: int = 0):
+    """The model wrapped with trainable low-rank adapters (peft); every original weight is frozen.
+
+    `alpha` None means 2 * r. GPT-2 keeps its projection weights as (in, out), hence fan_in_fan_out. The adapters'
+    random start depends on `seed` alone (not on whatever drew random numbers before), so that a run started again
+    starts alike. Only the adapters require gradients, so train.make_optimizer builds AdamW over them alone, and
+    the training checkpoint (the wrapper's state_dict, frozen weights included) resumes as full fine-tuning does.
+    """
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=LORA_TARGETS, fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+    device = next(model.parameters()).device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        # peft 0.21 reads a transformers 5 attribute that warns of its own renaming
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """A plain GPT2LMHeadModel with the adapters added into a copy of its weights; a model without adapters as it is.
+
+    A copy, so that the model keeps its adapters: a re-run training cell resumes from a LoRA checkpoint into it.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

