@@ -39,6 +39,7 @@ def build_random_gpt2(folder, shape: dict, seed: int) -> Path:
         torch.manual_seed(seed)
         config = GPT2Config(vocab_size=50257, n_positions=1024, **shape)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        hf_logging.disable_progress_bar()  # a bar for writing a few MB would only clutter the notebook
         save_model_atomic(GPT2LMHeadModel(config), folder)
     return folder
 

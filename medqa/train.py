@@ -155,9 +155,10 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
     train_set, sampler, make_batch = _training_batches(train_data, s)
-    plan = plan or plan_run(model, s)
+    if plan is None:  # the notebook shows the plan it passes in; say it here when it was not shown
+        plan = plan_run(model, s)
+        log(f"{plan['device']}, {plan['precision']}; {plan['memory_plan']}")
     precision = plan["precision"]
-    log(f"{plan['device']}, {precision}; {plan['memory_plan']}")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     steps_per_epoch = math.ceil(len(sampler) / s.GRAD_ACCUM)
     total_steps = s.EPOCHS * steps_per_epoch  # MAX_STEPS stops early but never reshapes the schedule
