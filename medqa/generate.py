@@ -100,7 +100,7 @@ PATHS = {"default": nullcontext, "onednn": onednn_linears, "bf16": lambda m: _sw
 FORCED_PATH: str | None = None  # benchmarks set this to time one way on its own
 _CHOSEN: dict = {}  # (model shape, paths, threads) -> (path, measurements)
 MARGIN = 1.05  # another path must beat PyTorch's default by 5% to be chosen: never slower than the default
-PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 8, 8, 3
+PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 8, 16, 3
 
 
 def candidate_paths(model) -> list[str]:
@@ -130,7 +130,8 @@ def measure_paths(model, prompts: list[list[int]]) -> dict:
 
     Returns each path's median seconds, whether its tokens equal the default's, or the error that ruled it out.
     """
-    rows = [p[-16:] for p in prompts[:PROBE_PROMPTS]]  # short: the decoding steps are what differ
+    # whole prompts: bf16 must agree on what will be answered (on cut prompts it agreed where whole ones did not)
+    rows = [p[-(model.config.n_positions - PROBE_TOKENS):] for p in prompts[:PROBE_PROMPTS]]
     ids, mask = _left_pad(rows, next(model.parameters()).device)
     seconds: dict[str, list[float]] = {}
     tokens, failed = {}, {}
