@@ -100,7 +100,7 @@ PATHS = {"default": nullcontext, "onednn": onednn_linears, "bf16": lambda m: _sw
 FORCED_PATH: str | None = None  # benchmarks set this to time one way on its own
 _CHOSEN: dict = {}  # (model shape, paths, threads) -> (path, measurements)
 MARGIN = 1.05  # another path must beat PyTorch's default by 5% to be chosen: never slower than the default
-PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 8, 16, 3
+PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 4, 16, 3
 
 
 def candidate_paths(model) -> list[str]:
@@ -163,13 +163,15 @@ def choose_path(measured: dict) -> str:
 
 def answer_path(model, prompts: list[list[int]]):
     """The context in which this model answers fastest here: measured once per model shape, process and thread
-    count (a few seconds for GPT-2 124M), then reused, so that a reloaded copy of a model answers the same way.
+    count (a few greedy steps of each way on PROBE_PROMPTS whole prompts), then reused, so that a reloaded copy of a
+    model answers the same way. Calls with fewer prompts than the probe takes answer on the default layers until a
+    larger call has measured.
     `FORCED_PATH` overrides the choice."""
     if FORCED_PATH is not None:
         return PATHS[FORCED_PATH](model)
     paths = candidate_paths(model)
-    if paths == ["default"]:
-        return nullcontext(model)
+    if paths == ["default"] or (_key(model) not in _CHOSEN and len(prompts) < PROBE_PROMPTS):
+        return nullcontext(model)  # a probe would cost more than these few answers: measure on a larger call
     if _key(model) not in _CHOSEN:
         measured = measure_paths(model, prompts)
         _CHOSEN[_key(model)] = (choose_path(measured), measured)

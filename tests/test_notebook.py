@@ -22,12 +22,13 @@ def _code_cells(nb):
     return [c for c in nb["cells"] if c["cell_type"] == "code"]
 
 
-def test_first_code_cell_is_the_parameters_cell_and_holds_every_setting(committed):
+def test_one_parameters_cell_holds_every_setting_and_only_colabs_setup_comes_before_it(committed):
     from medqa.settings import Settings
 
-    first = _code_cells(committed)[0]
-    assert "parameters" in first["metadata"].get("tags", [])
-    names = set(re.findall(r"^([A-Z_]+) = ", "".join(first["source"]), flags=re.M))
+    cells = _code_cells(committed)
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", [])]
+    assert tagged == [1] and "colab" in cells[0]["metadata"].get("tags", [])
+    names = set(re.findall(r"^([A-Z_]+) = ", "".join(cells[1]["source"]), flags=re.M))
     assert names == set(Settings.__dataclass_fields__)
 
 

@@ -138,6 +138,9 @@ def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_sha
     monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
     monkeypatch.setattr(generate, "measure_paths", lambda model, prompts: calls.append(1) or
                         {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
-    generate.generate_ids(tiny_model, [[5, 6, 7]], 2)
-    generate.generate_ids(copy.deepcopy(tiny_model), [[5, 6, 7]], 2)  # a reloaded copy answers the same way
+    few, enough = [[5, 6, 7]], [[5, 6, 7]] * generate.PROBE_PROMPTS
+    generate.generate_ids(tiny_model, few, 2)  # fewer prompts than a probe takes: not worth measuring yet
+    assert calls == [] and generate.chosen_path(tiny_model) is None
+    generate.generate_ids(tiny_model, enough, 2)
+    generate.generate_ids(copy.deepcopy(tiny_model), few, 2)  # a reloaded copy answers the same way
     assert calls == [1] and generate.chosen_path(tiny_model)["path"] == "onednn"
