@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,27 +80,24 @@ def parse_args(argv=None):
 
 
 def ask(model, tokenizer, questions: list[str], s, progress: bool = True) -> list[str]:
-    """Answers to `questions` through the notebook's own path: format_prompt, tokenize, generate.answer."""
+    """Answers to `questions` through the notebook's own path: format_prompt, tokenize, generate.answer.
+
+    The questions go to generate.answer a batch at a time (by length, as it batches them itself), so that the bar
+    moves; an answer does not depend on the prompts batched with it (tests/test_model.py), so the text is the same.
+    """
     from tqdm.auto import tqdm
 
     from medqa.generate import answer
     from medqa.prompts import format_prompt
 
     prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
-    batches = math.ceil(len(prompts) / s.GEN_BATCH_SIZE)
-    with tqdm(total=batches, desc="answering", unit="batch", disable=not progress or batches < 2) as bar:
-        generate = model.generate
-
-        def counted(*args, **kwargs):  # one call per batch: the bar moves as generate.answer goes
-            out = generate(*args, **kwargs)
-            bar.update(1)
-            return out
-
-        model.generate = counted
-        try:
-            return answer(model, tokenizer, prompts, s)
-        finally:
-            del model.generate
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[i: i + s.GEN_BATCH_SIZE] for i in range(0, len(order), s.GEN_BATCH_SIZE)]
+    out: list[str] = [""] * len(prompts)
+    for chunk in tqdm(chunks, desc="answering", unit="batch", disable=not progress or len(chunks) < 2):
+        for i, text in zip(chunk, answer(model, tokenizer, [prompts[i] for i in chunk], s)):
+            out[i] = text
+    return out
 
 
 def main(argv=None) -> int:
