@@ -16,7 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from medqa.errors import MedQAError
+from medqa import settings
 from medqa.settings import COMMON, PROFILES
+from medqa.store import read_json
 
 NOTICE = "Not medical advice: these answers come from a small language model and are often wrong."
 
@@ -26,10 +28,10 @@ def check_model_folder(folder) -> Path:
     if not folder.is_dir():
         raise MedQAError(f"--model {folder}: no such folder. Point --model at OUTPUT_DIR/model of a finished run "
                          f"(the notebook's section 13 writes it).")
-    weights = list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin"))
-    if not (folder / "config.json").exists() or not weights:
+    if not (folder / "config.json").exists():
         raise MedQAError(f"--model {folder}: the folder holds no saved model (config.json and *.safetensors). "
                          f"Point --model at OUTPUT_DIR/model of a finished run, not at OUTPUT_DIR itself.")
+    settings.check_model_folder(str(folder), label="--model")  # the notebook's own check: a GPT-2 whose weights are whole
     return folder
 
 
@@ -57,7 +59,8 @@ def decoding_defaults(folder: Path) -> dict:
     """The notebook's decoding as the folder's generation_config.json records it (the project's defaults for a
     folder saved before it had one)."""
     path = folder / "generation_config.json"
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    saved = read_json(path, "Fix: save the model folder again (the notebook's section 13), or delete the file to "
+                            "use the project's defaults.") if path.exists() else {}
     return {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
             "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
             "repetition_penalty": saved.get("repetition_penalty", COMMON["REPETITION_PENALTY"])}

@@ -6,6 +6,7 @@ import math
 import re
 import statistics
 
+from medqa.store import save_figure
 from medqa.train import mean_loss
 
 
@@ -28,9 +29,9 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     return round(sacrebleu.corpus_bleu(predictions, [references]).score, 3)
 
 
-def reference_perplexity(model, loader, device) -> dict:
+def reference_perplexity(model, loader, device, precision: str | None = None) -> dict:
     """Loss and perplexity of the reference answers (a loader built with the prompt masked)."""
-    loss = mean_loss(model, loader, device)
+    loss = mean_loss(model, loader, device, precision)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
 
@@ -39,12 +40,13 @@ def summarise(values: list[float]) -> dict:
             "n": len(values)} if values else {"mean": None, "median": None, "n": 0}
 
 
-def score_answers(model, loader, device, predictions, references) -> tuple[dict, list[dict]]:
-    """Every automatic score: a summary for metrics.json and the per-example scores."""
+def score_answers(model, loader, device, predictions, references, precision: str | None = None) -> tuple[dict, list[dict]]:
+    """Every automatic score: a summary for metrics.json and the per-example scores (`precision`: the run's, for the
+    perplexity)."""
     per_example = rouge_scores(predictions, references)
     summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
     summary["bleu"] = corpus_bleu(predictions, references)
-    summary.update(reference_perplexity(model, loader, device))
+    summary.update(reference_perplexity(model, loader, device, precision))
     return summary, per_example
 
 
@@ -144,5 +146,5 @@ def plot_scores(after: list[float], before: list[float] | None = None, judge_sco
         axes[0][1].set_xlabel("judge score (0-100)")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
     return fig

@@ -119,8 +119,9 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
   Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed under
   [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
 - **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {s.SEED}, validation
-  {s.VAL_FRACTION:.0%} and test {s.TEST_FRACTION:.0%}; rows that ask the same question stay in one part, so the
-  test set asks nothing training saw.
+  {s.VAL_FRACTION:.0%} and test {s.TEST_FRACTION:.0%}; rows that share a question or an answer (case,
+  punctuation, hyphens and spaces aside) stay in one part, so the test set neither asks what training saw nor
+  expects an answer training taught.
 
 ## Scores on the test set
 
@@ -128,7 +129,8 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
 |---|---|---|
 {chr(10).join(rows)}
 
-LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}.
+LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}. The judge runs after this
+folder is saved; its score, with its sanity anchors, is in the run's `metrics.json` (`evaluation.judge`).
 
 ## Settings of the run
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medqa.data import MIN_PER_SPLIT
 from medqa.errors import MedQAError
 from medqa.store import write_json_atomic
 
@@ -90,11 +91,12 @@ def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: floa
             room[part] -= sizes[g]
     part_of = pd.Series([assign[g] for g in groups], index=df.index)
     splits = {p: df[part_of == p].reset_index(drop=True) for p in ("train", "val", "test")}
-    empty = [p for p, part in splits.items() if part.empty]
-    if empty:
-        raise MedQAError(f"The split leaves the {' and '.join(empty)} set empty ({len(df)} examples, "
-                         f"{stats['groups']} groups of related questions, VAL_FRACTION={val_fraction}, "
-                         f"TEST_FRACTION={test_fraction}): use more examples (N_SAMPLES) or adjust the fractions.")
+    short = {p: len(part) for p, part in splits.items() if len(part) < MIN_PER_SPLIT}
+    if short:  # data.check_enough counted rows; whole groups can still leave a split with fewer examples
+        listing = ", ".join(f"{p} {n}" for p, n in short.items())
+        raise MedQAError(f"The split leaves too few examples ({listing}; at least {MIN_PER_SPLIT} each) from {len(df)} "
+                         f"examples in {stats['groups']} groups of related questions, VAL_FRACTION={val_fraction}, "
+                         f"TEST_FRACTION={test_fraction}: use more examples (N_SAMPLES) or adjust the fractions.")
     log(f"{stats['rows']:,} rows in {stats['groups']:,} groups that share a question or an answer; "
         f"{stats['rows joined']:,} rows joined a group with another question (largest group: "
         f"{stats['largest group']:,} rows)")

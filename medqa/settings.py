@@ -223,23 +223,23 @@ def _check_output_dir(value: str) -> None:
            f"(chmod u+w) or set OUTPUT_DIR to a folder you can write.")
 
 
-def _check_model_folder(value: str) -> None:
+def check_model_folder(value: str, label: str = "MODEL") -> None:
     """A model folder holds GPT-2 weights that load: checked from config.json and the weight files' headers and
     sizes, in well under a second, instead of failing after the data is prepared."""
     folder, known = Path(value), GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
     how = f"point MODEL at a folder saved with save_pretrained from a GPT-2 model, or use one of {list(known)}"
     _check((folder / "config.json").is_file(),
-           f"MODEL={value!r} is a folder without config.json, so it was not saved with save_pretrained (or the copy "
+           f"{label}={value!r} is a folder without config.json, so it was not saved with save_pretrained (or the copy "
            f"is incomplete): {how}.")
     config = store.read_json(folder / "config.json", f"Fix: {how}.")
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    _check(model_type == "gpt2", f"MODEL={value!r} holds a {model_type!r} model (config.json), not GPT-2: this "
+    _check(model_type == "gpt2", f"{label}={value!r} holds a {model_type!r} model (config.json), not GPT-2: this "
                                  f"notebook fine-tunes GPT-2 with GPT-2's tokenizer and context; {how}.")
     weights = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin") and p.is_file()]
-    _check(bool(weights), f"MODEL={value!r} holds no weights (model.safetensors or pytorch_model.bin): {how}.")
+    _check(bool(weights), f"{label}={value!r} holds no weights (model.safetensors or pytorch_model.bin): {how}.")
     for p in weights:
         problem = store.safetensors_problem(p) if p.suffix == ".safetensors" else store.zip_problem(p)
-        _check(problem is None, f"MODEL={value!r}: {p.name} {problem}; the copy is damaged or incomplete. Copy or "
+        _check(problem is None, f"{label}={value!r}: {p.name} {problem}; the copy is damaged or incomplete. Copy or "
                                 f"save the folder again, or {how[0].lower() + how[1:]}.")
 
 
@@ -255,7 +255,7 @@ def validate(s: Settings) -> None:
         raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
                          f"{list(known)} or the path of a folder saved with save_pretrained.")
     if s.MODEL not in known:
-        _check_model_folder(s.MODEL)
+        check_model_folder(s.MODEL)
     _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
     _check_output_dir(s.OUTPUT_DIR)
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",

@@ -115,6 +115,13 @@ def write_json_atomic(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """A matplotlib figure written like every other file (the format from the name's extension, e.g. .png)."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+
+
 def read_json(path, fix: str):
     """The JSON in `path`; a damaged file (empty, cut short, not JSON) is named with `fix`."""
     path = Path(path)

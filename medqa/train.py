@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medqa import device as hw
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
 from medqa.errors import MedQAError
-from medqa.store import load_checkpoint, save_torch_atomic
+from medqa.store import load_checkpoint, save_figure, save_torch_atomic
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -45,13 +45,14 @@ def loss_sum(model, batch: dict, device: torch.device, precision: str | None = N
 
 
 @torch.no_grad()
-def mean_loss(model, loader, device) -> float:
-    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample)."""
+def mean_loss(model, loader, device, precision: str | None = None) -> float:
+    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample), in the
+    precision training uses (None: the hardware's default), so that the numbers a run reports share one precision."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
     for batch in loader:
-        total += loss_sum(model, batch, device)
+        total += loss_sum(model, batch, device, precision)
         count += int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     return total.item() / max(count, 1)
@@ -234,7 +235,7 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
                 bar.update(1)
                 if st["step"] % s.EVAL_EVERY == 0 or st["pos"] >= len(batches):
                     with not_training():
-                        _log_point(st, model, val_loader, s, device, started, bar)
+                        _log_point(st, model, val_loader, s, device, started, bar, precision)
                 if st["step"] % s.CHECKPOINT_EVERY == 0:
                     with not_training():
                         save()
@@ -263,13 +264,13 @@ def _stop_if_not_finite(st, model, s) -> None:
                      f"LEARNING_RATE (now {s.LEARNING_RATE}) and run again with OVERWRITE=True.")
 
 
-def _log_point(st, model, val_loader, s, device, started, bar) -> None:
+def _log_point(st, model, val_loader, s, device, started, bar, precision: str) -> None:
     """Record train and validation loss, and the training throughput (train steps only); stop on non-finite."""
     if st["window_targets"] == 0:
         return
     _stop_if_not_finite(st, model, s)
     train_loss = st["window_loss"].item() / st["window_targets"]
-    val_loss = mean_loss(model, val_loader, device)
+    val_loss = mean_loss(model, val_loader, device, precision)
     st["tokens"] += st["window_tokens"]
     st["seconds"] = time.perf_counter() - started
     st["history"].append({"step": st["step"], "tokens_seen": st["tokens"], "train_loss": round(train_loss, 5),
@@ -296,5 +297,5 @@ def plot_losses(history: list[dict], path=None):
     axes[0].legend()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
     return fig

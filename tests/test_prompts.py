@@ -98,3 +98,16 @@ def test_alpaca_figure_draws_the_four_parts():
     texts = " ".join(t.get_text() for t in fig.axes[0].texts)
     for part in ("Preamble", "### Instruction:", "### Input:", "### Response:"):
         assert part in texts
+
+
+def test_a_split_that_grouping_leaves_with_too_few_examples_is_refused():
+    """100 rows pass data.check_enough, but rows that share answers form groups too large for a small split."""
+    import pytest
+
+    from medqa.data import MIN_PER_SPLIT
+    from medqa.errors import MedQAError
+
+    rows = [(f"What causes condition {i} ?", f"Shared answer {i // 2}.") for i in range(94)]
+    rows += [(f"What is disease {i} ?", f"Own answer {i}.") for i in range(6)]
+    with pytest.raises(MedQAError, match=f"too few examples.*at least {MIN_PER_SPLIT} each"):
+        prompts.split_by_question(table(rows), 0.10, 0.05, seed=0, log=lambda *_: None)

@@ -144,3 +144,12 @@ def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_sha
     generate.generate_ids(tiny_model, enough, 2)
     generate.generate_ids(copy.deepcopy(tiny_model), few, 2)  # a reloaded copy answers the same way
     assert calls == [1] and generate.chosen_path(tiny_model)["path"] == "onednn"
+
+
+def test_bf16_answers_are_never_chosen_by_a_timing(tiny_model, monkeypatch):
+    """bf16 changes answers, and the notebook and `python -m medqa.ask` must answer alike: only fp32 ways compete."""
+    from medqa import generate
+
+    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: True)
+    assert "bf16" not in generate.candidate_paths(tiny_model)
+    assert set(generate.candidate_paths(tiny_model)) <= {"default", "onednn"}
