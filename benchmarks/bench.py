@@ -282,7 +282,7 @@ def main(argv=None):
     hardware = {"cpu": caps.name, "cores": os.cpu_count(), "flags": cpu_flags(), "native_bf16": caps.native_bf16}
     results = {"quick": q, "settings": cfg, "hardware": hardware, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "training_precision": hw.choose_precision(caps),
-               "note": "medians over rounds in which the ways take turns; the machine was shared with other work"}
+               "note": "medians over rounds in which the ways take turns"}
 
     # 1. Share of real tokens, whole train split, MAX_LENGTH 1024, batch 8 (no timing: no rounds needed).
     full = batches.QADataset(train_df, 1024)
