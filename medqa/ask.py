@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +47,9 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
             raise MedQAError(f"--file {path}: no such file. Give a text file with one question a line.") from None
         except UnicodeDecodeError:
             raise MedQAError(f"--file {path}: not UTF-8 text. Save it as UTF-8, one question a line.") from None
+        except OSError as err:  # a folder, a file without read permission, ...
+            raise MedQAError(f"--file {path}: cannot be read ({err.strerror}). Give a text file with one question "
+                             f"a line.") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise MedQAError(f"--file {path}: the file holds no question. Write one question a line.")
@@ -61,9 +65,17 @@ def decoding_defaults(folder: Path) -> dict:
     path = folder / "generation_config.json"
     saved = read_json(path, "Fix: save the model folder again (the notebook's section 13), or delete the file to "
                             "use the project's defaults.") if path.exists() else {}
-    return {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
-            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
-            "repetition_penalty": saved.get("repetition_penalty", COMMON["REPETITION_PENALTY"])}
+    fix = (f"{path} does not hold the decoding settings of a saved model: save the model folder again (the "
+           f"notebook's section 13), or pass --max-new-tokens, --temperature and --repetition-penalty.")
+    if not isinstance(saved, dict):
+        raise MedQAError(fix)
+    out = {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
+           "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
+           "repetition_penalty": saved.get("repetition_penalty", COMMON["REPETITION_PENALTY"])}
+    if not isinstance(out["max_new_tokens"], int) or not all(
+            isinstance(out[k], (int, float)) and not isinstance(out[k], bool) for k in ("temperature", "repetition_penalty")):
+        raise MedQAError(fix)
+    return out
 
 
 def parse_args(argv=None):
@@ -114,11 +126,13 @@ def main(argv=None) -> int:
                             TEMPERATURE=pick(args.temperature, "temperature"),
                             REPETITION_PENALTY=pick(args.repetition_penalty, "repetition_penalty"),
                             GEN_BATCH_SIZE=args.batch_size, SEED=args.seed)
+        finite = math.isfinite(s.TEMPERATURE) and math.isfinite(s.REPETITION_PENALTY)
         for flag, value, ok, rule in (("--max-new-tokens", s.MAX_NEW_TOKENS, s.MAX_NEW_TOKENS > 0, "above 0"),
                                       ("--batch-size", s.GEN_BATCH_SIZE, s.GEN_BATCH_SIZE > 0, "above 0"),
-                                      ("--temperature", s.TEMPERATURE, s.TEMPERATURE >= 0, "0 or above"),
-                                      ("--repetition-penalty", s.REPETITION_PENALTY, s.REPETITION_PENALTY >= 1,
-                                       "1.0 or above")):
+                                      ("--temperature", s.TEMPERATURE, finite and s.TEMPERATURE >= 0,
+                                       "a finite number, 0 or above"),
+                                      ("--repetition-penalty", s.REPETITION_PENALTY,
+                                       finite and s.REPETITION_PENALTY >= 1, "a finite number, 1.0 or above")):
             if not ok:
                 raise MedQAError(f"{flag} {value}: must be {rule}.")
         from medqa.batches import get_tokenizer

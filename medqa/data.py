@@ -85,7 +85,7 @@ def _read_text(path: Path) -> str:
     except OSError as err:
         raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
                          f"(chmod u+r) or copy it somewhere you can read it.") from None
-    if not raw.strip():
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():
         raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows in it.")
     binary = _what_binary(path, raw)
     if binary:
@@ -146,7 +146,13 @@ def _from_csv(path: Path, text: str) -> pd.DataFrame:
     csv.field_size_limit(2**31 - 1)  # the csv module refuses fields over 128 KiB; a long answer is still fine
     try:
         # The python engine reports an unclosed quote instead of silently swallowing the rest of the file.
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python")
+        wide = next(((n, len(row)) for n, row in enumerate(csv.reader(io.StringIO(text)), 1)
+                     if len(row) > len(columns)), None)
+        if wide:  # pandas would quietly take the first column as an index and shift every other one
+            raise MedQAError(f"{path}: row {wide[0]} has {wide[1]} fields but the header names {len(columns)}, so the "
+                             f"columns would shift (a comma at the end of each row, as some spreadsheets write, does "
+                             f"this): remove the extra fields or name them in the header.")
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", index_col=False)
     except (pd.errors.ParserError, csv.Error) as err:
         raise MedQAError(f"{path} is not a well-formed CSV ({err}). Look for an unclosed double quote near there; "
                          f"fields with commas, quotes or newlines must be quoted as in RFC 4180.") from None

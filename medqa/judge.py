@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -341,8 +342,9 @@ def _read_metrics(path: Path) -> dict:
         return {}
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MedQAError(f"{path} is damaged ({err}): move it away (a new one is written) or restore it.") from None
+    except (OSError, ValueError, UnicodeDecodeError) as err:  # OSError: a folder by that name, no permission, ...
+        raise MedQAError(f"{path} is damaged or unreadable ({err}): move it away (a new one is written) or restore "
+                         f"it.") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("evaluation", {}), dict):
         raise MedQAError(f"{path} is not a metrics file of this project: move it away or restore it.")
     return metrics
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
                         help="seconds one request may take (default: %(default)g)")
     parser.add_argument("--seed", type=int, help="seed of the judge and of the sanity items (default: the run's SEED)")
     args = parser.parse_args(argv)
-    if args.budget_s <= 0 or args.timeout_s <= 0:
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0) or not args.timeout_s > 0:
         parser.error("--budget-s and --timeout-s must be positive numbers of seconds")
     path = Path(args.answers)
     try:

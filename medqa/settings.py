@@ -172,6 +172,9 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
     _check_types(values)
+    for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" means the home folder, not a folder named "~"
+        if isinstance(values[name], str) and values[name].startswith("~"):
+            values[name] = os.path.expanduser(values[name])
     if "://" not in values["OLLAMA_HOST"]:
         values["OLLAMA_HOST"] = "http://" + values["OLLAMA_HOST"]  # Ollama accepts a bare host:port
     settings = Settings(**values)
@@ -212,7 +215,14 @@ def _check_output_dir(value: str) -> None:
     """OUTPUT_DIR can become the run's folder: nothing is written here, so a failed run leaves no trace."""
     _check(value.strip() != "", "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
                                 "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
+    _check("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: "
+                                 f"set it to a folder such as 'runs/mine'.")
     path = Path(value)
+    try:
+        path.exists()
+    except OSError as err:
+        raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a shorter "
+                         f"folder such as 'runs/mine'.") from None
     _check(not path.exists() or path.is_dir(),
            f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if missing).")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
@@ -250,6 +260,9 @@ def validate(s: Settings) -> None:
         value = getattr(s, f.name)
         _check(not (f.type.startswith("float") and value is not None and not math.isfinite(value)),
                f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
+    for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
+        _check(getattr(s, name).strip() not in ("", "http://"),
+               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None for the default.")
     known = GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
     if s.MODEL not in known and not Path(s.MODEL).is_dir():
         raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
@@ -258,6 +271,11 @@ def validate(s: Settings) -> None:
         check_model_folder(s.MODEL)
     _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
     _check_output_dir(s.OUTPUT_DIR)
+    if s.MODEL not in known:  # a run writes its files (and model/) into OUTPUT_DIR: never into the model it loads
+        model, out = Path(s.MODEL).resolve(), Path(s.OUTPUT_DIR).resolve()
+        _check(model != out and model not in out.parents,
+               f"OUTPUT_DIR={s.OUTPUT_DIR!r} is the MODEL folder {s.MODEL!r} (or inside it): the run would write into "
+               f"the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
                  "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
         value = getattr(s, name)
@@ -330,6 +348,24 @@ def _run_problems(out: Path, mine: dict) -> list[str]:
     return problems
 
 
+def _never_discard_inputs(out: Path, data_file, model_source) -> None:
+    """OVERWRITE replaces a run of this notebook, never the user's own files: refuse when the folder holds no
+    run.json (its files are not a run's), or when this run's data file or model lies where a run's files go."""
+    if not (out / "run.json").exists():
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds files named like a run's but no run.json, so they are not a "
+                         f"run of this notebook and OVERWRITE=True does not delete them: set OUTPUT_DIR to another "
+                         f"folder (or move those files away).")
+    discarded = [(out / name).resolve() for name in store.RUN_FILES]
+    for label, source in (("DATA_PATH", data_file), ("MODEL", model_source)):
+        if source is None or not Path(source).exists():
+            continue
+        inside = Path(source).resolve()
+        if any(inside == d or d in inside.parents for d in discarded):
+            raise MedQAError(f"{label}={str(source)!r} lies inside OUTPUT_DIR={str(out)!r} where the old run's files "
+                             f"are, and OVERWRITE=True would delete it: copy it elsewhere (or set OUTPUT_DIR to another "
+                             f"folder) first.")
+
+
 def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
     """Make OUTPUT_DIR this run's: the last step before the run writes its first file there.
 
@@ -344,6 +380,8 @@ def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
         if source is not None:
             mine[key] = store.fingerprint(source)
     problems = _run_problems(out, mine) if out.is_dir() else []
+    if problems and s.OVERWRITE:
+        _never_discard_inputs(out, data_file, model_source)
     if problems and not s.OVERWRITE:
         raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run this one cannot continue: {'; '.join(problems)}. "
                          f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
