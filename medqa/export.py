@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medqa.batches import EOT
 from medqa.errors import MedQAError
+from medqa.generate import describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.settings import RANDOM_MODELS, TINY_MODEL
@@ -160,8 +161,7 @@ out = model.generate(**ids)  # generation_config.json holds the notebook's decod
 print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 ```
 
-`generation_config.json` holds the notebook's decoding: {"greedy" if s.TEMPERATURE == 0 else
-f"sampling at temperature {s.TEMPERATURE}"}, repetition penalty {s.REPETITION_PENALTY}, at most
+`generation_config.json` holds the notebook's decoding: {describe_decoding(s)}, at most
 {s.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers exactly as the notebook
 does.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medqa.errors import MedQAError, retry
 from medqa.settings import COMMON
-from medqa.store import update_json, write_json_atomic
+from medqa.store import read_json, update_json, write_json_atomic
 
 JUDGE_PROMPT = (
     "Given the input `{question}` and correct output `{reference}`, score the model response "
@@ -321,12 +321,7 @@ def load_answers(path) -> list[dict]:
                                                     else f"{hint}."))
     if not path.exists():
         raise MedQAError(f"{path} does not exist: {hint}.")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise MedQAError(f"{path} is not UTF-8 text: {hint}.") from None
-    except ValueError as err:
-        raise MedQAError(f"{path} is not valid JSON ({err}): {hint}.") from None
+    records = read_json(path, f"Fix: {hint}.")
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise MedQAError(f"{path} is not a list of answers (JSON objects with fields {list(FIELDS)}): {hint}.")
     for n, record in enumerate(records):
@@ -341,10 +336,10 @@ def _read_metrics(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as err:  # OSError: a folder by that name, no permission, ...
-        raise MedQAError(f"{path} is damaged or unreadable ({err}): move it away (a new one is written) or restore "
-                         f"it.") from None
+        metrics = read_json(path, "")
+    except MedQAError as err:  # not JSON, not text, a folder by that name, no permission, ...
+        raise MedQAError(f"{path} is damaged or unreadable ({str(err).split(': it was')[0]}): move it away (a new "
+                         f"one is written) or restore it.") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("evaluation", {}), dict):
         raise MedQAError(f"{path} is not a metrics file of this project: move it away or restore it.")
     return metrics
