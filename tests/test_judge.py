@@ -234,6 +234,19 @@ def test_sanity_anchors_judge_references_against_themselves_and_against_others(o
     assert [b["messages"] for b in ollama.chats] == first  # the same seed judges the same items
 
 
+def test_the_progress_bar_is_text_on_stdout_as_trainings_is(ollama, capsys, monkeypatch):
+    """A notebook stores what the judge prints: text, which GitHub shows, never a widget (tqdm.auto's pick)."""
+    import tqdm.auto
+
+    def widget(*args, **kwargs):
+        raise AssertionError("the judge asked tqdm.auto for its bar: in a notebook that is a widget")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", widget)
+    summary, _, _ = run(ollama, answers('{"score": 60}', '{"score": 80}'), progress=True)
+    out, err = capsys.readouterr()
+    assert summary["scored"] == 2 and "judging with llama3" in out and "2/2" in out and "judging" not in err
+
+
 def test_a_server_error_is_retried(ollama):
     calls = []
 

@@ -41,6 +41,22 @@ def test_committed_notebook_is_one_complete_run(committed):
     assert "PROFILE            = 'smoke'" in text  # the stored outputs say which settings produced them
 
 
+def test_stored_progress_bars_hold_only_their_final_state(committed):
+    """Each flush of a progress bar is an output of its own, each redrawing the bar after a carriage return: stored
+    as run, every renderer (nbconvert, GitHub) shows every redraw as a line of its own. After the run, merge them
+    (jupyter nbconvert --to notebook --inplace --CoalesceStreamsPreprocessor.enabled=True llm.ipynb)."""
+    for i, cell in enumerate(_code_cells(committed), 1):
+        outputs = cell["outputs"]
+        for a, b in zip(outputs, outputs[1:]):
+            assert not (a["output_type"] == b["output_type"] == "stream" and a["name"] == b["name"]), \
+                f"code cell {i} stores consecutive {a['name']} outputs: coalesce the notebook's streams"
+        for out in outputs:
+            if out["output_type"] == "stream":
+                text = "".join(out["text"])
+                assert not re.search(r"\r[^\n]", text), \
+                    f"code cell {i} stores a redrawn line: {text[text.index(chr(13)):][:60]!r}"
+
+
 def test_notebook_runs_headless_on_alpaca_json_with_papermill(tmp_path):
     import papermill
 

@@ -94,11 +94,12 @@ def test_the_answer_path_is_the_fastest_that_beats_the_default_by_the_margin_and
     assert choose_path({"default": {"seconds": 1.0}, "onednn": {"error": "could not create a primitive"}}) == "default"
 
 
-def test_a_path_that_fails_on_this_machine_is_ruled_out_not_fatal(tiny_model, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, AttributeError, NotImplementedError])
+def test_a_path_that_fails_on_this_machine_is_ruled_out_not_fatal(tiny_model, monkeypatch, error):
     from medqa import generate
 
     def broken(model):
-        raise RuntimeError("could not create a primitive descriptor for a matmul primitive")
+        raise error("could not create a primitive descriptor for a matmul primitive")
 
     monkeypatch.setattr(generate, "PATHS", {**generate.PATHS, "onednn": broken})
     monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
@@ -108,19 +109,41 @@ def test_a_path_that_fails_on_this_machine_is_ruled_out_not_fatal(tiny_model, mo
     assert "could not create" in measured["onednn"]["error"] and generate.choose_path(measured) == "default"
 
 
-def test_onednn_layers_fall_back_to_pytorchs_product_when_the_private_op_fails(tiny_model, monkeypatch):
+# what a private op raises: refusing its inputs; missing from this torch build; without a kernel for the CPU
+PRIVATE_OP_ERRORS = [RuntimeError("could not create a primitive descriptor"),
+                     AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'"),
+                     NotImplementedError("Could not run 'mkldnn::_linear_pointwise' with arguments from the 'CPU' "
+                                         "backend")]
+
+
+@pytest.mark.parametrize("error", PRIVATE_OP_ERRORS, ids=lambda e: type(e).__name__)
+def test_onednn_layers_fall_back_to_pytorchs_product_when_the_private_op_fails(tiny_model, monkeypatch, error):
     layer = tiny_model.transformer.h[0].mlp.c_fc
     fast = OneDNNLinear(layer.weight.t(), layer.bias)
     x = torch.randn(3, layer.weight.shape[0])
     expected = layer(x)
 
     def refuses(*args):
-        raise RuntimeError("could not create a primitive descriptor")
+        raise error
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuses)
     torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # where the private op failed in practice
         assert fast(x).shape == expected.shape
+
+
+def test_a_torch_without_onednns_private_ops_answers_on_pytorchs_layers(tiny_model, monkeypatch):
+    """Where torch is not the pinned version (Colab's CPU runtime), the ops may not exist at all: the layers are
+    built anyway, as PyTorch's own, and the answers are those of the default path."""
+    from medqa import generate
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    expected = generate_ids(tiny_model, prompts, 6)
+    monkeypatch.setattr(torch.ops, "mkldnn", torch.ops.medqa_no_such_namespace)  # every op: AttributeError
+    with pytest.raises(AttributeError):
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (what this torch says for a missing op)
+    monkeypatch.setattr(generate, "FORCED_PATH", "onednn")
+    assert generate_ids(tiny_model, prompts, 6) == expected
 
 
 def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_shape(tiny_model, monkeypatch):
@@ -138,18 +161,50 @@ def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_sha
     monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
     monkeypatch.setattr(generate, "measure_paths", lambda model, prompts: calls.append(1) or
                         {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
-    few, enough = [[5, 6, 7]], [[5, 6, 7]] * generate.PROBE_PROMPTS
-    generate.generate_ids(tiny_model, few, 2)  # fewer prompts than a probe takes: not worth measuring yet
+    monkeypatch.setattr(generate, "PROBE_PAYBACK", 1)  # calls of 384 prompts x new tokens repay a probe
+    few, enough = [[5, 6, 7]] * 8, [[5, 6, 7]] * 32
+    generate.generate_ids(tiny_model, few, 12)  # 96 < 384: a probe would cost more than it can save
     assert calls == [] and generate.chosen_path(tiny_model) is None
-    generate.generate_ids(tiny_model, enough, 2)
+    generate.generate_ids(tiny_model, enough, 12)
     generate.generate_ids(copy.deepcopy(tiny_model), few, 2)  # a reloaded copy answers the same way
     assert calls == [1] and generate.chosen_path(tiny_model)["path"] == "onednn"
 
 
-def test_bf16_answers_are_never_chosen_by_a_timing(tiny_model, monkeypatch):
-    """bf16 changes answers, and the notebook and `python -m medqa.ask` must answer alike: only fp32 ways compete."""
+def test_only_calls_much_larger_than_the_probe_are_probed():
+    """Never much slower than PyTorch's default: a few questions to `python -m medqa.ask` in a fresh process (up to
+    20 answers of 256 tokens) answer on the default layers; the notebook's test set in the cpu profile (50 answers of
+    200 tokens) is probed."""
+    from medqa.generate import PROBE_PAYBACK, worth_probing
+
+    assert PROBE_PAYBACK == 20
+    assert not worth_probing(2, 4, 16) and not worth_probing(2, 10, 256) and not worth_probing(2, 20, 256)
+    assert not worth_probing(2, 2000, 3)  # many prompts, little work
+    assert worth_probing(2, 32, 240) and worth_probing(2, 50, 200)  # 7,680 = 20 x the probe's 384; 10,000
+    assert not worth_probing(3, 32, 240)  # a third path makes the probe longer
+
+
+def test_the_benchmarks_can_ask_for_the_choice_whatever_the_call(tiny_model, monkeypatch):
     from medqa import generate
 
-    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: True)
-    assert "bf16" not in generate.candidate_paths(tiny_model)
+    monkeypatch.setattr(generate, "_CHOSEN", {})
+    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
+    monkeypatch.setattr(generate, "measure_paths", lambda model, prompts:
+                        {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
+    generate.answer_path(tiny_model, [[5, 6, 7]])  # no max_new_tokens: as benchmarks/bench.py asks
+    assert generate.chosen_path(tiny_model)["path"] == "onednn"
+
+
+def test_bf16_answers_are_never_chosen_by_a_timing(tiny_model, monkeypatch):
+    """bf16 changes answers, and the notebook and `python -m medqa.ask` must answer alike: only fp32 ways compete,
+    even on a CPU that computes bf16 natively (where bf16 is fastest)."""
+    from medqa import device, generate
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # what torch says about this CPU
+        monkeypatch.setattr(torch.cpu, name, lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert set(generate.candidate_paths(tiny_model)) <= {"default", "onednn"}
+    probed = []
+    monkeypatch.setattr(generate, "_probe", lambda model, path, ids, mask: probed.append(path) or (0.1, [[1]]))
+    monkeypatch.setattr(generate, "_CHOSEN", {})
+    generate.answer_path(tiny_model, [[5, 6, 7]] * 4)
+    assert "bf16" not in probed and generate.chosen_path(tiny_model)["path"] != "bf16"
