@@ -163,7 +163,7 @@ print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=T
 
 `generation_config.json` holds the notebook's decoding: {describe_decoding(s)}, at most
 {s.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
-`python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers exactly as the notebook
+`python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """
 
