@@ -21,7 +21,9 @@ class Capabilities:
     kind: str                # "cuda" | "mps" | "cpu"
     name: str                # e.g. "Tesla T4", "AMD EPYC"
     native_bf16: bool        # computes bf16 in hardware (CUDA compute capability >= 8, AVX-512 BF16 / AMX)
-    free_bytes: int | None   # memory this run may take (free GPU memory, MPS recommended maximum, available RAM)
+    # memory free now (free GPU memory, MPS's recommended maximum less what Metal holds, available RAM): what the
+    # model already loaded takes is not in it (plan_memory adds it back)
+    free_bytes: int | None
 
 
 def pick_device() -> torch.device:
@@ -119,6 +121,21 @@ def capabilities_cached(device: torch.device) -> Capabilities:
 
 # ---------------------------------------------------------------- memory
 
+# Bytes the forward pass keeps for the backward pass, per token, per layer and per unit of n_embd. Counted with
+# torch.autograd.graph.saved_tensors_hooks over a whole GPT-2 forward (tests/test_memory_plan.py measures it again on
+# every run: torch 2.13, transformers 5.23, sdpa attention, gelu_pytorch_tanh, no KV cache, dropout 0): 36 under
+# 16-bit autocast, 64 in fp32. Per layer and n_embd, in 16 bits: the two LayerNorms' inputs (the residual stream,
+# which stays fp32: 4 + 4), the 16-bit inputs of attention's and the MLP's first projections (2 + 2), attention's
+# q, k, v and output (6 + 2), the GELU's input and the MLP's second projection's input (8 + 8); in fp32 the 16-bit
+# ones take twice as much. CUDA's autocast keeps the same tensors (LayerNorm computes in fp32 there too, the
+# projections save their 16-bit inputs, the flash and memory-efficient kernels save q, k, v, the output and a small
+# per-row logsumexp), which the CPU cannot show, so the constants leave a margin of 4 and 8: a copy of attention's
+# output before its projection where a kernel returns another layout, the logsumexp's padding, and the 1-byte masks
+# of the two residual dropouts when DROPOUT > 0. GPT-2's own `gelu_new` would keep three more 4 * n_embd tensors
+# (60 and 112 instead of 36 and 64): medqa.model loads every GPT-2 with the fused `gelu_pytorch_tanh`.
+ACTIVATION_BYTES = {"half": 40, "fp32": 72}
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     micro_batch: int         # rows per forward/backward; BATCH_SIZE / micro_batch passes make up one batch
@@ -127,48 +144,78 @@ class MemoryPlan:
     budget_bytes: int | None
 
     def describe(self, batch_size: int) -> str:
-        passes = -(-batch_size // self.micro_batch)
-        how = (f"the whole batch of {batch_size} in one pass" if passes == 1 else
-               f"micro-batches of {self.micro_batch} rows, {passes} passes per batch (same effective batch)")
         budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / GB:.1f} GB"
-        return (f"memory plan: {how}{', gradient checkpointing' if self.checkpointing else ''}; "
+        return (f"memory plan: {describe_passes(self.micro_batch, self.checkpointing, batch_size)}; "
                 f"expected peak {self.peak_bytes / GB:.1f} GB of {budget} available")
+
+
+def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> str:
+    passes = -(-batch_size // micro_batch)
+    how = (f"the whole batch of {batch_size} in one pass" if passes == 1 else
+           f"micro-batches of {micro_batch} row{'s' if micro_batch > 1 else ''}, {passes} passes per batch "
+           f"(same effective batch)")
+    return how + (", gradient checkpointing" if checkpointing else "")
+
+
+def saved_bytes(n_layer: int, n_embd: int, n_head: int, vocab: int, rows: int, length: int, precision: str,
+                checkpointing: bool = False, attention_matrix: bool = False) -> int:
+    """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: see estimate_peak_bytes).
+
+    - each layer's activations, ACTIVATION_BYTES * n_embd per token; with checkpointing only each layer's fp32
+      input (4 * n_embd per token) plus one layer's full set, recomputed in the backward pass;
+    - the attention matrix (n_head * length^2 fp32 values per row and layer) where no fused kernel runs (MPS);
+    - the head: the final LayerNorm's fp32 input, the LM head's input and log-softmax's fp32 output (the logits),
+      plus 24 bytes a token: the int64 token ids the embedding and the loss keep, the LayerNorm's statistics.
+    """
+    half = precision in ("bf16", "fp16")
+    tokens = rows * length
+    per_layer = ACTIVATION_BYTES["half" if half else "fp32"] * n_embd * tokens
+    if attention_matrix:
+        per_layer += n_head * length * length * 4 * rows
+    layers = (n_layer * 4 * n_embd * tokens + per_layer) if checkpointing else n_layer * per_layer
+    head = tokens * (n_embd * (4 + (2 if half else 4)) + vocab * 4 + 24)
+    return layers + head
 
 
 def estimate_peak_bytes(n_params: int, n_trainable: int, n_layer: int, n_embd: int, n_head: int, vocab: int,
                         rows: int, length: int, precision: str, checkpointing: bool = False,
                         attention_matrix: bool = False) -> int:
-    """Peak memory of one training step, from the model's and the batch's shapes.
+    """Peak memory of one training step, from the model's and the batch's shapes: it comes as the backward pass
+    starts, when everything the forward pass kept is still there and the loss's gradient is being computed.
 
     - fp32 weights, their gradients and AdamW's two moments (trainable parameters only), plus a 16-bit copy of
       the weights that autocast keeps during the step;
-    - activations kept for the backward pass: about 34 * n_embd bytes per token per layer in 16 bits
-      (Korthikanti et al. 2022, fused attention, no dropout masks), twice that in fp32; with checkpointing only
-      each layer's input (n_embd values per token) plus one layer's full set;
-    - the attention matrix (n_head * length^2 fp32 values per row and layer) where the fused kernels do not run;
-    - the logits and the loss: B x T x 50257 in the autocast dtype, their fp32 copy, log-softmax and its gradient.
+    - what the forward pass keeps for the backward pass (saved_bytes);
+    - the logits' gradients: B x T x vocab fp32 values twice, log-softmax's incoming and outgoing gradient, beside
+      its saved output. (The 16-bit gradient for the LM head comes once the first two are freed, and the forward's
+      16-bit logits and their fp32 copy, 6 bytes a value, are gone before the backward pass starts.)
     """
     half = precision in ("bf16", "fp16")
-    act = 2 if half else 4
-    tokens = rows * length
     static = n_params * 4 + n_trainable * (4 + 8) + (n_params * 2 if half else 0)
-    per_layer = 17 * n_embd * act * tokens
-    if attention_matrix:
-        per_layer += n_head * length * length * 4 * rows
-    activations = (n_layer * n_embd * act * tokens + per_layer) if checkpointing else n_layer * per_layer
-    logits = tokens * vocab * ((act if half else 0) + 4 + 4 + 4)
-    return static + activations + logits
+    saved = saved_bytes(n_layer, n_embd, n_head, vocab, rows, length, precision, checkpointing, attention_matrix)
+    logit_grads = rows * length * vocab * (4 + 4)
+    return static + saved + logit_grads
+
+
+def fit_advice(max_length: int) -> str:
+    """What makes a model fit less memory, for the errors that say it does not fit."""
+    return (f"lower MAX_LENGTH (now {max_length}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train "
+            f"adapters only")
 
 
 def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, batch_size: int, max_length: int,
-                precision: str, headroom: float = 0.85) -> MemoryPlan:
-    """The largest micro-batch that fits `headroom` of the free memory; gradient checkpointing if none does.
+                precision: str, resident_bytes: int = 0, headroom: float = 0.85) -> MemoryPlan:
+    """The largest micro-batch that fits `headroom` of the memory; gradient checkpointing if none does.
+
+    `resident_bytes`: what the model's weights already take on the device where `caps.free_bytes` was measured
+    (plan_run reads the free memory after loading the model). The estimate counts the weights, so the budget does
+    too: free memory plus the model's own bytes.
 
     Splitting a batch into micro-batches changes no numbers: the loss is a sum over target tokens divided by the
     whole batch's count, and each row's result does not depend on the rows beside it (right padding, causal
     attention). `headroom` leaves room for the allocator's fragmentation and the framework's own buffers.
     """
-    budget = None if caps.free_bytes is None else int(caps.free_bytes * headroom)
+    budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     shape = dict(n_params=n_params, n_trainable=n_trainable, n_layer=config.n_layer, n_embd=config.n_embd,
                  n_head=config.n_head, vocab=config.vocab_size, length=max_length, precision=precision,
                  attention_matrix=caps.kind == "mps")  # MPS has no fused attention kernel that saves memory
@@ -182,5 +229,22 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
                 return MemoryPlan(rows, checkpointing, peak, budget)
     raise MedQAError(
         f"The model does not fit the {budget / GB:.1f} GB available on this {caps.kind} device ({caps.name}) even "
-        f"one row at a time with gradient checkpointing (about {peak / GB:.1f} GB): lower MAX_LENGTH (now "
-        f"{max_length}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train adapters only.")
+        f"one row at a time with gradient checkpointing (about {peak / GB:.1f} GB): {fit_advice(max_length)}.")
+
+
+# ---------------------------------------------------------------- running out of memory
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an error is the device running out of memory: CUDA raises torch.OutOfMemoryError, MPS a plain
+    RuntimeError whose message says so ("MPS backend out of memory ...")."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and
+                                                       "out of memory" in str(err))
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the blocks PyTorch's allocator keeps cached back to the device, so that a smaller retry starts from
+    unfragmented memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

@@ -58,8 +58,16 @@ def model_source(model: str, seed: int, cache_dir=None) -> str:
     return HUB_IDS.get(model, model)
 
 
+# GPT-2's GELU as one fused op. `gelu_new`, its config's default, is the same tanh approximation written out in
+# Python: it keeps three more 4 * n_embd tensors per layer for the backward pass (112 instead of 64 bytes per token,
+# layer and n_embd in fp32, 60 instead of 36 under 16-bit autocast: medqa.device.ACTIVATION_BYTES) and runs slower.
+# PyTorch's gelu(approximate="tanh") gives the same values to rounding (tests/test_memory_plan.py).
+ACTIVATION = "gelu_pytorch_tanh"
+
+
 def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention.
+    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention and GELU (the
+    config says so, and so does the folder the model is saved to).
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
     """
@@ -71,7 +79,8 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
         enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar too)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", **rates)
+        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", activation_function=ACTIVATION,
+                                                **rates)
     except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if isinstance(err, OSError):
@@ -91,6 +100,13 @@ def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
     if max_length > context:
         raise MedQAError(f"MAX_LENGTH={max_length} is longer than the model's context of {context} tokens: "
                          f"set MAX_LENGTH to at most {context}.")
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing: each layer keeps only its input and recomputes the rest in the backward
+    pass. transformers 5 calls it activation checkpointing (`gradient_checkpointing_enable` warns that it goes in
+    v6); non-reentrant, so that it needs no input that requires gradients and works with LoRA's frozen weights."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model) -> int:

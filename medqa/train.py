@@ -18,6 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medqa import device as hw
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
 from medqa.errors import MedQAError
+from medqa.model import enable_checkpointing
 from medqa.store import load_checkpoint, save_figure, save_torch_atomic
 
 
@@ -35,11 +36,13 @@ def loss_sum(model, batch: dict, device: torch.device, precision: str | None = N
     No attention mask: padding is on the right, so causal attention already keeps every real token from
     seeing it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's
     fused causal kernel instead of the masked fallback (tests/test_speed.py checks the losses are unchanged).
+    No KV cache (GPT-2's config asks for one by default): nothing here generates, and the cache's copies of every
+    layer's keys and values would stay for the backward pass.
     `precision` None: what the hardware computes natively (medqa.device.choose_precision).
     """
     dtype = hw.autocast_dtype(precision or hw.default_precision(device))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True)).logits
+        logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False).logits
     labels = batch["labels"].to(device, non_blocking=True)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -70,17 +73,9 @@ def micro_batches(batch: dict, rows: int) -> list[dict]:
     return pieces
 
 
-def train_step(model, opt, group: list[dict], device, precision: str | None = None, scaler=None,
-               micro_batch: int | None = None) -> tuple[torch.Tensor, int, int]:
-    """One optimizer step over a group of batches (gradient accumulation), each in micro-batches if asked.
-
-    The loss is divided by the target tokens of the whole group, so every token weighs the same however the
-    examples fall into batches and micro-batches. With fp16 a gradient scaler keeps small gradients from
-    vanishing (it skips the step when they overflow). Returns the summed loss (on the device: no sync), target
-    and real-token counts.
-    """
-    n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+def _forward_backward(model, group: list[dict], device, precision, scaler, micro_batch: int | None,
+                      n_targets: int) -> torch.Tensor:
+    """The gradients of a group of batches, summed into the weights' .grad; returns the summed loss."""
     total = torch.zeros((), device=device)
     for b in group:
         for piece in micro_batches(b, micro_batch or len(b["input_ids"])):
@@ -88,6 +83,36 @@ def train_step(model, opt, group: list[dict], device, precision: str | None = No
             scaled = loss / n_targets
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += loss.detach()
+    return total
+
+
+def train_step(model, opt, group: list[dict], device, precision: str | None = None, scaler=None,
+               micro_batch: int | None = None, on_oom=None) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step over a group of batches (gradient accumulation), each in micro-batches if asked.
+
+    The loss is divided by the target tokens of the whole group, so every token weighs the same however the
+    examples fall into batches and micro-batches. With fp16 a gradient scaler keeps small gradients from
+    vanishing (it skips the step when they overflow). Returns the summed loss (on the device: no sync), target
+    and real-token counts.
+
+    `on_oom(rows)`: when the forward and backward passes run out of device memory with `rows` rows per pass, the
+    partial gradients are dropped, the allocator's cache is freed and on_oom returns the micro-batch to run the
+    step again with (or raises). Micro-batches change no numbers, so the step ends as it would have. Without it
+    the error propagates.
+    """
+    n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+    while True:
+        try:
+            total = _forward_backward(model, group, device, precision, scaler, micro_batch, n_targets)
+            break
+        except RuntimeError as err:
+            if on_oom is None or not hw.is_out_of_memory(err):
+                raise
+        # out of the except block: the error's traceback, which holds the failed passes' tensors, is gone
+        opt.zero_grad(set_to_none=True)
+        hw.release_cached_memory(device)
+        micro_batch = on_oom(min(micro_batch or math.inf, max(len(b["input_ids"]) for b in group)))
     if scaler is not None:
         scaler.unscale_(opt)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -108,12 +133,17 @@ def plan_run(model, s) -> dict:
     precision = hw.choose_precision(caps, s.PRECISION)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = hw.plan_memory(caps, n_params, n_trainable, model.config, s.BATCH_SIZE, s.MAX_LENGTH, precision)
+    # the free memory was read with the model on the device already: its weights go back into the budget
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = hw.plan_memory(caps, n_params, n_trainable, model.config, s.BATCH_SIZE, s.MAX_LENGTH, precision,
+                          resident_bytes=resident)
     if plan.checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return {"device": f"{device.type} ({caps.name})", "precision": precision,
             "micro_batch": plan.micro_batch, "gradient_checkpointing": plan.checkpointing,
-            "expected_peak_gb": round(plan.peak_bytes / hw.GB, 2), "memory_plan": plan.describe(s.BATCH_SIZE)}
+            "expected_peak_gb": round(plan.peak_bytes / hw.GB, 2),
+            "budget_gb": None if plan.budget_bytes is None else round(plan.budget_bytes / hw.GB, 2),
+            "memory_plan": plan.describe(s.BATCH_SIZE)}
 
 
 def _rng_state(device):
@@ -147,7 +177,8 @@ def _training_batches(data, s):
 
 def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=print, plan=None) -> list[dict]:
     """Fine-tune `model` on `train_data` (the training loader, or a dataset) as settings `s` say; returns the
-    loss history. `plan`: what plan_run returned (computed here when not given).
+    loss history. `plan`: what plan_run returned (computed here when not given); it records how training adapted
+    when it ran out of memory.
 
     A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS and at each
     epoch's end. If one is there, training continues from it, and ends as an uninterrupted run would.
@@ -187,6 +218,17 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             log(f"Resuming from {ckpt_path.name}: step {st['step']} of {total_steps} (epoch {st['epoch'] + 1}).")
+            if _resume_memory(model, plan, st.get("memory")):
+                how = hw.describe_passes(plan["micro_batch"], plan["gradient_checkpointing"], s.BATCH_SIZE)
+                log(f"It ran out of memory here before, so it goes on with {how}.")
+        # Everything is copied where it belongs now; the loaded checkpoint (weights, AdamW's moments: about 3x the
+        # model, 5.7 GB for gpt2-medium) would otherwise sit in host RAM for the rest of training.
+        del ckpt
+    if scaler is not None:  # the scale the next step starts with, and the steps the scaler skipped so far
+        st.setdefault("loss_scale", scaler.get_scale())
+        st.setdefault("skipped_steps", 0)
+    else:  # resumed in another precision (PRECISION None follows the hardware): no scale to report from here on
+        st.pop("loss_scale", None)
 
     def save():
         _stop_if_not_finite(st, model, s)  # never replace a good checkpoint with broken weights
@@ -213,6 +255,21 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
     # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as it
     # last was, so a reader on GitHub sees the training that ran.
     bar = tqdm(total=total_steps, initial=st["step"], desc="fine-tuning", unit="step", file=sys.stdout)
+
+    @contextmanager
+    def above_bar():
+        """Lines printed while the bar runs go above it on lines of their own (tqdm.write's way), not into it."""
+        with bar.external_write_mode(nolock=True):  # no lock: on_epoch_end may draw bars of its own
+            yield
+
+    def on_oom(rows: int) -> int:
+        line = _shrink_after_oom(model, plan, rows, st["step"] + 1, s, device)
+        st["memory"] = {k: plan[k] for k in ("device", "micro_batch", "gradient_checkpointing",
+                                             "memory_adaptations")}  # saved with the checkpoint: a resume keeps it
+        with above_bar():
+            log(line)
+        return plan["micro_batch"]
+
     started = time.perf_counter() - st["seconds"]
     try:
         while st["epoch"] < s.EPOCHS:
@@ -221,12 +278,14 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
                 if s.MAX_STEPS is not None and st["step"] >= s.MAX_STEPS:
                     with not_training():
                         save()
-                    log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
+                    with above_bar():
+                        log(f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to continue.")
                     return st["history"]
                 group = [make_batch([train_set[i] for i in b]) for b in batches[st["pos"]: st["pos"] + s.GRAD_ACCUM]]
                 loss, n_targets, n_tokens = train_step(model, opt, group, device, precision, scaler,
-                                                       plan["micro_batch"])
-                sched.step()
+                                                       plan["micro_batch"], on_oom)
+                if _optimizer_stepped(scaler, st):
+                    sched.step()
                 st["window_loss"] += loss
                 st["window_targets"] += n_targets
                 st["window_tokens"] += n_tokens
@@ -244,13 +303,70 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
             with not_training():
                 save()
                 if on_epoch_end is not None:
-                    on_epoch_end(st["epoch"])
-    except torch.OutOfMemoryError as err:
-        raise MedQAError(f"Out of GPU memory at step {st['step']}: lower BATCH_SIZE (and raise GRAD_ACCUM to keep "
-                         f"the same effective batch) or lower MAX_LENGTH; the last checkpoint is kept.") from err
+                    with above_bar():
+                        on_epoch_end(st["epoch"])
+    except RuntimeError as err:
+        if not hw.is_out_of_memory(err):
+            raise
+        raise _out_of_memory(st["step"] + 1, device, s, "") from err
     finally:
         bar.close()
     return st["history"]
+
+
+def _out_of_memory(step: int, device, s, how: str) -> MedQAError:
+    """The error when training runs out of memory where adapting cannot help (or helped no more)."""
+    return MedQAError(
+        f"Out of {device.type} memory at step {step}{how}. Close what else holds the device's memory (another "
+        f"notebook's kernel, another process) and run again: training resumes from the last checkpoint, which is "
+        f"kept. Otherwise {hw.fit_advice(s.MAX_LENGTH)}, with OVERWRITE=True (these settings define the run, so "
+        f"it starts afresh).")
+
+
+def _shrink_after_oom(model, plan: dict, rows: int, step: int, s, device) -> str:
+    """After the passes of a step ran out of memory with `rows` rows each: half the micro-batch, and at one row
+    gradient checkpointing; `plan` records it. Returns the line to print; when nothing is left to shrink, raises
+    the error that names the fix."""
+    if rows > 1:
+        plan["micro_batch"] = -(-rows // 2)
+    elif not plan["gradient_checkpointing"]:
+        enable_checkpointing(model)
+        plan["gradient_checkpointing"] = True
+    else:
+        raise _out_of_memory(step, device, s, " even one row at a time with gradient checkpointing")
+    how = hw.describe_passes(plan["micro_batch"], plan["gradient_checkpointing"], s.BATCH_SIZE)
+    line = f"Out of memory at step {step}: running it again with {how}."
+    plan["memory_adaptations"] = plan.get("memory_adaptations", []) + [line]
+    return line
+
+
+def _resume_memory(model, plan: dict, memory: dict | None) -> bool:
+    """A run resumed on the device it ran out of memory on starts with the micro-batch and checkpointing it adapted
+    to (its fresh plan would run out again); on another device the fresh plan stands. Whether it changed the plan."""
+    if memory is None or memory["device"] != plan["device"]:
+        return False
+    plan["micro_batch"] = min(plan["micro_batch"], memory["micro_batch"])
+    if memory["gradient_checkpointing"] and not plan["gradient_checkpointing"]:
+        enable_checkpointing(model)
+        plan["gradient_checkpointing"] = True
+    plan["memory_adaptations"] = memory["memory_adaptations"]
+    return True
+
+
+def _optimizer_stepped(scaler, st) -> bool:
+    """Whether the optimizer step just taken happened, so that the learning-rate schedule moves only with real steps.
+
+    With fp16, GradScaler skips a step whose gradients overflowed and then halves its scale (it never lowers it
+    otherwise); the scale and the count of skipped steps go into the history. Reading the scale waits for the step
+    to finish on the GPU: only the fp16 path pays that.
+    """
+    if scaler is None:
+        return True
+    before, st["loss_scale"] = st["loss_scale"], scaler.get_scale()
+    if st["loss_scale"] >= before:
+        return True
+    st["skipped_steps"] += 1
+    return False
 
 
 def _stop_if_not_finite(st, model, s) -> None:
@@ -277,6 +393,8 @@ def _log_point(st, model, val_loader, s, device, started, bar, precision: str) -
                           "val_loss": round(val_loss, 5), "seconds": round(st["seconds"], 2),
                           "train_seconds": round(st["train_seconds"], 2),
                           "tokens_per_s": round(st["window_tokens"] / max(st["window_seconds"], 1e-9), 1)})
+    if "loss_scale" in st:  # fp16: the gradient scaler's scale, and the steps it skipped so far
+        st["history"][-1].update(loss_scale=st["loss_scale"], skipped_steps=st["skipped_steps"])
     bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
     st["window_loss"] = torch.zeros((), device=device)
     st["window_targets"] = st["window_tokens"] = 0

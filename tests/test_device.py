@@ -1,8 +1,10 @@
-"""Device, precision and memory choices, with made-up hardware: a 16 GB T4 (no native bf16), an 80 GB H100, a
-16 GB Mac, CPUs with and without native bf16. Also the fp16 path's logic, run on the CPU, micro-batches that
-change no numbers, checkpoints that load wherever the model trains, and the training loader the notebook shows."""
+"""Device, precision and memory choices, with made-up hardware: a 16 GB T4 (no native bf16), a 24 GB L4, an 80 GB
+H100, a 16 GB Mac, CPUs with and without native bf16, and torch.cuda / torch.mps mocked as such machines show
+them. Also the fp16 path's logic, run on the CPU, micro-batches that change no numbers, checkpoints that load
+wherever the model trains, and the training loader the notebook shows."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,11 +14,6 @@ from medqa import batches, device as hw, model as gpt, store, train
 from medqa.errors import MedQAError
 
 GB = hw.GB
-T4 = hw.Capabilities("cuda", "Tesla T4", native_bf16=False, free_bytes=int(14.6 * GB))
-H100 = hw.Capabilities("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, free_bytes=79 * GB)
-MAC16 = hw.Capabilities("mps", "Apple silicon (MPS)", native_bf16=False, free_bytes=int(10.7 * GB))
-CPU_BF16 = hw.Capabilities("cpu", "AMD EPYC", native_bf16=True, free_bytes=22 * GB)
-CPU_OLD = hw.Capabilities("cpu", "Intel Core i5", native_bf16=False, free_bytes=8 * GB)
 
 
 def shape(name):
@@ -28,6 +25,22 @@ def shape(name):
 
 
 MEDIUM = shape("random-gpt2-medium")
+MEDIUM_BYTES = MEDIUM[1] * 4  # gpt2-medium's fp32 weights: on the device already when plan_run reads its memory
+
+
+def loaded(kind, name, native_bf16, free_at_start):
+    """What plan_run sees: the memory still free once gpt2-medium sits on the device."""
+    return hw.Capabilities(kind, name, native_bf16, int(free_at_start - MEDIUM_BYTES))
+
+
+# free memory on a fresh device: torch.cuda.mem_get_info after CUDA's own context (a Colab T4 has 14.7 GiB in all,
+# a 24 GB L4 22 GiB, an H100 79.1 GiB); a 16 GB Mac lets Metal have torch.mps.recommended_max_memory(), 10.7 GiB
+T4 = loaded("cuda", "Tesla T4", False, 14.6 * GB)
+L4 = loaded("cuda", "NVIDIA L4", True, 22.0 * GB)
+H100 = loaded("cuda", "NVIDIA H100 80GB HBM3", True, 78.5 * GB)
+MAC16 = loaded("mps", "Apple silicon (MPS)", False, 10.67 * GB)
+CPU_BF16 = hw.Capabilities("cpu", "AMD EPYC", native_bf16=True, free_bytes=22 * GB)
+CPU_OLD = hw.Capabilities("cpu", "Intel Core i5", native_bf16=False, free_bytes=8 * GB)
 
 
 def test_the_random_models_have_gpt2s_sizes():
@@ -35,37 +48,47 @@ def test_the_random_models_have_gpt2s_sizes():
     assert round(MEDIUM[1] / 1e6) == 355
 
 
-@pytest.mark.parametrize("caps, expected", [(T4, "fp16"), (H100, "bf16"), (MAC16, "fp32"), (CPU_BF16, "bf16"),
-                                            (CPU_OLD, "fp32")])
+@pytest.mark.parametrize("caps, expected", [(T4, "fp16"), (L4, "bf16"), (H100, "bf16"), (MAC16, "fp32"),
+                                            (CPU_BF16, "bf16"), (CPU_OLD, "fp32")])
 def test_precision_follows_what_the_hardware_computes_natively(caps, expected):
     assert hw.choose_precision(caps) == expected
     assert hw.choose_precision(caps, "fp32") == "fp32"  # PRECISION, when set, wins
 
 
 def full_profile_plan(caps):
+    """The full profile's plan (gpt2-medium, batches of 8 x 1024 tokens) as plan_run makes it on `caps`."""
     config, n = MEDIUM
-    return hw.plan_memory(caps, n, n, config, batch_size=8, max_length=1024, precision=hw.choose_precision(caps))
+    plan = hw.plan_memory(caps, n, n, config, batch_size=8, max_length=1024, precision=hw.choose_precision(caps),
+                          resident_bytes=MEDIUM_BYTES)
+    print(f"{caps.name}, {hw.choose_precision(caps)}: {plan.describe(8)}")
+    assert plan.budget_bytes == int((caps.free_bytes + MEDIUM_BYTES) * 0.85)  # the weights are counted once
+    assert plan.peak_bytes <= plan.budget_bytes
+    return plan
 
 
 def test_the_full_profile_does_not_fit_a_t4_in_one_pass_and_the_plan_makes_it_fit():
     config, n = MEDIUM
     whole = hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 8, 1024,
                                    "fp16")
-    assert whole > T4.free_bytes  # the fp32 logits alone are 8 x 1024 x 50257 x 4 bytes, 1.6 GB
+    assert whole > T4.free_bytes + MEDIUM_BYTES  # the fp32 logits alone are 8 x 1024 x 50257 x 4 bytes, 1.6 GB
     assert whole > n * 16 + 8 * 1024 * 50257 * 4  # weights, grads, AdamW's moments, fp32 logits at least
     plan = full_profile_plan(T4)
-    assert plan.micro_batch < 8 and plan.peak_bytes <= 0.85 * T4.free_bytes
-    assert "micro-batches of" in plan.describe(8) and "Tesla" not in plan.describe(8)
+    assert (plan.micro_batch, plan.checkpointing) == (4, False)
+    assert "micro-batches of 4 rows, 2 passes" in plan.describe(8) and "Tesla" not in plan.describe(8)
+
+
+def test_a_24gb_card_with_bf16_takes_the_whole_batch_at_once():
+    plan = full_profile_plan(L4)
+    assert (plan.micro_batch, plan.checkpointing) == (8, False)
 
 
 def test_an_h100_takes_the_whole_batch_at_once():
     plan = full_profile_plan(H100)
-    assert (plan.micro_batch, plan.checkpointing) == (8, False)
+    assert (plan.micro_batch, plan.checkpointing) == (8, False) and plan.peak_bytes < plan.budget_bytes / 3
 
 
 def test_a_16gb_mac_fits_the_full_profile_too():
-    plan = full_profile_plan(MAC16)
-    assert plan.peak_bytes <= 0.85 * MAC16.free_bytes
+    full_profile_plan(MAC16)  # unified memory: Metal's share of it, less what it holds
     # MPS keeps the attention matrix: the same plan on CUDA would be smaller
     config, n = MEDIUM
     assert hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1, 1024,
@@ -99,6 +122,64 @@ def test_plan_run_records_precision_and_plan(tiny_model, monkeypatch):
     plan = train.plan_run(tiny_model, s)
     assert plan["precision"] == "fp16" and plan["micro_batch"] == 8 and "Tesla T4" in plan["device"]
     assert train.plan_run(tiny_model, replace(s, PRECISION="fp32"))["precision"] == "fp32"
+
+
+def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch):
+    """The free memory plan_run reads is what the loaded model left; the estimate counts the weights, so the budget
+    gives them back: a batch that fits only that way is taken whole."""
+    from medqa import settings
+
+    model = fresh(tiny_model)
+    s = settings.resolve({"PROFILE": "smoke"}, env={})
+    c, n = model.config, gpt.count_parameters(model)
+    whole = hw.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, s.BATCH_SIZE, s.MAX_LENGTH,
+                                   "fp16")
+    free = int(whole / 0.85) - n * 4 + 1024  # what is left with the model loaded, when the whole batch just fits
+    monkeypatch.setattr(hw, "capabilities", lambda device: replace(T4, free_bytes=free))
+    plan = train.plan_run(model, s)
+    assert plan["micro_batch"] == s.BATCH_SIZE and not plan["gradient_checkpointing"]
+    assert plan["budget_gb"] == round(int((free + n * 4) * 0.85) / GB, 2)
+
+
+# ---------------------------------------------------------------- what capabilities() reads, with mocks
+
+def mock_cuda(monkeypatch, name, capability, free):
+    """torch.cuda as a CPU-only build cannot show it: a GPU of compute capability `capability` that can emulate
+    bf16 (as a T4 or V100 can, slowly)."""
+    props = SimpleNamespace(major=capability[0], minor=capability[1], name=name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free + GB))
+
+
+@pytest.mark.parametrize("name, capability, precision", [("Tesla T4", (7, 5), "fp16"), ("Tesla V100", (7, 0), "fp16"),
+                                                         ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16"),
+                                                         ("NVIDIA H100 80GB HBM3", (9, 0), "bf16")])
+def test_cuda_capabilities_count_only_native_bf16(monkeypatch, name, capability, precision):
+    mock_cuda(monkeypatch, name, capability, 13 * GB)
+    caps = hw.capabilities(torch.device("cuda"))
+    assert (caps.kind, caps.name, caps.free_bytes) == ("cuda", name, 13 * GB)
+    assert caps.native_bf16 == (capability >= (8, 0))  # not a T4's emulated bf16
+    assert hw.choose_precision(caps) == precision
+
+
+def test_mps_capabilities_take_metals_share_less_what_it_holds(monkeypatch):
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: int(10.67 * GB))
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: int(1.5 * GB))
+    caps = hw.capabilities(torch.device("mps"))
+    assert (caps.kind, caps.native_bf16, caps.free_bytes) == ("mps", False, int(10.67 * GB) - int(1.5 * GB))
+    assert hw.choose_precision(caps) == "fp32"
+
+
+def test_out_of_memory_is_recognised_on_cuda_and_mps_only():
+    assert hw.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.53 GiB"))
+    assert hw.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.02 GB, other "
+                                            "allocations: 1.20 GB, max allowed: 10.67 GB)."))
+    assert not hw.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not hw.is_out_of_memory(ValueError("out of memory"))
 
 
 # ---------------------------------------------------------------- the training step on the CPU
