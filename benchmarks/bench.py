@@ -47,6 +47,7 @@ from transformers import LogitsProcessor  # noqa: E402
 from medqa import batches, data, device as hw, generate, prompts, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
 from medqa.generate import generate_ids  # noqa: E402
+from medqa.model import ACTIVATION  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
@@ -68,9 +69,14 @@ def textbook_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [idx[i: i + batch_size] for i in range(0, n, batch_size)]
 
 
-def make_model(arch: dict, attn: str, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)  # the same weights for both ways
-    config = GPT2Config(vocab_size=50257, n_positions=1024, attn_implementation=attn, resid_pdrop=0.0,
+def make_model(arch: dict, way: str, seed: int = 0) -> GPT2LMHeadModel:
+    """GPT-2 with random weights, the same for both ways. The textbook way: eager attention and GELU written out
+    (the book's own GELU, as GPT-2's config's `gelu_new`); the project's: fused attention and fused GELU, as
+    medqa.model loads every GPT-2. Both GELUs are the same tanh formula."""
+    torch.manual_seed(seed)
+    textbook = way == "textbook"
+    config = GPT2Config(vocab_size=50257, n_positions=1024, attn_implementation="eager" if textbook else "sdpa",
+                        activation_function="gelu_new" if textbook else ACTIVATION, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, **arch)  # fine-tuning without dropout, as both recipes do
     return GPT2LMHeadModel(config)
 
@@ -93,13 +99,13 @@ def run_training(way: str, arch: dict, dataset: batches.QADataset, max_length: i
     device = torch.device("cpu")
     make = partial(batches.collate, max_length=max_length)
     if way == "project":
-        model = make_model(arch, "sdpa", seed)
+        model = make_model(arch, "project", seed)
         opt = train.make_optimizer(model, lr, 0.1, device)
         order = batches.LengthGroupedBatches(dataset.lengths, batch_size, seed=seed).batches(0)
         step = partial(train.train_step, model, opt, device=device)
         run_step = lambda b: step([b])[::2]  # noqa: E731 - (loss sum, real tokens)
     else:
-        model = make_model(arch, "eager", seed)
+        model = make_model(arch, "textbook", seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, foreach=False, fused=False)
         order = textbook_batches(len(dataset), batch_size, seed)
         run_step = partial(textbook_step, model, opt)
@@ -191,7 +197,7 @@ def answer_ways(hardware: dict) -> list[str]:
 
 def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int], ways: list[str]):
     """Every way answers the same prompts once, in the order given; the models share weights."""
-    models = {"textbook": make_model(arch, "eager").eval(), "project": make_model(arch, "sdpa").eval()}
+    models = {way: make_model(arch, way).eval() for way in ("textbook", "project")}
     stop_where_reference_ends(models["project"], {tuple(p): n for p, n in zip(prompts_, limits)})
     generate.answer_path(models["project"], prompts_)  # the choice is made once per process: not timed
     out = {}

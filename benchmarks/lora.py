@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from bench import GPT2_124M, cpu_name, isolated, load_splits, make_model  # noqa: E402
+from bench import GPT2_124M, isolated, load_splits, make_model  # noqa: E402
+from medqa.device import cpu_name  # noqa: E402
 from medqa import batches, model as gpt, train  # noqa: E402
 from medqa.store import write_json_atomic  # noqa: E402
 
@@ -39,7 +40,7 @@ WAYS = ("full", "lora")
 def run(way: str, dataset: batches.QADataset, val_set: batches.QADataset, cfg: dict) -> dict:
     """Train `cfg["steps"]` steps one way; time all but the first (allocator and kernel warm-up)."""
     device = torch.device("cpu")
-    model = make_model(GPT2_124M, "sdpa", seed=0)  # the same random weights both ways
+    model = make_model(GPT2_124M, "project", seed=0)  # the same random weights both ways
     if way == "lora":
         model = gpt.apply_lora(model, cfg["lora_r"])
     torch.manual_seed(123)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench import GPT2_124M, cpu_name, make_model  # noqa: E402
+from benchmarks.bench import GPT2_124M, make_model  # noqa: E402
+from medqa.device import cpu_name  # noqa: E402
 from medqa import train  # noqa: E402
 from medqa.device import pick_device  # noqa: E402
 
@@ -29,7 +30,7 @@ LENGTHS = [512, 448, 384, 320, 256, 500, 200, 400]
 
 
 def one_way(compiled: bool, device, batches) -> list[float]:
-    model = make_model(GPT2_124M, "sdpa", 0).to(device).train()
+    model = make_model(GPT2_124M, "project", 0).to(device).train()
     if compiled:
         model.compile()
     opt = train.make_optimizer(model, 5e-5, 0.1, device)
