@@ -347,8 +347,8 @@ def main(argv=None):
     #    way and round (its peak memory is its own), project and textbook taking turns.
     #    Each way gets its batches as an epoch over the whole train split makes them (the project's length-grouped
     #    batches, the textbook's random ones) and trains on the first few: a few dozen examples batched among
-    #    themselves cannot be grouped the way a whole split is (24 examples: about 0.65 of the tokens real instead
-    #    of 0.98), which would time a run nobody makes. The epoch order, and so the batches, change every round.
+    #    themselves cannot be grouped the way a whole split is (24 examples: 0.66 to 0.86 of the tokens real in two
+    #    draws, instead of 0.98), which would time a run nobody makes. The epoch order, and so the batches, change every round.
     split = batches.QADataset(train_df, 512)
     runs = {"project": [], "textbook": []}
     for r in range(cfg["rounds"]):
