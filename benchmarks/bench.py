@@ -359,6 +359,7 @@ def main(argv=None):
             print(f"train {way}, round {r + 1}:", res, flush=True)
     results["training"] = {
         way: {"tokens_per_s": spread([x["tokens_per_s"] for x in runs[way]]),
+              "real_over_padded_tokens": [round(x["real_tokens"] / x["padded_tokens"], 3) for x in runs[way]],
               "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[way])} for way in runs}
     results["training"]["ratio"] = spread([p["tokens_per_s"] / t["tokens_per_s"]
                                            for p, t in zip(runs["project"], runs["textbook"])])

@@ -96,8 +96,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     stop_where_reference_ends(model, {tuple(p): n for p, n in zip(few, limits)})
     # The layers the notebook's call would answer on: chosen for the size of that call (the whole test set), which a
     # probe repays, and not for these few prompts, which answer on the default layers when asked on their own.
-    with generate.answer_path(model, list(frame["prompt_ids"]), s.MAX_NEW_TOKENS):
-        pass
+    generate.answer_path(model, list(frame["prompt_ids"]), s.MAX_NEW_TOKENS)  # chooses; entering it would pack weights
     generate.generate_ids(model, few, 2)  # warm-up, not timed
     t = time.perf_counter()
     answers = generate.generate_ids(model, few, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE, repetition_penalty=s.REPETITION_PENALTY)

@@ -69,6 +69,9 @@ def _available_ram() -> int | None:
 def capabilities(device: torch.device) -> Capabilities:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # blocks PyTorch's allocator caches (after an earlier run in this session, say) count as used to the driver,
+        # yet are this process's to reuse
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         # including_emulation=False: a T4 or V100 "supports" bf16 only by emulating it, slowly
         return Capabilities("cuda", torch.cuda.get_device_name(device),
                             torch.cuda.is_bf16_supported(including_emulation=False), free)
@@ -211,9 +214,9 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
     (plan_run reads the free memory after loading the model). The estimate counts the weights, so the budget does
     too: free memory plus the model's own bytes.
 
-    Splitting a batch into micro-batches changes no numbers: the loss is a sum over target tokens divided by the
-    whole batch's count, and each row's result does not depend on the rows beside it (right padding, causal
-    attention). `headroom` leaves room for the allocator's fragmentation and the framework's own buffers.
+    Splitting a batch into micro-batches changes the numbers only by rounding (the sums run in another order): the
+    loss is a sum over target tokens divided by the whole batch's count, and each row's result does not depend on
+    the rows beside it (right padding, causal attention). `headroom` leaves room for the allocator's fragmentation and the framework's own buffers.
     """
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     shape = dict(n_params=n_params, n_trainable=n_trainable, n_layer=config.n_layer, n_embd=config.n_embd,

@@ -63,11 +63,12 @@ def model_source(model: str, seed: int, cache_dir=None) -> str:
 # layer and n_embd in fp32, 60 instead of 36 under 16-bit autocast: medqa.device.ACTIVATION_BYTES) and runs slower.
 # PyTorch's gelu(approximate="tanh") gives the same values to rounding (tests/test_memory_plan.py).
 ACTIVATION = "gelu_pytorch_tanh"
+FUSABLE = ("gelu_new",)  # only GPT-2's own GELU is swapped: a folder saved with another activation keeps it
 
 
 def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention and GELU (the
-    config says so, and so does the folder the model is saved to).
+    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention, and its fused GELU
+    where the model has GPT-2's own (the config says so, and so does the folder the model is saved to).
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
     """
@@ -79,8 +80,10 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
         enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar too)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa", activation_function=ACTIVATION,
-                                                **rates)
+        config = GPT2Config.from_pretrained(source, **rates)
+        if config.activation_function in FUSABLE:
+            config.activation_function = ACTIVATION
+        model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa")
     except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if isinstance(err, OSError):

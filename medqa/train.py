@@ -97,7 +97,7 @@ def train_step(model, opt, group: list[dict], device, precision: str | None = No
 
     `on_oom(rows)`: when the forward and backward passes run out of device memory with `rows` rows per pass, the
     partial gradients are dropped, the allocator's cache is freed and on_oom returns the micro-batch to run the
-    step again with (or raises). Micro-batches change no numbers, so the step ends as it would have. Without it
+    step again with (or raises). Micro-batches change the numbers only by rounding, so the step ends as it would have. Without it
     the error propagates.
     """
     n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
@@ -221,8 +221,9 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
             if _resume_memory(model, plan, st.get("memory")):
                 how = hw.describe_passes(plan["micro_batch"], plan["gradient_checkpointing"], s.BATCH_SIZE)
                 log(f"It ran out of memory here before, so it goes on with {how}.")
-        # Everything is copied where it belongs now; the loaded checkpoint (weights, AdamW's moments: about 3x the
-        # model, 5.7 GB for gpt2-medium) would otherwise sit in host RAM for the rest of training.
+        # Everything is copied where it belongs now. On a GPU the loaded checkpoint's host copies (weights and AdamW's
+        # moments: about 3x the model, 4.3 GB for gpt2-medium) would otherwise sit in host RAM for the rest of
+        # training; on the CPU the optimizer keeps the loaded moments themselves, and only the weights' copy goes.
         del ckpt
     if scaler is not None:  # the scale the next step starts with, and the steps the scaler skipped so far
         st.setdefault("loss_scale", scaler.get_scale())
@@ -318,7 +319,8 @@ def _out_of_memory(step: int, device, s, how: str) -> MedQAError:
     """The error when training runs out of memory where adapting cannot help (or helped no more)."""
     return MedQAError(
         f"Out of {device.type} memory at step {step}{how}. Close what else holds the device's memory (another "
-        f"notebook's kernel, another process) and run again: training resumes from the last checkpoint, which is "
+        f"notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → Restart session) "
+        f"so that nothing of this attempt stays in memory, and run again: training resumes from the last checkpoint, which is "
         f"kept. Otherwise {hw.fit_advice(s.MAX_LENGTH)}, with OVERWRITE=True (these settings define the run, so "
         f"it starts afresh).")
 

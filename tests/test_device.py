@@ -153,6 +153,8 @@ def mock_cuda(monkeypatch, name, capability, free):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free + GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
 
 
 @pytest.mark.parametrize("name, capability, precision", [("Tesla T4", (7, 5), "fp16"), ("Tesla V100", (7, 0), "fp16"),
@@ -165,6 +167,15 @@ def test_cuda_capabilities_count_only_native_bf16(monkeypatch, name, capability,
     assert caps.native_bf16 == (capability >= (8, 0))  # not a T4's emulated bf16
     assert hw.choose_precision(caps) == precision
 
+
+
+def test_memory_pytorch_caches_counts_as_free_to_a_rerun(monkeypatch):
+    """After a run in the same session (a notebook re-run after running out of memory), the allocator keeps blocks
+    the driver reports as used: they are this process's to reuse, and the plan must count them."""
+    mock_cuda(monkeypatch, "Tesla T4", (7, 5), 9 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GB)
+    assert hw.capabilities(torch.device("cuda")).free_bytes == 13 * GB
 
 def test_mps_capabilities_take_metals_share_less_what_it_holds(monkeypatch):
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: int(10.67 * GB))

@@ -98,6 +98,16 @@ def test_every_model_loads_with_the_fused_gelu_and_is_saved_with_it(models, tmp_
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
 
 
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_a_folder_saved_with_another_activation_keeps_it(tmp_path, activation):
+    config = GPT2Config(vocab_size=1000, n_positions=128, n_layer=1, n_head=2, n_embd=32,
+                        activation_function=activation)
+    save_model_atomic(GPT2LMHeadModel(config), tmp_path / "m")
+    model = gpt.load_model(str(tmp_path / "m"), torch.device("cpu"))
+    assert model.config.activation_function == activation
+    assert type(model.transformer.h[0].mlp.act) is type(GPT2LMHeadModel(config).transformer.h[0].mlp.act)
+
 def test_the_fused_gelu_gives_gpt2s_values_and_logits(tmp_path):
     x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
     assert float((F.gelu(x, approximate="tanh") - NewGELUActivation()(x)).abs().max()) < 1e-12  # the same formula
