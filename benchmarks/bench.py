@@ -337,9 +337,12 @@ def main(argv=None):
                                                for r in rounds])
     answers = {way: rounds[0][way]["answers"] for way in ways}
     fp32 = [w for w in ways if w != "bf16"]
-    gen["identical_answers_fp32_ways"] = f"{sum(len({tuple(answers[w][i]) for w in fp32}) == 1 for i in range(len(test_prompts)))}/{len(test_prompts)}"
+    n = len(test_prompts)
+    same = sum(len({tuple(answers[w][i]) for w in fp32}) == 1 for i in range(n))
+    gen["identical_answers_fp32_ways"] = f"{same}/{n}"
     if "bf16" in ways:
-        gen["identical_answers_bf16_vs_fp32"] = f"{sum(a == b for a, b in zip(answers['bf16'], answers['default']))}/{len(test_prompts)}"
+        same = sum(a == b for a, b in zip(answers["bf16"], answers["default"]))
+        gen["identical_answers_bf16_vs_fp32"] = f"{same}/{n}"
     results["answers"] = gen
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if training is cut short
 
@@ -348,7 +351,8 @@ def main(argv=None):
     #    Each way gets its batches as an epoch over the whole train split makes them (the project's length-grouped
     #    batches, the textbook's random ones) and trains on the first few: a few dozen examples batched among
     #    themselves cannot be grouped the way a whole split is (24 examples: 0.66 to 0.86 of the tokens real in two
-    #    draws, instead of 0.98), which would time a run nobody makes. The epoch order, and so the batches, change every round.
+    #    draws, instead of 0.98), which would time a run nobody makes. The epoch order, and so the batches, change
+    #    every round.
     split = batches.QADataset(train_df, 512)
     runs = {"project": [], "textbook": []}
     for r in range(cfg["rounds"]):

@@ -99,7 +99,8 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     generate.answer_path(model, list(frame["prompt_ids"]), s.MAX_NEW_TOKENS)  # chooses; entering it would pack weights
     generate.generate_ids(model, few, 2)  # warm-up, not timed
     t = time.perf_counter()
-    answers = generate.generate_ids(model, few, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE, repetition_penalty=s.REPETITION_PENALTY)
+    answers = generate.generate_ids(model, few, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE,
+                                    repetition_penalty=s.REPETITION_PENALTY)
     answer_s = time.perf_counter() - t
     new = sum(min(len(a), n) for a, n in zip(answers, limits))
     return {"model": s.MODEL, "examples": len(df), "train_examples": len(train_set), "test_examples": len(test_set),

@@ -135,7 +135,7 @@ def capabilities_cached(device: torch.device) -> Capabilities:
 # per-row logsumexp), which the CPU cannot show, so the constants leave a margin of 4 and 8: a copy of attention's
 # output before its projection where a kernel returns another layout, the logsumexp's padding, and the 1-byte masks
 # of the two residual dropouts when DROPOUT > 0. GPT-2's own `gelu_new` would keep three more 4 * n_embd tensors
-# (60 and 112 instead of 36 and 64): medqa.model loads every GPT-2 with the fused `gelu_pytorch_tanh`.
+# (60 and 112 instead of 36 and 64): medqa.model swaps it for the fused `gelu_pytorch_tanh` when loading.
 ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 
 
@@ -216,7 +216,8 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
 
     Splitting a batch into micro-batches changes the numbers only by rounding (the sums run in another order): the
     loss is a sum over target tokens divided by the whole batch's count, and each row's result does not depend on
-    the rows beside it (right padding, causal attention). `headroom` leaves room for the allocator's fragmentation and the framework's own buffers.
+    the rows beside it (right padding, causal attention). `headroom` leaves room for the allocator's fragmentation
+    and the framework's own buffers.
     """
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     shape = dict(n_params=n_params, n_trainable=n_trainable, n_layer=config.n_layer, n_embd=config.n_embd,

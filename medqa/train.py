@@ -97,8 +97,8 @@ def train_step(model, opt, group: list[dict], device, precision: str | None = No
 
     `on_oom(rows)`: when the forward and backward passes run out of device memory with `rows` rows per pass, the
     partial gradients are dropped, the allocator's cache is freed and on_oom returns the micro-batch to run the
-    step again with (or raises). Micro-batches change the numbers only by rounding, so the step ends as it would have. Without it
-    the error propagates.
+    step again with (or raises). Micro-batches change the numbers only by rounding, so the step ends as it would
+    have. Without it the error propagates.
     """
     n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
     n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
@@ -320,8 +320,8 @@ def _out_of_memory(step: int, device, s, how: str) -> MedQAError:
     return MedQAError(
         f"Out of {device.type} memory at step {step}{how}. Close what else holds the device's memory (another "
         f"notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → Restart session) "
-        f"so that nothing of this attempt stays in memory, and run again: training resumes from the last checkpoint, which is "
-        f"kept. Otherwise {hw.fit_advice(s.MAX_LENGTH)}, with OVERWRITE=True (these settings define the run, so "
+        f"so that nothing of this attempt stays in memory, and run again: training resumes from the last "
+        f"checkpoint, which is kept. Otherwise {hw.fit_advice(s.MAX_LENGTH)}, with OVERWRITE=True (these settings define the run, so "
         f"it starts afresh).")
 
 
