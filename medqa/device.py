@@ -240,9 +240,11 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether an error is the device running out of memory: CUDA raises torch.OutOfMemoryError, MPS a plain
-    RuntimeError whose message says so ("MPS backend out of memory ...")."""
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and
-                                                       "out of memory" in str(err))
+    RuntimeError whose message says so ("MPS backend out of memory ..."), and cuBLAS, when it cannot get the
+    workspace for a matrix product, a RuntimeError "CUDA error: CUBLAS_STATUS_ALLOC_FAILED ..."."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
 
 
 def release_cached_memory(device: torch.device) -> None:

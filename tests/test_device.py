@@ -189,6 +189,8 @@ def test_out_of_memory_is_recognised_on_cuda_and_mps_only():
     assert hw.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.53 GiB"))
     assert hw.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.02 GB, other "
                                             "allocations: 1.20 GB, max allowed: 10.67 GB)."))
+    assert hw.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                            "`cublasCreate(handle)`"))
     assert not hw.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not hw.is_out_of_memory(ValueError("out of memory"))
 
