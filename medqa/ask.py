@@ -100,22 +100,14 @@ def parse_args(argv=None):
 def ask(model, tokenizer, questions: list[str], s, progress: bool = True) -> list[str]:
     """Answers to `questions` through the notebook's own path: format_prompt, tokenize, generate.answer.
 
-    The questions go to generate.answer a batch at a time (by length, as it batches them itself), so that the bar
-    moves; an answer does not depend on the prompts batched with it (tests/test_model.py), so the text is the same.
+    All questions go to generate.answer in one call, as the notebook's do: the same batches, the same choice of
+    layers for a call of that size, the same seed when sampling; its bar moves batch by batch.
     """
-    from tqdm.auto import tqdm
-
     from medqa.generate import answer
     from medqa.prompts import format_prompt
 
     prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks = [order[i: i + s.GEN_BATCH_SIZE] for i in range(0, len(order), s.GEN_BATCH_SIZE)]
-    out: list[str] = [""] * len(prompts)
-    for chunk in tqdm(chunks, desc="answering", unit="batch", disable=not progress or len(chunks) < 2):
-        for i, text in zip(chunk, answer(model, tokenizer, [prompts[i] for i in chunk], s)):
-            out[i] = text
-    return out
+    return answer(model, tokenizer, prompts, s, progress=progress)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm.std import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from medqa.batches import EOT
@@ -259,7 +260,8 @@ def describe_decoding(s) -> str:
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
-                 temperature: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[list[int]]:
+                 temperature: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
+                 progress: bool = False) -> list[list[int]]:
     """New token ids for each prompt, in the prompts' order; greedy when temperature is 0.
 
     Prompts are batched by length so that little padding is computed; on the CPU the linear layers run the way
@@ -284,7 +286,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     try:
         with answer_path(model, prompts, max_new_tokens):
-            for chunk in chunks:
+            for chunk in tqdm(chunks, desc="answering", unit="batch", disable=not progress or len(chunks) < 2):
                 ids, mask = _left_pad([rows[i] for i in chunk], device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room[chunk[0]],
                                      eos_token_id=EOT, pad_token_id=EOT, repetition_penalty=repetition_penalty,
@@ -296,10 +298,10 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     return out
 
 
-def answer(model, tokenizer, prompts: list[list[int]], s) -> list[str]:
+def answer(model, tokenizer, prompts: list[list[int]], s, progress: bool = False) -> list[str]:
     """Decoded answers for tokenized prompts, with the generation settings of `s`."""
     ids = generate_ids(model, prompts, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE, s.TEMPERATURE,
-                       s.REPETITION_PENALTY, s.SEED)
+                       s.REPETITION_PENALTY, s.SEED, progress)
     return [clean_answer(tokenizer.decode(r)) for r in ids]
 
 

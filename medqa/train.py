@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medqa import device as hw
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
 from medqa.errors import MedQAError
-from medqa.model import enable_checkpointing
+from medqa.model import count_parameters, count_trainable, enable_checkpointing
 from medqa.store import load_checkpoint, save_figure, save_torch_atomic
 
 
@@ -131,8 +131,7 @@ def plan_run(model, s) -> dict:
     device = next(model.parameters()).device
     caps = hw.capabilities(device)
     precision = hw.choose_precision(caps, s.PRECISION)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params, n_trainable = count_parameters(model), count_trainable(model)
     # the free memory was read with the model on the device already: its weights go back into the budget
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = hw.plan_memory(caps, n_params, n_trainable, model.config, s.BATCH_SIZE, s.MAX_LENGTH, precision,
@@ -296,7 +295,7 @@ def train(model, train_data, val_loader, s, out_dir, on_epoch_end=None, log=prin
                 if st["step"] % s.EVAL_EVERY == 0 or st["pos"] >= len(batches):
                     with not_training():
                         _log_point(st, model, val_loader, s, device, started, bar, precision)
-                if st["step"] % s.CHECKPOINT_EVERY == 0:
+                if st["step"] % s.CHECKPOINT_EVERY == 0 and st["pos"] < len(batches):  # an epoch's end saves below
                     with not_training():
                         save()
             st["epoch"] += 1
@@ -375,7 +374,8 @@ def _stop_if_not_finite(st, model, s) -> None:
     """Stop when the loss or the weights stop being finite: training cannot recover, and the last good checkpoint
     must stay as it is."""
     loss = float(st["window_loss"])
-    if math.isfinite(loss) and all(bool(p.isfinite().all()) for p in model.parameters()):
+    # one sync for all the weights, not one per tensor (hundreds on a GPU)
+    if math.isfinite(loss) and bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
         return
     what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became inf or nan"
     raise MedQAError(f"At step {st['step']} {what}. The last good checkpoint is kept in OUTPUT_DIR; lower "

@@ -47,6 +47,14 @@ def test_ask_answers_in_batches_as_the_notebook_does(folder, ending_model, token
     assert [g["answer"] for g in json.loads(out)] == expected
 
 
+
+def test_sampled_answers_in_several_batches_are_the_notebooks(folder, ending_model, tokenizer, capsys):  # noqa: F811
+    """One seed for the whole call, as the notebook's: not one re-seeding per batch of questions."""
+    rc, out, _ = asked(capsys, "--model", folder, *QUESTIONS, "--batch-size", 2, "--temperature", 1.5, "--json")
+    assert rc == 0
+    sampled = replace(smoke(), GEN_BATCH_SIZE=2, TEMPERATURE=1.5)
+    assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, sampled)
+
 def test_ask_decodes_as_the_folder_says_unless_told_otherwise(ending_model, tokenizer, tmp_path, capsys):  # noqa: F811
     short = smoke(MAX_NEW_TOKENS=3, REPETITION_PENALTY=1.3)
     folder = export.save_model_folder(ending_model, tmp_path / "model", short)
