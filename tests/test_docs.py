@@ -49,7 +49,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def broken_links(page: Path, root: Path = ROOT) -> list[str]:
-    """The relative links of a Markdown page whose file or heading does not exist (paths shown from `root`)."""
+    """The relative links of a Markdown page whose file or heading does not exist, shown from `root`."""
     broken = []
     for target in LINK.findall(prose(page.read_text(encoding="utf-8"))):
         if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto: ... lead off the repository
@@ -57,7 +57,8 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
         if not linked.exists():
-            broken.append(f"{target}: no file {linked.relative_to(root) if root in linked.parents else linked}")
+            shown = linked.relative_to(root) if root in linked.parents else linked
+            broken.append(f"{target}: no file {shown}")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no heading #{anchor} in {linked.name}")
     return broken
@@ -100,12 +101,12 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 
 def test_readme_test_command_is_the_one_ci_runs():
-    """The README's "Test it" block holds .ci/run's test command verbatim; its setup creates the same .venv."""
+    """The README shows .ci/run's test command verbatim, and its setup creates the same .venv."""
     commands = ci_commands()
     readme_code = code_lines(README.read_text(encoding="utf-8"))
     assert commands[-1] in readme_code, f".ci/run runs {commands[-1]!r}; the README does not show it"
     for command in commands[:-1]:
-        assert any(line.startswith(command) for line in readme_code), f"the README does not set up with {command!r}"
+        assert any(line.startswith(command) for line in readme_code), f"the README never runs {command!r}"
 
 
 def test_files_the_readme_installs_from_exist():
