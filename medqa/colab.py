@@ -58,12 +58,13 @@ def install(requirements: str = "requirements.txt") -> None:
             f"pip install of {requirements}")
         with open(report) as f:
             replaced = {dist(p["metadata"]["name"]) for p in json.load(f)["install"]}
-    # a module imported before pip replaced its files keeps the old code in this session (or breaks it)
+    # a module imported before pip replaced its files keeps the old code in this session (or breaks it): going
+    # on would run the notebook against a mix of old and new code
     stale = sorted(m for m, names in packages_distributions().items()
                    if m in sys.modules and replaced & {dist(n) for n in names})
-    if stale:
-        print(f"Restart the session (Runtime → Restart session), then run the notebook again: pip replaced "
-              f"{', '.join(stale)}, already imported in this session.")
+    if stale:  # SystemExit: one line, no traceback, and "Run all" stops at this cell
+        raise SystemExit(f"Restart the session (Runtime → Restart session), then run the notebook again: pip "
+                         f"replaced {', '.join(stale)}, already imported in this session.")
 
 
 if __name__ == "__main__":

@@ -217,12 +217,37 @@ def _json_records(path: Path, text: str, kind: str):
     return records
 
 
+# How to copy a file named by a URL onto this machine, by the URL's scheme.
+_DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L -o data/medquad.csv '{url}'",
+                "ftp": "curl -o data/medquad.csv '{url}'", "s3": "aws s3 cp '{url}' data/medquad.csv",
+                "gs": "gsutil cp '{url}' data/medquad.csv"}
+
+
+def refuse_url(data_path) -> None:
+    """DATA_PATH names a file on this machine: a URL (https://, s3://, ...) is refused with the way to download
+    it, before a path made from it loses a slash."""
+    text = str(data_path).strip()
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if not scheme:
+        return
+    name = scheme.group(1).lower()
+    if name == "file":
+        raise MedQAError(f"DATA_PATH {text!r} is a file: URL, which is not read: write the file's path instead, "
+                         f"e.g. {text[len('file://'):]!r}.")
+    how = _DOWNLOADERS.get(name)
+    how = f"e.g. `{how.format(url=text)}`" if how else f"with the tool of that {name}:// storage, into data/"
+    raise MedQAError(f"DATA_PATH {text!r} is a URL, and DATA_PATH is not downloaded: only a file on this machine is "
+                     f"read. Download it first, {how}, then unset DATA_PATH (a copy in data/medquad.csv is used) "
+                     f"or point it at the downloaded file.")
+
+
 def read_table(path) -> pd.DataFrame:
     """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table.
 
     What the file holds is judged by its bytes, not its name: a compressed file, a workbook, UTF-16 text, a CSV
     with another separator, or JSON under the other JSON extension is named as what it is.
     """
+    refuse_url(path)
     path = Path(path)
     if not path.exists():
         target = f" (a link to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
@@ -375,6 +400,7 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
 def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
     """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
     if data_path:
+        refuse_url(data_path)
         return Path(data_path).expanduser()
     for name in LOCAL_NAMES:
         if (data_dir / name).is_file():

@@ -12,6 +12,18 @@ class StorageError(MedQAError):
     write again cannot help, so retries give up on it at once."""
 
 
+class UnreadableFile(MedQAError):
+    """A file the project wrote cannot be read back (empty, cut short, not JSON, no permission).
+
+    `problem` names the file and what is wrong with it, without the fix, for messages that say more around it;
+    `fix` is how to get past it; str() is the whole message."""
+
+    def __init__(self, path, problem: str, fix: str, damaged: bool = True):
+        self.path, self.problem, self.fix = path, problem, fix
+        cause = ": it was damaged (e.g. by a full disk or an editor)" if damaged else ""
+        super().__init__(f"{problem}{cause}. {fix}".rstrip())
+
+
 def retry(action, tries: int = 3, backoff: float = 2.0, retry_on=(Exception,), sleep=None, give_up_on=()):
     """`action()`, tried up to `tries` times, waiting backoff, 2*backoff, ... seconds between tries.
 

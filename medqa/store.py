@@ -19,7 +19,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from medqa.errors import MedQAError, StorageError
+from medqa.errors import MedQAError, StorageError, UnreadableFile
 
 # What a run writes into OUTPUT_DIR (run.json, which names the run, is rewritten by claim_output_dir).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png", "scores.png", "test_responses.json",
@@ -69,6 +69,8 @@ def atomic_write(path, folder: bool = False):
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=f"-{path.name}")
             os.close(fd)
             tmp = Path(name)
+        # tempfile makes them private (0600 / 0700); renamed into place they would keep that mode
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
         _fsync(tmp)
         if folder and path.exists():  # a folder cannot be renamed over another: set the old one aside first
@@ -91,6 +93,17 @@ def atomic_write(path, folder: bool = False):
     finally:
         if tmp is not None:
             _remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where it is shown, so that no other thread sees it change."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync(path: Path) -> None:
@@ -123,14 +136,14 @@ def save_figure(fig, path, dpi: int = 110) -> None:
 
 
 def read_json(path, fix: str):
-    """The JSON in `path`; a damaged file (empty, cut short, not JSON) is named with `fix`."""
+    """The JSON in `path`; a damaged file (empty, cut short, not JSON) raises UnreadableFile with `fix`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         problem = "is not UTF-8 text"
     except OSError as err:
-        raise MedQAError(f"Could not read {path}: {err.strerror or err}. {fix}") from None
+        raise UnreadableFile(path, f"Could not read {path}: {err.strerror or err}", fix, damaged=False) from None
     else:
         if not text.strip():
             problem = "is empty"
@@ -139,19 +152,59 @@ def read_json(path, fix: str):
                 return json.loads(text)
             except json.JSONDecodeError as err:
                 problem = f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-    raise MedQAError(f"{path} {problem}: it was damaged (e.g. by a full disk or an editor). {fix}")
+    raise UnreadableFile(path, f"{path} {problem}", fix)
 
 
 def update_json(path, **parts) -> dict:
-    """Merge `parts` into the JSON object at `path` (created if missing)."""
+    """Merge `parts` into the JSON object at `path` (created if missing).
+
+    The read, merge and write hold a lock beside the file, so that two processes that record results at once
+    (the notebook's kernel and `python -m medqa.judge`) both keep their parts."""
     path = Path(path)
     fix = "Delete it to start it afresh, or run again with OVERWRITE=True."
-    obj = read_json(path, fix) if path.exists() else {}
-    if not isinstance(obj, dict):
-        raise MedQAError(f"{path} holds a JSON {type(obj).__name__}, not an object. {fix}")
-    obj.update(parts)
-    write_json_atomic(path, obj)
+    with _merge_lock(path):
+        obj = read_json(path, fix) if path.exists() else {}
+        if not isinstance(obj, dict):
+            raise MedQAError(f"{path} holds a JSON {type(obj).__name__}, not an object. {fix}")
+        obj.update(parts)
+        write_json_atomic(path, obj)
     return obj
+
+
+@contextmanager
+def _merge_lock(path: Path, wait_s: float = 60):
+    """An exclusive lock on the folder that holds `path`, for a merge of a few milliseconds: a flock on the
+    folder itself, so that it leaves no file behind, and apart from the run folder's lock (run_folder.py).
+    Where the file system cannot lock, the merge goes on unlocked."""
+    import time
+
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError as err:
+        raise (write_error(path, err) if is_storage_error(err) else err) from err
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MedQAError(f"{path} could not be updated: another process kept its folder locked for "
+                                     f"{wait_s:.0f} s. Stop the other notebook or `python -m medqa.judge` that "
+                                     f"writes there, and run again.") from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock
+                break
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_torch_atomic(obj, path) -> None:

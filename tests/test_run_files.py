@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa import batches, data, errors, model as gpt, prompts, settings, store, train
+from medqa import batches, data, errors, model as gpt, prompts, run_folder, settings, store, train
 from medqa.errors import MedQAError, StorageError
 from tests.sample_data import write_sample_csv
 from tests.test_bad_input import snapshot
+
+LOCK_FILES = (run_folder.LOCK_NAME, run_folder.HOLDER_NAME)  # the run folder's lock, held while a run uses it
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_damaged_run_files_are_named_and_overwrite_gets_past_them(tmp_path, name
         assert w in str(err.value)
     assert snapshot(out) == before
     claim(out, OVERWRITE=True)
-    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES) == ["run.json"]
 
 
 def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tmp_path):
@@ -155,7 +157,8 @@ def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tm
     (out / f"{store.TMP_PREFIX}x1-checkpoint.pt").write_bytes(b"half")  # a write the kernel's death cut short
     (out / f"{store.TMP_PREFIX}x2-model").mkdir()
     claim(out)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model", "run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES) == ["checkpoint.pt", "metrics.json",
+                                                                                  "model", "run.json"]
 
 
 def test_files_of_a_run_without_run_json_are_not_taken_over(tmp_path):
@@ -270,7 +273,8 @@ def test_a_read_only_output_dir_names_the_file_and_the_fix(tmp_path, monkeypatch
         if os.access(out, os.W_OK):  # root writes anyway: show the same failure by injecting what the OS says
             monkeypatch.setattr(store.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
                 PermissionError(errno.EACCES, "Permission denied", kw["dir"])))
-        with pytest.raises(StorageError, match=r"run.json: permission denied.*chmod u\+w"):
+        # the lock file is the first file a claim makes
+        with pytest.raises(StorageError, match=r"(run.json|\.medqa-run\.lock): permission denied.*chmod u\+w"):
             settings.claim_output_dir(replace(settings.resolve({"PROFILE": "smoke"}, env={}), OUTPUT_DIR=str(out)))
     finally:
         out.chmod(0o700)
