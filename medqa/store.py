@@ -69,9 +69,8 @@ def atomic_write(path, folder: bool = False):
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=f"-{path.name}")
             os.close(fd)
             tmp = Path(name)
-        # tempfile makes them private (0600 / 0700); renamed into place they would keep that mode
-        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
+        _give_umask_modes(tmp)
         _fsync(tmp)
         if folder and path.exists():  # a folder cannot be renamed over another: set the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX, suffix=f"-{path.name}.old"))
@@ -93,6 +92,18 @@ def atomic_write(path, folder: bool = False):
     finally:
         if tmp is not None:
             _remove(tmp)
+
+
+def _give_umask_modes(path: Path) -> None:
+    """The modes the user's umask gives, for a temporary file or folder and what a writer put into it: tempfile
+    (and save_pretrained's own temporary files) make them private (0600 / 0700), and renamed into place they
+    would keep that mode, so that nobody else on a shared machine or Drive could read the run."""
+    mask = _umask()
+    for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 def _umask() -> int:
