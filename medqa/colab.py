@@ -1,7 +1,8 @@
 """Step 0, on Google Colab only: install what the project needs and Colab lacks, and keep what Colab has.
 
-The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of the
-project's packages are installed: it uses the standard library only, and never imports the package around it.
+The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of
+the project's packages are installed: it uses the standard library only, and never imports the package around
+it.
 """
 
 import json
@@ -13,8 +14,8 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
 # Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the general-purpose
-# ones, and replacing any of them can force a restart. They are installed (pinned) only where missing, and a pip
-# constraint keeps the project's packages from replacing them as a dependency. The project's own packages
+# ones, and replacing any of them can force a restart. They are installed (pinned) only where missing, and a
+# pip constraint keeps the project's packages from replacing them as a dependency. The project's own packages
 # (transformers 5, peft, tiktoken, ...) are installed at their pinned versions: its code needs those.
 KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm")
 

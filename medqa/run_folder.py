@@ -1,10 +1,10 @@
 """The run folder (OUTPUT_DIR): one run at a time, and a run goes on only from a run it can continue exactly.
 
-`claim` makes the folder a run's: it takes the folder's lock, checks what an earlier run left there against this
-run (its settings, the fingerprints of its data file and model, damaged files) and records the run in run.json.
-The lock is held by the process (the notebook's kernel) until it ends, dies or claims another folder: a second
-process is refused at once and told which one holds the folder; a killed process holds nothing, because the
-operating system drops its lock (flock) with it.
+`claim` makes the folder a run's: it takes the folder's lock, checks what an earlier run left there against
+this run (its settings, the fingerprints of its data file and model, damaged files) and records the run in
+run.json. The lock is held by the process (the notebook's kernel) until it ends, dies or claims another
+folder: a second process is refused at once and told which one holds the folder; a killed process holds
+nothing, because the operating system drops its lock (flock) with it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ HOLDER_NAME = ".medqa-run-holder.json"  # which process that is, for the message
 # What claim records beside the settings: what the data file and the model source were.
 FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
 
-_held: dict[Path, object] = {}  # folder -> its lock; one per folder per process, because flock is per open file
+_held: dict[Path, object] = {}  # folder -> its lock: one per folder and process, as flock is per open file
 
 
 def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_source=None) -> Path:
@@ -60,18 +60,21 @@ def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_sourc
 
 
 def _problems_or_refuse(out: Path, mine: dict, overwrite: bool, sources: dict) -> list[str]:
-    """Why the run in `out` cannot simply continue as the run `mine`; refused unless `overwrite` may replace it."""
+    """Why the run in `out` cannot simply continue as the run `mine`; refused unless `overwrite` may replace
+    it."""
     problems = _run_problems(out, mine, sources) if out.is_dir() else []
     if problems and not overwrite:
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds a run this one cannot continue: {'; '.join(problems)}. "
-                         f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds a run this one cannot continue: "
+                         f"{'; '.join(problems)}. To keep it, set OUTPUT_DIR to another folder; to replace "
+                         "it, set OVERWRITE=True.")
     if problems:
         _never_discard_inputs(out, sources)
     return problems
 
 
 def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
-    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs, damage."""
+    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs,
+    damage."""
     record = out / "run.json"
     if not record.exists():
         left = [name for name in store.RUN_FILES if (out / name).exists()]
@@ -104,32 +107,33 @@ def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
 def _changed(key: str, theirs: str, mine: str, sources: dict) -> str:
     """The input that changed under a run, named by the setting that chose it and the file it is."""
     setting = "DATA_PATH" if key == "DATA_FINGERPRINT" else "MODEL"
-    return (f"{FINGERPRINTS[key]} changed since that run began ({setting}: {str(sources[setting])!r}; {theirs} "
-            f"there, {mine} now)")
+    return (f"{FINGERPRINTS[key]} changed since that run began ({setting}: {str(sources[setting])!r}; "
+            f"{theirs} there, {mine} now)")
 
 
 def _never_discard_inputs(out: Path, sources: dict) -> None:
-    """OVERWRITE replaces a run of this notebook, never the user's own files: refuse when the folder holds no
-    run.json (its files are not a run's), or when this run's data file or model lies where a run's files go."""
+    """OVERWRITE replaces a run of this notebook, never the user's own files: refuse when the folder holds
+    no run.json (its files are not a run's), or when this run's data file or model lies where a run's files
+    go."""
     if not (out / "run.json").exists():
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds files named like a run's but no run.json, so they are not "
-                         f"a run of this notebook and OVERWRITE=True does not delete them: set OUTPUT_DIR to "
-                         f"another folder (or move those files away).")
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds files named like a run's but no run.json, so they "
+                         "are not a run of this notebook and OVERWRITE=True does not delete them: set "
+                         f"OUTPUT_DIR to another folder (or move those files away).")
     discarded = [(out / name).resolve() for name in store.RUN_FILES]
     for label, source in sources.items():
         if source is None or not Path(source).exists():
             continue
         inside = Path(source).resolve()
         if any(inside == d or d in inside.parents for d in discarded):
-            raise MedQAError(f"{label}={str(source)!r} lies inside OUTPUT_DIR={str(out)!r} where the old run's "
-                             f"files are, and OVERWRITE=True would delete it: copy it elsewhere (or set OUTPUT_DIR "
-                             f"to another folder) first.")
+            raise MedQAError(f"{label}={str(source)!r} lies inside OUTPUT_DIR={str(out)!r} where the old "
+                             "run's files are, and OVERWRITE=True would delete it: copy it elsewhere (or "
+                             f"set OUTPUT_DIR to another folder) first.")
 
 
 # ---------------------------------------------------------------- one run per folder
 
 def hold(out_dir) -> None:
-    """Lock `out_dir` (made if missing) for this process, or refuse at once, naming the process that holds it."""
+    """Lock `out_dir` (made if missing) for this process, or refuse at once, naming the process holding it."""
     import filelock
 
     out = Path(out_dir)
@@ -140,9 +144,10 @@ def hold(out_dir) -> None:
         lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
         lock.acquire()
     except filelock.Timeout:
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({holder(out)}), and two runs in one "
-                         f"folder would overwrite each other's files: wait until it ends (a notebook's kernel "
-                         f"holds the folder until it is shut down), or set OUTPUT_DIR to another folder.") from None
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({holder(out)}), and two runs "
+                         "in one folder would overwrite each other's files: wait until it ends (a "
+                         "notebook's kernel holds the folder until it is shut down), or set OUTPUT_DIR to "
+                         "another folder.") from None
     except OSError as err:
         if store.is_storage_error(err):
             raise store.write_error(out / LOCK_NAME, err) from err
@@ -151,8 +156,9 @@ def hold(out_dir) -> None:
 
 
 def release(out_dir, remove: bool = False) -> None:
-    """Free `out_dir` for other processes (the lock also goes when the process ends); `remove` deletes the lock
-    file too, for a claim that failed in a folder that had none (a process that opened it meanwhile notices)."""
+    """Free `out_dir` for other processes (the lock also goes when the process ends); `remove` deletes the
+    lock file too, for a claim that failed in a folder that had none (a process that opened it meanwhile
+    notices)."""
     lock = _held.pop(Path(out_dir).resolve(), None)
     if lock is not None:
         if remove:
@@ -171,4 +177,5 @@ def holder(out_dir) -> str:
 
 def _write_holder(out: Path) -> None:
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    store.write_json_atomic(out / HOLDER_NAME, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    store.write_json_atomic(out / HOLDER_NAME, record)

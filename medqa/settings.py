@@ -14,7 +14,8 @@ from pathlib import Path
 
 from medqa import run_folder
 from medqa.errors import MedQAError
-from medqa.model_folder import GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL, check_model_folder  # noqa: F401
+from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
+                                check_model_folder)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -82,11 +83,13 @@ COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROP
               LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None,
               CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
               GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
-              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
+              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434",
+              OUTPUT_DIR=None, OVERWRITE=False)
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
-                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
+                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA",
+                "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
                 "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
 
@@ -114,8 +117,8 @@ def _parse_env(name: str, text: str):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for True, "
-                             f"or 0, false or no for False.")
+            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for "
+                             f"True, or 0, false or no for False.")
         if kind.startswith("int"):
             return int(text)
         if kind.startswith("float"):
@@ -145,8 +148,8 @@ def notebook_params(namespace: dict) -> dict:
     names = [f.name for f in fields(Settings)]
     injected = _injected_names(namespace.get("In", []))
     params = {k: v for k, v in namespace.items() if k in names}
-    strays = sorted(k for k, v in namespace.items() if k not in names and (k in injected or _looks_like_setting(
-        k, v, names)))
+    strays = sorted(k for k, v in namespace.items()
+                    if k not in names and (k in injected or _looks_like_setting(k, v, names)))
     if strays:
         raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
                          f"{_hints(strays, names)}: the settings are {names}.")
@@ -205,8 +208,9 @@ def _refuse_unknown(params: dict, env, names: list[str]) -> None:
     unknown_env = sorted(k for k in env if k.upper().startswith("MEDQA_") and
                          (not k.startswith("MEDQA_") or k[6:] not in names))
     if unknown_env:
-        raise MedQAError(f"Unknown environment variable(s) {unknown_env}{_hints(unknown_env, names, 'MEDQA_')}: "
-                         f"use MEDQA_<NAME> with NAME one of {names} (in capitals, as written here).")
+        raise MedQAError("Unknown environment variable(s) "
+                         f"{unknown_env}{_hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME "
+                         f"one of {names} (in capitals, as written here).")
 
 
 def resolve(params: dict, env: dict | None = None) -> Settings:
@@ -238,7 +242,7 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
     _check_types(values)
-    for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" means the home folder, not a folder named "~"
+    for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
         if isinstance(values[name], str) and values[name].startswith("~"):
             values[name] = os.path.expanduser(values[name])
     if "://" not in values["OLLAMA_HOST"]:
@@ -254,8 +258,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_types(values: dict) -> None:
-    """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE 8.0`
-    a float, and Python counts True as the whole number 1."""
+    """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE
+    8.0` a float, and Python counts True as the whole number 1."""
     for f in fields(Settings):
         value, base, nullable = values[f.name], f.type.split(" | ")[0], "None" in f.type
         if value is None and nullable:
@@ -271,15 +275,16 @@ def _check_types(values: dict) -> None:
                              f"environment: MEDQA_{f.name}=1, true or yes, or 0, false or no).")
         if base == "int" and isinstance(value, numbers.Real) and not isinstance(value, bool) \
                 and math.isfinite(value) and value == int(value):
-            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the decimal "
-                             f"point.")
+            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the "
+                             f"decimal point.")
         raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
                          f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
 
 
 def _check_output_dir(value: str) -> None:
     """OUTPUT_DIR can become the run's folder: nothing is written here, so a failed run leaves no trace."""
-    _check(value.strip() != "", "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
+    _check(value.strip() != "",
+           "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
                                 "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
     _check("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: "
                                  f"set it to a folder such as 'runs/mine'.")
@@ -287,29 +292,31 @@ def _check_output_dir(value: str) -> None:
     try:
         path.exists()
     except OSError as err:
-        raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a shorter "
-                         f"folder such as 'runs/mine'.") from None
+        raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a "
+                         f"shorter folder such as 'runs/mine'.") from None
     _check(not path.exists() or path.is_dir(),
-           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if missing).")
+           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if "
+           "missing).")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
                               f"set OUTPUT_DIR to a folder.")
     _check(os.access(existing, os.W_OK | os.X_OK),
-           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it writable "
-           f"(chmod u+w) or set OUTPUT_DIR to a folder you can write.")
+           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
+           f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
 
 
 def _check_model(model: str, output_dir: str) -> None:
     """MODEL is a known model or a folder holding GPT-2 that the run does not write into."""
     if model in KNOWN_MODELS:
         return
-    _check(Path(model).is_dir(), f"MODEL={model!r} is neither a known model nor an existing folder: choose one of "
-                                 f"{list(KNOWN_MODELS)} or the path of a folder saved with save_pretrained.")
+    _check(Path(model).is_dir(), f"MODEL={model!r} is neither a known model nor an existing folder: choose "
+                                 f"one of {list(KNOWN_MODELS)} or the path of a folder saved with "
+                                 "save_pretrained.")
     check_model_folder(model)
-    folder, out = Path(model).resolve(), Path(output_dir).resolve()  # a run writes its files (and model/) there
+    folder, out = Path(model).resolve(), Path(output_dir).resolve()  # a run writes its files and model/ there
     _check(folder != out and folder not in out.parents,
-           f"OUTPUT_DIR={output_dir!r} is the MODEL folder {model!r} (or inside it): the run would write into "
-           f"the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
+           f"OUTPUT_DIR={output_dir!r} is the MODEL folder {model!r} (or inside it): the run would write "
+           f"into the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
 
 
 def validate(s: Settings) -> None:
@@ -321,8 +328,10 @@ def validate(s: Settings) -> None:
                f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
     for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
         _check(getattr(s, name).strip() not in ("", "http://"),
-               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None for the default.")
-    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
+               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None "
+               "for the default.")
+    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. "
+                                "123.")
     _check_output_dir(s.OUTPUT_DIR)
     _check_model(s.MODEL, s.OUTPUT_DIR)
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
@@ -339,16 +348,20 @@ def validate(s: Settings) -> None:
     _check(s.LEARNING_RATE > 0, f"LEARNING_RATE={s.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
     _check(0 <= s.DROPOUT < 1, f"DROPOUT={s.DROPOUT!r} must lie in [0, 1) (0 = off).")
     _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
-    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must be >= 0.")
+    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must "
+                                                                    "be >= 0.")
     for name in ("LORA_R", "LORA_ALPHA"):
         value = getattr(s, name)
         _check(value is None or (isinstance(value, int) and value > 0),
-               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full fine-tuning).")
+               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full "
+               "fine-tuning).")
     _check(s.PRECISION is None or s.PRECISION in PRECISIONS,
-           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by hardware.")
+           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by "
+           "hardware.")
     _check(s.JUDGE_BUDGET_S > 0, f"JUDGE_BUDGET_S={s.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
     _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")
-    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
+    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = "
+                                        "off).")
     _check(isinstance(s.N_BEFORE, int) and s.N_BEFORE >= 0, f"N_BEFORE={s.N_BEFORE!r} must be >= 0.")
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
         value = getattr(s, name)

@@ -1,9 +1,9 @@
-"""Writing results so that an interrupted or failed write leaves the old file or the new one, never half of one,
-and reading them back with a clear error when a file is damaged.
+"""Writing results so that an interrupted or failed write leaves the old file or the new one, never half of
+one, and reading them back with a clear error when a file is damaged.
 
 Every file the project writes goes through `atomic_write`: a temporary file (or folder) beside the target,
-flushed to disk and then renamed over it, removed on any error. Errors of the file system become a `StorageError`
-that names the file, the problem ("no space left on device", ...) and the fix.
+flushed to disk and then renamed over it, removed on any error. Errors of the file system become a
+`StorageError` that names the file, the problem ("no space left on device", ...) and the fix.
 """
 
 from __future__ import annotations
@@ -30,15 +30,19 @@ TMP_PREFIX = ".tmp-"  # hidden, and the target's name stays at the end so that r
 _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
               errno.EISDIR, errno.EEXIST, errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT}
 _FIXES = {
-    errno.ENOSPC: ("no space left on device", "free some space (or point OUTPUT_DIR elsewhere) and run again"),
+    errno.ENOSPC: ("no space left on device",
+                   "free some space (or point OUTPUT_DIR elsewhere) and run again"),
     errno.EDQUOT: ("disk quota exceeded", "free some space (or point OUTPUT_DIR elsewhere) and run again"),
     errno.EFBIG: ("file too large for this file system", "point OUTPUT_DIR at another disk"),
     errno.EACCES: ("permission denied", "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
-    errno.EPERM: ("operation not permitted", "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
+    errno.EPERM: ("operation not permitted",
+                  "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
     errno.EROFS: ("read-only file system", "point OUTPUT_DIR at a writable disk"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "point OUTPUT_DIR at a folder, not a file"),
-    errno.EISDIR: ("a folder stands where the file should go", "move that folder away or choose another OUTPUT_DIR"),
-    errno.EEXIST: ("a file stands where a folder should go", "move that file away or choose another OUTPUT_DIR"),
+    errno.EISDIR: ("a folder stands where the file should go",
+                   "move that folder away or choose another OUTPUT_DIR"),
+    errno.EEXIST: ("a file stands where a folder should go",
+                   "move that file away or choose another OUTPUT_DIR"),
 }
 
 
@@ -47,9 +51,10 @@ def is_storage_error(err: BaseException) -> bool:
 
 
 def write_error(path, err: OSError) -> StorageError:
-    problem, fix = _FIXES.get(err.errno, (err.strerror or str(err), "check the disk and the folder, then run again"))
-    return StorageError(f"Could not write {path}: {problem} ({type(err).__name__}). The previous file, if any, is "
-                        f"unchanged; {fix}.")
+    problem, fix = _FIXES.get(err.errno, (err.strerror or str(err), "check the disk and the folder, then "
+                                                                    "run again"))
+    return StorageError(f"Could not write {path}: {problem} ({type(err).__name__}). The previous file, if "
+                        f"any, is unchanged; {fix}.")
 
 
 @contextmanager
@@ -57,7 +62,8 @@ def atomic_write(path, folder: bool = False):
     """Yield a temporary path beside `path`; when the block ends without error, flush it to disk and rename it
     over `path`. On any error the temporary file is removed and `path` keeps what it held.
 
-    With `folder=True` the temporary path is a folder; the old folder is set aside until the new one is in place.
+    With `folder=True` the temporary path is a folder; the old folder is set aside until the new one is in
+    place.
     """
     path = Path(path)
     tmp = None
@@ -95,9 +101,9 @@ def atomic_write(path, folder: bool = False):
 
 
 def _give_umask_modes(path: Path) -> None:
-    """The modes the user's umask gives, for a temporary file or folder and what a writer put into it: tempfile
-    (and save_pretrained's own temporary files) make them private (0600 / 0700), and renamed into place they
-    would keep that mode, so that nobody else on a shared machine or Drive could read the run."""
+    """The modes the user's umask gives, for a temporary file or folder and what a writer put into it:
+    tempfile (and save_pretrained's own temporary files) make them private (0600 / 0700), and renamed into
+    place they would keep that mode, so that nobody else on a shared machine or Drive could read the run."""
     mask = _umask()
     for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
         if p.is_symlink():
@@ -154,7 +160,8 @@ def read_json(path, fix: str):
     except UnicodeDecodeError:
         problem = "is not UTF-8 text"
     except OSError as err:
-        raise UnreadableFile(path, f"Could not read {path}: {err.strerror or err}", fix, damaged=False) from None
+        raise UnreadableFile(path, f"Could not read {path}: "
+                                   f"{err.strerror or err}", fix, damaged=False) from None
     else:
         if not text.strip():
             problem = "is empty"
@@ -184,7 +191,7 @@ def update_json(path, **parts) -> dict:
 
 @contextmanager
 def _merge_lock(path: Path, wait_s: float = 60):
-    """An exclusive lock on the folder that holds `path`, for a merge of a few milliseconds: a flock on the
+    """An exclusive lock on the folder that holds `path`, for one short read-merge-write: a flock on the
     folder itself, so that it leaves no file behind, and apart from the run folder's lock (run_folder.py).
     Where the file system cannot lock, the merge goes on unlocked."""
     import time
@@ -207,9 +214,9 @@ def _merge_lock(path: Path, wait_s: float = 60):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise MedQAError(f"{path} could not be updated: another process kept its folder locked for "
-                                     f"{wait_s:.0f} s. Stop the other notebook or `python -m medqa.judge` that "
-                                     f"writes there, and run again.") from None
+                    raise MedQAError(f"{path} could not be updated: another process kept its folder locked "
+                                     f"for {wait_s:.0f} s. Stop the other notebook or `python -m "
+                                     f"medqa.judge` that writes there, and run again.") from None
                 time.sleep(0.05)
             except OSError:  # a file system without flock
                 break
@@ -225,13 +232,15 @@ def save_torch_atomic(obj, path) -> None:
         try:
             torch.save(obj, f)  # through a Python file, so that a failed write keeps its errno
         except RuntimeError as err:
-            if isinstance(err.__context__, OSError):  # torch's zip writer reports the OSError as a RuntimeError
+            # torch's zip writer reports the OSError as a RuntimeError
+            if isinstance(err.__context__, OSError):
                 raise err.__context__ from err
             raise
 
 
 def zip_problem(path) -> str | None:
-    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, read from its directory only."""
+    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, read from its directory
+    only."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -261,25 +270,30 @@ def safetensors_problem(path) -> str | None:
     return None if size >= expected else f"is cut short ({size:,} of {expected:,} bytes)"
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "state"}  # what train.py saves
+
+
 def load_checkpoint(path):
-    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains (torch.set_rng_state
-    takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to wherever the model is).
-    A damaged checkpoint gives a MedQAError that says how to get past it."""
+    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains
+    (torch.set_rng_state takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to
+    wherever the model is). A damaged checkpoint gives a MedQAError that says how to get past it."""
     import pickle
 
     import torch
 
     path = Path(path)
-    fix = ("The run cannot continue from it: run again with OVERWRITE=True to start this run afresh (the damaged "
-           "checkpoint is replaced), or set OUTPUT_DIR to another folder.")
+    fix = ("The run cannot continue from it: run again with OVERWRITE=True to start this run afresh (the "
+           "damaged checkpoint is replaced), or set OUTPUT_DIR to another folder.")
     problem = zip_problem(path)
     if problem is None:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "rng", "state"} <= set(ckpt):
+            if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
                 problem = "is not a checkpoint of this notebook (keys are missing)"
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, AttributeError) as err:
-            problem = f"is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+                AttributeError) as err:
+            first_line = str(err).splitlines()[0][:120] if str(err) else ""
+            problem = f"is damaged ({type(err).__name__}: {first_line})"
     if problem is not None:
         raise MedQAError(f"{path} {problem}. {fix}")
     return ckpt
@@ -293,8 +307,8 @@ def save_model_atomic(model, folder) -> Path:
 
 
 def discard_run(out_dir, litter_only: bool = False) -> None:
-    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a killed
-    kernel left (also with `litter_only`: they are never a file of the run)."""
+    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a
+    killed kernel left (also with `litter_only`: they are never a file of the run)."""
     out_dir = Path(out_dir)
     try:
         names = [] if litter_only else [out_dir / name for name in RUN_FILES]
@@ -313,8 +327,8 @@ def fingerprint(source) -> str:
     """What identifies a data file or a model source, to notice when one changes under a run.
 
     A file: the SHA-256 of its bytes. A model folder: the SHA-256 of config.json and the weight files (names,
-    sizes and contents), which is what `from_pretrained` reads: a model retrained to the same shape has the same
-    names and sizes, so only the contents tell. Anything else is a hub id and stands for itself.
+    sizes and contents), which is what `from_pretrained` reads: a model retrained to the same shape has the
+    same names and sizes, so only the contents tell. Anything else is a hub id and stands for itself.
     """
     path = Path(source)
     if path.is_file():
