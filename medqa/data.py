@@ -238,10 +238,9 @@ def refuse_url(data_path) -> None:
     """DATA_PATH names a file on this machine: a URL (https://, s3://, ...) is refused with the way to
     download it, before a path made from it loses a slash."""
     text = str(data_path).strip()
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
-    if not scheme:
+    name = store.url_scheme(text)
+    if name is None:
         return
-    name = scheme.group(1).lower()
     if name == "file":
         raise MedQAError(f"DATA_PATH {text!r} is a file: URL, which is not read: write the file's path "
                          f"instead, e.g. {text[len('file://'):]!r}.")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medqa import run_folder
 from medqa.errors import MedQAError
+from medqa.store import url_scheme
 from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
                                 check_model_folder)
 
@@ -288,6 +289,10 @@ def _check_output_dir(value: str) -> None:
                                 "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
     _check("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: "
                                  f"set it to a folder such as 'runs/mine'.")
+    _check(url_scheme(value) is None,
+           f"OUTPUT_DIR={value!r} is a URL: a run writes into a folder on this machine. Set OUTPUT_DIR to a "
+           f"local folder (on Colab a mounted Drive folder such as '/content/drive/MyDrive/runs' works), and "
+           f"copy the folder to that storage when the run has ended.")
     path = Path(value)
     try:
         path.exists()

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -44,6 +45,13 @@ _FIXES = {
     errno.EEXIST: ("a file stands where a folder should go",
                    "move that file away or choose another OUTPUT_DIR"),
 }
+
+
+def url_scheme(text) -> str | None:
+    """The scheme of a URL such as https://host/x or s3://bucket/x (lower case), which the project never reads
+    or writes as a path: Path() would turn it into a local path with one slash lost."""
+    found = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://", str(text))
+    return found.group(1).lower() if found else None
 
 
 def is_storage_error(err: BaseException) -> bool:

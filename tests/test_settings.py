@@ -152,3 +152,11 @@ def test_the_notebook_and_medqa_ask_check_a_model_folder_with_the_same_function(
         said.append(str(err.value))
     assert said[0].startswith("--model=") and said[1].startswith("MODEL=")
     assert said[0].split(": ", 1)[1].split(";")[0] == said[1].split(": ", 1)[1].split(";")[0]  # the same problem
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/runs", "https://example.org/runs", "gs://b/r"])
+def test_an_output_dir_that_is_a_url_is_refused_before_a_local_folder_is_made_of_it(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MedQAError, match=f"OUTPUT_DIR={url!r} is a URL.*local folder"):
+        settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": url}, env={})
+    assert list(tmp_path.iterdir()) == []
