@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from medqa.errors import MedQAError
-from medqa import settings
+from medqa import model_folder
 from medqa.settings import COMMON, PROFILES
 from medqa.store import read_json
 
@@ -28,15 +28,8 @@ NOTICE = "Not medical advice: these answers come from a small language model and
 
 
 def check_model_folder(folder) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MedQAError(f"--model {folder}: no such folder. Point --model at OUTPUT_DIR/model of a finished run "
-                         f"(the notebook's section 13 writes it).")
-    if not (folder / "config.json").exists():
-        raise MedQAError(f"--model {folder}: the folder holds no saved model (config.json and *.safetensors). "
-                         f"Point --model at OUTPUT_DIR/model of a finished run, not at OUTPUT_DIR itself.")
-    settings.check_model_folder(str(folder), label="--model")  # the notebook's own check: a GPT-2 whose weights are whole
-    return folder
+    return model_folder.check_model_folder(folder, "--model", how="point --model at OUTPUT_DIR/model of a "
+                                                                  "finished run, not at OUTPUT_DIR itself")
 
 
 def read_questions(questions: list[str], file: str | None) -> list[str]:

@@ -1,7 +1,8 @@
 """Step 0, on Google Colab only: install what the project needs and Colab lacks, and keep what Colab has.
 
-The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of the
-project's packages are installed: it uses the standard library only, and never imports the package around it.
+The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of
+the project's packages are installed: it uses the standard library only, and never imports the package around
+it.
 """
 
 import json
@@ -13,8 +14,8 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
 # Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the general-purpose
-# ones, and replacing any of them can force a restart. They are installed (pinned) only where missing, and a pip
-# constraint keeps the project's packages from replacing them as a dependency. The project's own packages
+# ones, and replacing any of them can force a restart. They are installed (pinned) only where missing, and a
+# pip constraint keeps the project's packages from replacing them as a dependency. The project's own packages
 # (transformers 5, peft, tiktoken, ...) are installed at their pinned versions: its code needs those.
 KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm")
 
@@ -58,12 +59,13 @@ def install(requirements: str = "requirements.txt") -> None:
             f"pip install of {requirements}")
         with open(report) as f:
             replaced = {dist(p["metadata"]["name"]) for p in json.load(f)["install"]}
-    # a module imported before pip replaced its files keeps the old code in this session (or breaks it)
+    # a module imported before pip replaced its files keeps the old code in this session (or breaks it): going
+    # on would run the notebook against a mix of old and new code
     stale = sorted(m for m, names in packages_distributions().items()
                    if m in sys.modules and replaced & {dist(n) for n in names})
-    if stale:
-        print(f"Restart the session (Runtime → Restart session), then run the notebook again: pip replaced "
-              f"{', '.join(stale)}, already imported in this session.")
+    if stale:  # SystemExit: one line, no traceback, and "Run all" stops at this cell
+        raise SystemExit(f"Restart the session (Runtime → Restart session), then run the notebook again: pip "
+                         f"replaced {', '.join(stale)}, already imported in this session.")
 
 
 if __name__ == "__main__":

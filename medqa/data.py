@@ -38,15 +38,20 @@ NO_DATA_HELP = ("set DATA_PATH (or MEDQA_DATA_PATH) to a MedQuAD CSV or an Alpac
 # ---------------------------------------------------------------- reading one file
 
 # What a file that is not text really is, by its first bytes, and how to get a CSV from it.
-_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point DATA_PATH at "
-                "that file")
+_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point "
+                "DATA_PATH at that file")
 _MAGIC = [
-    (b"\x1f\x8b", "gzip-compressed", "unpack it first (`gunzip -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"\xfd7zXZ\x00", "xz-compressed", "unpack it first (`unxz -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"BZh", "bzip2-compressed", "unpack it first (`bunzip2 -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file", _SAVE_AS_CSV),
+    (b"\x1f\x8b", "gzip-compressed", 
+     "unpack it first (`gunzip -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"\xfd7zXZ\x00", "xz-compressed", 
+     "unpack it first (`unxz -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"BZh", "bzip2-compressed", 
+     "unpack it first (`bunzip2 -k {name}`) and point DATA_PATH at the unpacked file"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file",
+     _SAVE_AS_CSV),
     (b"%PDF", "a PDF document", "export the questions and answers as a CSV"),
-    (b"PAR1", "a Parquet file", "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
+    (b"PAR1", "a Parquet file", 
+     "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
     (b"SQLite format 3\x00", "an SQLite database", "export the table as a CSV"),
 ]
 MIN_PER_SPLIT = 5  # fewer training, validation or test examples than this make no run worth the time
@@ -66,16 +71,16 @@ def _what_binary(path: Path, raw: bytes) -> str | None:
         if any(n.startswith("xl/") for n in names):
             return f"{path} is an Excel workbook (.xlsx), not a CSV: {_SAVE_AS_CSV}."
         inside = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        return (f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and point DATA_PATH at "
-                f"the CSV or JSON file inside.")
+        return (f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and point "
+                f"DATA_PATH at the CSV or JSON file inside.")
     head = raw[:4000]
     odd, even = head[1::2].count(0), head[0::2].count(0)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or max(odd, even) > len(head) // 4 > 10 * min(odd, even):
         return (f"{path} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8: convert it, e.g. "
                 f"`iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`, or {_SAVE_AS_CSV}.")
     if 0 in head:
-        return (f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH at a MedQuAD CSV "
-                f"or an Alpaca JSON / JSON Lines file.")
+        return (f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH at a "
+                f"MedQuAD CSV or an Alpaca JSON / JSON Lines file.")
     return None
 
 
@@ -86,7 +91,8 @@ def _read_text(path: Path) -> str:
         raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
                          f"(chmod u+r) or copy it somewhere you can read it.") from None
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():
-        raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows in it.")
+        raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows "
+                         "in it.")
     binary = _what_binary(path, raw)
     if binary:
         raise MedQAError(binary)
@@ -94,9 +100,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise MedQAError(
-            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). If it was saved as Latin-1 / Windows-1252, "
-            f"convert it first, e.g. `iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`, "
-            f"and point DATA_PATH at the converted file.") from None
+            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). If it was saved as Latin-1 / "
+            f"Windows-1252, convert it first, e.g. `iconv -f cp1252 -t utf-8 {path.name} > "
+            f"{path.stem}-utf8{path.suffix}`, and point DATA_PATH at the converted file.") from None
 
 
 def _content_kind(text: str, suffix: str) -> str:
@@ -140,8 +146,8 @@ def _from_csv(path: Path, text: str) -> pd.DataFrame:
                     f"`pandas.read_csv(path, sep={delimiter!r}).to_csv('medquad.csv', index=False)`.")
     twice = sorted({c for c in columns if columns.count(c) > 1})
     if twice:
-        raise MedQAError(f"{path} has the column name(s) {twice} more than once (capitals and spaces ignored): "
-                         f"rename or delete the extra column(s) so that each name is used once.")
+        raise MedQAError(f"{path} has the column name(s) {twice} more than once (capitals and spaces "
+                         f"ignored): rename or delete the extra column(s) so that each name is used once.")
     limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # the csv module refuses fields over 128 KiB; a long answer is still fine
     try:
@@ -149,18 +155,22 @@ def _from_csv(path: Path, text: str) -> pd.DataFrame:
         wide = next(((n, len(row)) for n, row in enumerate(csv.reader(io.StringIO(text)), 1)
                      if len(row) > len(columns)), None)
         if wide:  # pandas would quietly take the first column as an index and shift every other one
-            raise MedQAError(f"{path}: row {wide[0]} has {wide[1]} fields but the header names {len(columns)}, so the "
-                             f"columns would shift (a comma at the end of each row, as some spreadsheets write, does "
-                             f"this): remove the extra fields or name them in the header.")
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", index_col=False)
+            raise MedQAError(f"{path}: row {wide[0]} has {wide[1]} fields but the header names "
+                             f"{len(columns)}, so the columns would shift (a comma at the end of each row, "
+                             "as some spreadsheets write, does this): remove the extra fields or name them "
+                             "in the header.")
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python",
+                         index_col=False)
     except (pd.errors.ParserError, csv.Error) as err:
-        raise MedQAError(f"{path} is not a well-formed CSV ({err}). Look for an unclosed double quote near there; "
-                         f"fields with commas, quotes or newlines must be quoted as in RFC 4180.") from None
+        raise MedQAError(f"{path} is not a well-formed CSV ({err}). Look for an unclosed double quote near "
+                         "there; fields with commas, quotes or newlines must be quoted as in RFC "
+                         "4180.") from None
     finally:
         csv.field_size_limit(limit)
     df.columns = [str(c).strip().lower() for c in df.columns]
     if len(df) == 0:
-        raise MedQAError(f"{path} has a header but no rows: it needs at least a few hundred question/answer rows.")
+        raise MedQAError(f"{path} has a header but no rows: it needs at least a few hundred question/answer "
+                         "rows.")
     missing = [c for c in ("question", "answer") if c not in df.columns]
     if missing:
         raise MedQAError(f"{path} lacks the column(s) {missing}: a MedQuAD CSV needs `question` and `answer` "
@@ -174,8 +184,8 @@ def _from_records(path: Path, records) -> pd.DataFrame:
         inner = [k for k, v in records.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
         hint = (f" The records seem to be the list under {inner[0]!r}: save that list alone as the file."
                 if inner else "")
-        raise MedQAError(f"{path} holds one JSON object, not a list of records: Alpaca JSON is a list of objects "
-                         f"with `instruction`, `input` and `output`.{hint}")
+        raise MedQAError(f"{path} holds one JSON object, not a list of records: Alpaca JSON is a list of "
+                         f"objects with `instruction`, `input` and `output`.{hint}")
     if not isinstance(records, list) or not records:
         what = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
         raise MedQAError(f"{path} holds {what}, no list of records: Alpaca JSON is a list of objects with "
@@ -191,9 +201,10 @@ def _from_records(path: Path, records) -> pd.DataFrame:
         i, key, value = wrong[0]
         kind = "null" if value is None else {"list": "a list", "dict": "an object", "bool": "true/false"}.get(
             type(value).__name__, "a number")
-        raise MedQAError(f"{path}: {len(wrong)} field(s) are not text; the first is `{key}` of record {i}, which is "
-                         f"{kind} ({json.dumps(value)[:60]}). `instruction`, `input` and `output` must be strings: "
-                         f"write them in quotes (\"\" for an empty input) or drop those records.")
+        raise MedQAError(f"{path}: {len(wrong)} field(s) are not text; the first is `{key}` of record {i}, "
+                         f"which is {kind} ({json.dumps(value)[:60]}). `instruction`, `input` and `output` "
+                         "must be strings: write them in quotes (\"\" for an empty input) or drop those "
+                         "records.")
     df = pd.DataFrame.from_records(records)
     out = pd.DataFrame({c: df[c] if c in df.columns else "" for c in COLUMNS})
     return out.fillna("").astype(str)
@@ -217,35 +228,60 @@ def _json_records(path: Path, text: str, kind: str):
     return records
 
 
+# How to copy a file named by a URL onto this machine, by the URL's scheme.
+_DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L -o data/medquad.csv '{url}'",
+                "ftp": "curl -o data/medquad.csv '{url}'", "s3": "aws s3 cp '{url}' data/medquad.csv",
+                "gs": "gsutil cp '{url}' data/medquad.csv"}
+
+
+def refuse_url(data_path) -> None:
+    """DATA_PATH names a file on this machine: a URL (https://, s3://, ...) is refused with the way to
+    download it, before a path made from it loses a slash."""
+    text = str(data_path).strip()
+    name = store.url_scheme(text)
+    if name is None:
+        return
+    if name == "file":
+        raise MedQAError(f"DATA_PATH {text!r} is a file: URL, which is not read: write the file's path "
+                         f"instead, e.g. {text[len('file://'):]!r}.")
+    how = _DOWNLOADERS.get(name)
+    how = f"e.g. `{how.format(url=text)}`" if how else f"with the tool of that {name}:// storage, into data/"
+    raise MedQAError(f"DATA_PATH {text!r} is a URL, and DATA_PATH is not downloaded: only a file on this "
+                     f"machine is read. Download it first, {how}, then unset DATA_PATH (a copy in "
+                     f"data/medquad.csv is used) or point it at the downloaded file.")
+
+
 def read_table(path) -> pd.DataFrame:
     """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table.
 
-    What the file holds is judged by its bytes, not its name: a compressed file, a workbook, UTF-16 text, a CSV
-    with another separator, or JSON under the other JSON extension is named as what it is.
+    What the file holds is judged by its bytes, not its name: a compressed file, a workbook, UTF-16 text, a
+    CSV with another separator, or JSON under the other JSON extension is named as what it is.
     """
+    refuse_url(path)
     path = Path(path)
     if not path.exists():
         target = f" (a link to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
-        raise MedQAError(f"DATA_PATH {str(path)!r} does not exist{target}: fix the path, or unset DATA_PATH to use "
-                         f"data/ or a download.")
+        raise MedQAError(f"DATA_PATH {str(path)!r} does not exist{target}: fix the path, or unset DATA_PATH "
+                         f"to use data/ or a download.")
     if path.is_dir():
-        raise MedQAError(f"DATA_PATH {str(path)!r} is a folder: point it at one file inside it, e.g. medquad.csv.")
+        raise MedQAError(f"DATA_PATH {str(path)!r} is a folder: point it at one file inside it, e.g. "
+                         "medquad.csv.")
     if not path.is_file():
-        raise MedQAError(f"DATA_PATH {str(path)!r} is not a regular file (a pipe or a device): copy the data into "
-                         f"a file and point DATA_PATH at it.")
+        raise MedQAError(f"DATA_PATH {str(path)!r} is not a regular file (a pipe or a device): copy the "
+                         f"data into a file and point DATA_PATH at it.")
     suffix = path.suffix.lower()
     text = _read_text(path)
     kind = _content_kind(text, suffix)
     if suffix not in SUFFIXES:
-        raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not read: "
-                         f"use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks like "
-                         f"{_KIND_NAMES[kind]}: if so, rename it to end in {_KIND_SUFFIX[kind]}.")
+        raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not "
+                         "read: use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks "
+                         f"like {_KIND_NAMES[kind]}: if so, rename it to end in {_KIND_SUFFIX[kind]}.")
     expected = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}[suffix]
     if kind == "csv" and expected != "csv" and not {"question", "answer"} <= set(_header(text)):
         kind = expected  # recognisably nothing else: the JSON parser says where it breaks
     if kind != expected:
-        raise MedQAError(f"{path} holds {_KIND_NAMES[kind]}, not {_KIND_NAMES[expected]} as its name says: rename "
-                         f"it to {path.stem}{_KIND_SUFFIX[kind]}.")
+        raise MedQAError(f"{path} holds {_KIND_NAMES[kind]}, not {_KIND_NAMES[expected]} as its name says: "
+                         f"rename it to {path.stem}{_KIND_SUFFIX[kind]}.")
     if expected == "csv":
         df = _from_csv(path, text)
     else:
@@ -264,8 +300,8 @@ def check_enough(df: pd.DataFrame, val_fraction: float, test_fraction: float) ->
     if len(df) < need:
         raise MedQAError(f"Only {len(df)} examples are left after cleaning and N_SAMPLES: with VAL_FRACTION="
                          f"{val_fraction} and TEST_FRACTION={test_fraction} a split would get fewer than "
-                         f"{MIN_PER_SPLIT} examples, the minimum per split. Use at least {need} examples (a larger "
-                         f"data file or N_SAMPLES), or raise the smaller fraction.")
+                         f"{MIN_PER_SPLIT} examples, the minimum per split. Use at least {need} examples (a "
+                         f"larger data file or N_SAMPLES), or raise the smaller fraction.")
 
 
 # ---------------------------------------------------------------- finding or downloading the data
@@ -284,10 +320,12 @@ def _download(action, what: str, retries: int, backoff: float):
 
 def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, backoff: float = 2.0,
                  validate=None) -> Path:
-    """Download `url` to `dest` through a temporary file that is renamed into place only once `validate` passes."""
+    """Download `url` to `dest` through a temporary file that is renamed into place only once `validate`
+    passes."""
 
     def attempt():
-        with store.atomic_write(dest) as tmp:  # the temporary name ends in dest's, so `validate` sees its extension
+        # the temporary name ends in dest's name, so that `validate` sees its extension
+        with store.atomic_write(dest) as tmp:
             with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
                 expected = resp.headers.get("Content-Length")
                 shutil.copyfileobj(resp, f)
@@ -321,7 +359,8 @@ def parse_medquad_xml(files) -> pd.DataFrame:
 
 def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
     with store.atomic_write(dest) as tmp:
-        df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input").to_csv(tmp, index=False)
+        medquad = df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input")
+        medquad.to_csv(tmp, index=False)
         read_table(tmp)  # only a file that reads back replaces anything
     return dest
 
@@ -367,14 +406,15 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
             table = parse_medquad_xml([(n, z.read(n)) for n in z.namelist() if n.endswith(".xml")])
     except (zipfile.BadZipFile, ET.ParseError, ValueError) as err:
         zpath.unlink()  # our own download, and unusable: the next run fetches it again
-        raise MedQAError(f"{zpath} is not a readable MedQuAD release ({err}); it was removed, so the next run "
-                         f"downloads it again.") from None
+        raise MedQAError(f"{zpath} is not a readable MedQuAD release ({err}); it was removed, so the next "
+                         f"run downloads it again.") from None
     return _write_csv_atomic(table, data_dir / "medquad.csv")
 
 
 def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
     """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
     if data_path:
+        refuse_url(data_path)
         return Path(data_path).expanduser()
     for name in LOCAL_NAMES:
         if (data_dir / name).is_file():

@@ -8,23 +8,35 @@ class MedQAError(Exception):
 
 
 class StorageError(MedQAError):
-    """A file could not be written (full disk, no permission, a file where a folder should be): trying the same
-    write again cannot help, so retries give up on it at once."""
+    """A file could not be written (full disk, no permission, a file where a folder should be): trying the
+    same write again cannot help, so retries give up on it at once."""
+
+
+class UnreadableFile(MedQAError):
+    """A file the project wrote cannot be read back (empty, cut short, not JSON, no permission).
+
+    `problem` names the file and what is wrong with it, without the fix, for messages that say more around it;
+    `fix` is how to get past it; str() is the whole message."""
+
+    def __init__(self, path, problem: str, fix: str, damaged: bool = True):
+        self.path, self.problem, self.fix = path, problem, fix
+        cause = ": it was damaged (e.g. by a full disk or an editor)" if damaged else ""
+        super().__init__(f"{problem}{cause}. {fix}".rstrip())
 
 
 def retry(action, tries: int = 3, backoff: float = 2.0, retry_on=(Exception,), sleep=None, give_up_on=()):
     """`action()`, tried up to `tries` times, waiting backoff, 2*backoff, ... seconds between tries.
 
-    Only exceptions of the types in `retry_on` and not in `give_up_on` are retried; the last one is raised as it
-    is, so that the caller can say what failed in its own words. Built on tenacity, so that every retry in the
-    project behaves alike.
+    Only exceptions of the types in `retry_on` and not in `give_up_on` are retried; the last one is raised as
+    it is, so that the caller can say what failed in its own words. Built on tenacity, so that every retry in
+    the project behaves alike.
     """
     import tenacity
 
     kwargs = {} if sleep is None else {"sleep": sleep}
     retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(tries),
-                                 wait=tenacity.wait_exponential(multiplier=backoff, min=0, max=60) if backoff else
-                                 tenacity.wait_none(),
+                                 wait=(tenacity.wait_exponential(multiplier=backoff, min=0, max=60) if backoff
+                                       else tenacity.wait_none()),
                                  retry=tenacity.retry_if_exception_type(retry_on)
                                  & tenacity.retry_if_not_exception_type(give_up_on),
                                  reraise=True, **kwargs)

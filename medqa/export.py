@@ -16,7 +16,8 @@ from medqa.errors import MedQAError
 from medqa.generate import describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
-from medqa.settings import RANDOM_MODELS, TINY_MODEL
+from medqa.model_folder import RANDOM_MODELS, TINY_MODEL
+from medqa.settings import RUN_DEFINING
 from medqa.store import save_model_atomic
 
 EOT_TEXT = "<|endoftext|>"
@@ -69,9 +70,8 @@ def _fmt(value) -> str:
 SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BLEU (corpus, 0-100)", "bleu"),
           ("reference answers' loss", "loss"), ("reference answers' perplexity", "perplexity"))
 
-CARD_SETTINGS = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
-                 "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA", "MASK_PROMPT",
-                 "VAL_FRACTION", "TEST_FRACTION", "SEED", "MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
+# What defines the run, and how its answers were decoded.
+CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
 
 
 def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:

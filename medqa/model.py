@@ -11,18 +11,8 @@ from transformers.utils import logging as hf_logging
 
 from medqa.device import pick_device  # noqa: F401 - the notebook's `gpt.pick_device()`
 from medqa.errors import MedQAError
-from medqa.settings import TINY_MODEL
+from medqa.model_folder import HUB_IDS, RANDOM_SHAPES, TINY_MODEL  # noqa: F401 - model.HUB_IDS too
 from medqa.store import save_model_atomic
-
-HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-           "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-
-
-# GPT-2's shapes, for the models built locally with random weights: they cost what the real ones cost and
-# answer noise. The tiny one has GPT-2's vocabulary and context but two small layers.
-RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
-                 "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),             # 124M
-                 "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}     # 355M
 
 
 def cache_root() -> Path:

@@ -12,14 +12,12 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medqa import store
+from medqa import run_folder
 from medqa.errors import MedQAError
+from medqa.store import url_scheme
+from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
+                                check_model_folder)
 
-GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
-# GPT-2's shapes with random weights, built locally: they cost what the real models cost (timings, memory) and
-# answer noise. For measuring without a network; never reported as GPT-2 results.
-RANDOM_MODELS = ("random-gpt2", "random-gpt2-medium")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 PROFILES = {
@@ -86,11 +84,13 @@ COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROP
               LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None,
               CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
               GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
-              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
+              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434",
+              OUTPUT_DIR=None, OVERWRITE=False)
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
-                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA", "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
+                "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA",
+                "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
                 "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
 
@@ -118,8 +118,8 @@ def _parse_env(name: str, text: str):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for True, "
-                             f"or 0, false or no for False.")
+            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for "
+                             f"True, or 0, false or no for False.")
         if kind.startswith("int"):
             return int(text)
         if kind.startswith("float"):
@@ -139,17 +139,86 @@ def default_profile() -> str:
     return "full" if device.pick_device().type == "cuda" else "cpu"
 
 
+def notebook_params(namespace: dict) -> dict:
+    """The settings the notebook's parameters cell gave, from its `globals()`, with papermill's injected cell.
+
+    A name given there that the run would not use (papermill's `-p LEARNIN_RATE 1e-4` injects
+    `LEARNIN_RATE = 0.0001` after the parameters cell and only warns) is refused, naming the setting it
+    resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
+    name in other capitals (`learning_rate`) holding a plain value."""
+    names = [f.name for f in fields(Settings)]
+    injected = _injected_names(namespace.get("In", []))
+    params = {k: v for k, v in namespace.items() if k in names}
+    strays = sorted(k for k, v in namespace.items()
+                    if k not in names and (k in injected or _looks_like_setting(k, v, names)))
+    if strays:
+        raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
+                         f"{_hints(strays, names)}: the settings are {names}.")
+    return params
+
+
+def _injected_names(cells) -> set[str]:
+    """The names papermill's injected-parameters cell assigns, from the kernel's input history (`In`)."""
+    import ast
+
+    found = set()
+    for source in cells if isinstance(cells, list) else []:
+        if isinstance(source, str) and source.startswith("# Parameters\n"):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            found |= {t.id for node in tree.body if isinstance(node, ast.Assign)
+                      for t in node.targets if isinstance(t, ast.Name)}
+    return found
+
+
+def _looks_like_setting(name: str, value, names: list[str]) -> bool:
+    import difflib
+
+    if name.startswith("_") or not (value is None or isinstance(value, (str, bool, numbers.Number))):
+        return False
+    if name.upper() in names:
+        return True
+    return name.isupper() and bool(difflib.get_close_matches(name, names, n=1, cutoff=0.8))
+
+
+def _closest(name, choices) -> str | None:
+    """The one of `choices` that `name` most resembles (capitals ignored), if any is close."""
+    import difflib
+
+    if not isinstance(name, str):
+        return None
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6)
+    return lower[close[0]] if close else None
+
+
+def _hints(given: list[str], names: list[str], prefix: str = "") -> str:
+    """' (LEARNIN_RATE: did you mean LEARNING_RATE?)' for each given name close to a setting's name."""
+    pairs = [(g, _closest(g[len(prefix):], names)) for g in given]
+    return "".join(f" ({g}: did you mean {prefix}{best}?)" for g, best in pairs if best)
+
+
+def _refuse_unknown(params: dict, env, names: list[str]) -> None:
+    """Names the run would not use, in the parameters or the environment, with the setting each resembles."""
+    unknown = sorted(k for k in params if k not in names)
+    if unknown:
+        raise MedQAError(f"Unknown setting(s) {unknown}{_hints(unknown, names)}: "
+                         f"the settings are {names}.")
+    unknown_env = sorted(k for k in env if k.upper().startswith("MEDQA_") and
+                         (not k.startswith("MEDQA_") or k[6:] not in names))
+    if unknown_env:
+        raise MedQAError("Unknown environment variable(s) "
+                         f"{unknown_env}{_hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME "
+                         f"one of {names} (in capitals, as written here).")
+
+
 def resolve(params: dict, env: dict | None = None) -> Settings:
     """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
     env = os.environ if env is None else env
     names = [f.name for f in fields(Settings)]
-    unknown = sorted(k for k in params if k not in names)
-    if unknown:
-        raise MedQAError(f"Unknown setting(s) {unknown}: the settings are {names}.")
-    unknown_env = sorted(k for k in env if k.startswith("MEDQA_") and k[6:] not in names)
-    if unknown_env:
-        raise MedQAError(f"Unknown environment variable(s) {unknown_env}: "
-                         f"use MEDQA_<NAME> with NAME one of {names}.")
+    _refuse_unknown(params, env, names)
 
     def given(name):
         if params.get(name) is not None:
@@ -161,7 +230,9 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     has_profile, profile = given("PROFILE")
     profile = profile if has_profile and profile is not None else default_profile()
     if not isinstance(profile, str) or profile not in PROFILES:
-        raise MedQAError(f"PROFILE={profile!r} is unknown: choose one of {sorted(PROFILES)}.")
+        close = _closest(profile, PROFILES)
+        raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "
+                         f"choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
     for name in names:
         has, value = given(name)
@@ -172,7 +243,7 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
     _check_types(values)
-    for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" means the home folder, not a folder named "~"
+    for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
         if isinstance(values[name], str) and values[name].startswith("~"):
             values[name] = os.path.expanduser(values[name])
     if "://" not in values["OLLAMA_HOST"]:
@@ -188,8 +259,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_types(values: dict) -> None:
-    """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE 8.0`
-    a float, and Python counts True as the whole number 1."""
+    """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE
+    8.0` a float, and Python counts True as the whole number 1."""
     for f in fields(Settings):
         value, base, nullable = values[f.name], f.type.split(" | ")[0], "None" in f.type
         if value is None and nullable:
@@ -205,52 +276,52 @@ def _check_types(values: dict) -> None:
                              f"environment: MEDQA_{f.name}=1, true or yes, or 0, false or no).")
         if base == "int" and isinstance(value, numbers.Real) and not isinstance(value, bool) \
                 and math.isfinite(value) and value == int(value):
-            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the decimal "
-                             f"point.")
+            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the "
+                             f"decimal point.")
         raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
                          f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
 
 
 def _check_output_dir(value: str) -> None:
     """OUTPUT_DIR can become the run's folder: nothing is written here, so a failed run leaves no trace."""
-    _check(value.strip() != "", "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
+    _check(value.strip() != "",
+           "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
                                 "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
     _check("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: "
                                  f"set it to a folder such as 'runs/mine'.")
+    _check(url_scheme(value) is None,
+           f"OUTPUT_DIR={value!r} is a URL: a run writes into a folder on this machine. Set OUTPUT_DIR to a "
+           f"local folder (on Colab a mounted Drive folder such as '/content/drive/MyDrive/runs' works), and "
+           f"copy the folder to that storage when the run has ended.")
     path = Path(value)
     try:
         path.exists()
     except OSError as err:
-        raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a shorter "
-                         f"folder such as 'runs/mine'.") from None
+        raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a "
+                         f"shorter folder such as 'runs/mine'.") from None
     _check(not path.exists() or path.is_dir(),
-           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if missing).")
+           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if "
+           "missing).")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
                               f"set OUTPUT_DIR to a folder.")
     _check(os.access(existing, os.W_OK | os.X_OK),
-           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it writable "
-           f"(chmod u+w) or set OUTPUT_DIR to a folder you can write.")
+           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
+           f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
 
 
-def check_model_folder(value: str, label: str = "MODEL") -> None:
-    """A model folder holds GPT-2 weights that load: checked from config.json and the weight files' headers and
-    sizes, in well under a second, instead of failing after the data is prepared."""
-    folder, known = Path(value), GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
-    how = f"point MODEL at a folder saved with save_pretrained from a GPT-2 model, or use one of {list(known)}"
-    _check((folder / "config.json").is_file(),
-           f"{label}={value!r} is a folder without config.json, so it was not saved with save_pretrained (or the copy "
-           f"is incomplete): {how}.")
-    config = store.read_json(folder / "config.json", f"Fix: {how}.")
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    _check(model_type == "gpt2", f"{label}={value!r} holds a {model_type!r} model (config.json), not GPT-2: this "
-                                 f"notebook fine-tunes GPT-2 with GPT-2's tokenizer and context; {how}.")
-    weights = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin") and p.is_file()]
-    _check(bool(weights), f"{label}={value!r} holds no weights (model.safetensors or pytorch_model.bin): {how}.")
-    for p in weights:
-        problem = store.safetensors_problem(p) if p.suffix == ".safetensors" else store.zip_problem(p)
-        _check(problem is None, f"{label}={value!r}: {p.name} {problem}; the copy is damaged or incomplete. Copy or "
-                                f"save the folder again, or {how[0].lower() + how[1:]}.")
+def _check_model(model: str, output_dir: str) -> None:
+    """MODEL is a known model or a folder holding GPT-2 that the run does not write into."""
+    if model in KNOWN_MODELS:
+        return
+    _check(Path(model).is_dir(), f"MODEL={model!r} is neither a known model nor an existing folder: choose "
+                                 f"one of {list(KNOWN_MODELS)} or the path of a folder saved with "
+                                 "save_pretrained.")
+    check_model_folder(model)
+    folder, out = Path(model).resolve(), Path(output_dir).resolve()  # a run writes its files and model/ there
+    _check(folder != out and folder not in out.parents,
+           f"OUTPUT_DIR={output_dir!r} is the MODEL folder {model!r} (or inside it): the run would write "
+           f"into the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
 
 
 def validate(s: Settings) -> None:
@@ -262,20 +333,12 @@ def validate(s: Settings) -> None:
                f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
     for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
         _check(getattr(s, name).strip() not in ("", "http://"),
-               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None for the default.")
-    known = GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
-    if s.MODEL not in known and not Path(s.MODEL).is_dir():
-        raise MedQAError(f"MODEL={s.MODEL!r} is neither a known model nor an existing folder: choose one of "
-                         f"{list(known)} or the path of a folder saved with save_pretrained.")
-    if s.MODEL not in known:
-        check_model_folder(s.MODEL)
-    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
+               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None "
+               "for the default.")
+    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. "
+                                "123.")
     _check_output_dir(s.OUTPUT_DIR)
-    if s.MODEL not in known:  # a run writes its files (and model/) into OUTPUT_DIR: never into the model it loads
-        model, out = Path(s.MODEL).resolve(), Path(s.OUTPUT_DIR).resolve()
-        _check(model != out and model not in out.parents,
-               f"OUTPUT_DIR={s.OUTPUT_DIR!r} is the MODEL folder {s.MODEL!r} (or inside it): the run would write into "
-               f"the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
+    _check_model(s.MODEL, s.OUTPUT_DIR)
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
                  "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
         value = getattr(s, name)
@@ -290,16 +353,20 @@ def validate(s: Settings) -> None:
     _check(s.LEARNING_RATE > 0, f"LEARNING_RATE={s.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
     _check(0 <= s.DROPOUT < 1, f"DROPOUT={s.DROPOUT!r} must lie in [0, 1) (0 = off).")
     _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
-    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must be >= 0.")
+    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must "
+                                                                    "be >= 0.")
     for name in ("LORA_R", "LORA_ALPHA"):
         value = getattr(s, name)
         _check(value is None or (isinstance(value, int) and value > 0),
-               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full fine-tuning).")
+               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full "
+               "fine-tuning).")
     _check(s.PRECISION is None or s.PRECISION in PRECISIONS,
-           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by hardware.")
+           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by "
+           "hardware.")
     _check(s.JUDGE_BUDGET_S > 0, f"JUDGE_BUDGET_S={s.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
     _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")
-    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
+    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = "
+                                        "off).")
     _check(isinstance(s.N_BEFORE, int) and s.N_BEFORE >= 0, f"N_BEFORE={s.N_BEFORE!r} must be >= 0.")
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
         value = getattr(s, name)
@@ -313,79 +380,7 @@ def run_signature(s: Settings) -> dict:
     return {name: getattr(s, name) for name in RUN_DEFINING}
 
 
-# What claim_output_dir records beside the settings: what the data file and the model source were.
-FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
-
-
-def _run_problems(out: Path, mine: dict) -> list[str]:
-    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs, damage."""
-    record = out / "run.json"
-    if not record.exists():
-        left = [name for name in store.RUN_FILES if (out / name).exists()]
-        return [f"files of a run without run.json ({', '.join(left)})"] if left else []
-    problems = []
-    try:
-        theirs = store.read_json(record, "")
-        if not isinstance(theirs, dict):
-            raise MedQAError(f"{record} holds no JSON object")
-    except MedQAError as err:
-        problems.append(f"a damaged run.json ({str(err).split(': it was')[0]})")
-        theirs = None
-    if theirs is not None:
-        differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
-                  if k not in FINGERPRINTS and theirs.get(k) != v]
-        if differ:
-            problems.append(f"other settings ({', '.join(differ)})")
-        problems += [f"{what} changed since that run began ({theirs[k]} there, {mine[k]} now)"
-                     for k, what in FINGERPRINTS.items() if k in theirs and k in mine and theirs[k] != mine[k]]
-    if (out / "checkpoint.pt").is_file() and (problem := store.zip_problem(out / "checkpoint.pt")):
-        problems.append(f"a damaged checkpoint.pt (it {problem})")
-    if (out / "metrics.json").is_file():
-        try:
-            store.read_json(out / "metrics.json", "")
-        except MedQAError as err:
-            problems.append(f"a damaged metrics.json ({str(err).split(': it was')[0]})")
-    return problems
-
-
-def _never_discard_inputs(out: Path, data_file, model_source) -> None:
-    """OVERWRITE replaces a run of this notebook, never the user's own files: refuse when the folder holds no
-    run.json (its files are not a run's), or when this run's data file or model lies where a run's files go."""
-    if not (out / "run.json").exists():
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds files named like a run's but no run.json, so they are not a "
-                         f"run of this notebook and OVERWRITE=True does not delete them: set OUTPUT_DIR to another "
-                         f"folder (or move those files away).")
-    discarded = [(out / name).resolve() for name in store.RUN_FILES]
-    for label, source in (("DATA_PATH", data_file), ("MODEL", model_source)):
-        if source is None or not Path(source).exists():
-            continue
-        inside = Path(source).resolve()
-        if any(inside == d or d in inside.parents for d in discarded):
-            raise MedQAError(f"{label}={str(source)!r} lies inside OUTPUT_DIR={str(out)!r} where the old run's files "
-                             f"are, and OVERWRITE=True would delete it: copy it elsewhere (or set OUTPUT_DIR to another "
-                             f"folder) first.")
-
-
 def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
-    """Make OUTPUT_DIR this run's: the last step before the run writes its first file there.
-
-    Call it after the data is read and cleaned and the model is loaded, so that a run that fails any of those
-    checks leaves OUTPUT_DIR as it was and records nothing. It records the run's settings and the fingerprints
-    of `data_file` and `model_source` (see store.fingerprint) in run.json. A run there with other settings,
-    other data or another model, or with damaged files, is refused, or with OVERWRITE=True replaced.
-    """
-    out = Path(s.OUTPUT_DIR)
-    mine = run_signature(s)
-    for key, source in (("DATA_FINGERPRINT", data_file), ("MODEL_FINGERPRINT", model_source)):
-        if source is not None:
-            mine[key] = store.fingerprint(source)
-    problems = _run_problems(out, mine) if out.is_dir() else []
-    if problems and s.OVERWRITE:
-        _never_discard_inputs(out, data_file, model_source)
-    if problems and not s.OVERWRITE:
-        raise MedQAError(f"OUTPUT_DIR={s.OUTPUT_DIR!r} holds a run this one cannot continue: {'; '.join(problems)}. "
-                         f"To keep it, set OUTPUT_DIR to another folder; to replace it, set OVERWRITE=True.")
-    if out.is_dir():
-        store.discard_run(out, litter_only=not problems)
-    store.write_json_atomic(out / "run.json", mine)
-    return out
+    """Make OUTPUT_DIR this run's (see run_folder.claim): the last step before the run writes its first file
+    there, after the data is read and the model loaded."""
+    return run_folder.claim(s.OUTPUT_DIR, run_signature(s), s.OVERWRITE, data_file, model_source)

@@ -1,9 +1,9 @@
-"""Writing results so that an interrupted or failed write leaves the old file or the new one, never half of one,
-and reading them back with a clear error when a file is damaged.
+"""Writing results so that an interrupted or failed write leaves the old file or the new one, never half of
+one, and reading them back with a clear error when a file is damaged.
 
 Every file the project writes goes through `atomic_write`: a temporary file (or folder) beside the target,
-flushed to disk and then renamed over it, removed on any error. Errors of the file system become a `StorageError`
-that names the file, the problem ("no space left on device", ...) and the fix.
+flushed to disk and then renamed over it, removed on any error. Errors of the file system become a
+`StorageError` that names the file, the problem ("no space left on device", ...) and the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -19,7 +20,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from medqa.errors import MedQAError, StorageError
+from medqa.errors import MedQAError, StorageError, UnreadableFile
 
 # What a run writes into OUTPUT_DIR (run.json, which names the run, is rewritten by claim_output_dir).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png", "scores.png", "test_responses.json",
@@ -30,16 +31,27 @@ TMP_PREFIX = ".tmp-"  # hidden, and the target's name stays at the end so that r
 _FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
               errno.EISDIR, errno.EEXIST, errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT}
 _FIXES = {
-    errno.ENOSPC: ("no space left on device", "free some space (or point OUTPUT_DIR elsewhere) and run again"),
+    errno.ENOSPC: ("no space left on device",
+                   "free some space (or point OUTPUT_DIR elsewhere) and run again"),
     errno.EDQUOT: ("disk quota exceeded", "free some space (or point OUTPUT_DIR elsewhere) and run again"),
     errno.EFBIG: ("file too large for this file system", "point OUTPUT_DIR at another disk"),
     errno.EACCES: ("permission denied", "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
-    errno.EPERM: ("operation not permitted", "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
+    errno.EPERM: ("operation not permitted",
+                  "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"),
     errno.EROFS: ("read-only file system", "point OUTPUT_DIR at a writable disk"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "point OUTPUT_DIR at a folder, not a file"),
-    errno.EISDIR: ("a folder stands where the file should go", "move that folder away or choose another OUTPUT_DIR"),
-    errno.EEXIST: ("a file stands where a folder should go", "move that file away or choose another OUTPUT_DIR"),
+    errno.EISDIR: ("a folder stands where the file should go",
+                   "move that folder away or choose another OUTPUT_DIR"),
+    errno.EEXIST: ("a file stands where a folder should go",
+                   "move that file away or choose another OUTPUT_DIR"),
 }
+
+
+def url_scheme(text) -> str | None:
+    """The scheme of a URL such as https://host/x or s3://bucket/x (lower case), which the project never reads
+    or writes as a path: Path() would turn it into a local path with one slash lost."""
+    found = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://", str(text))
+    return found.group(1).lower() if found else None
 
 
 def is_storage_error(err: BaseException) -> bool:
@@ -47,9 +59,10 @@ def is_storage_error(err: BaseException) -> bool:
 
 
 def write_error(path, err: OSError) -> StorageError:
-    problem, fix = _FIXES.get(err.errno, (err.strerror or str(err), "check the disk and the folder, then run again"))
-    return StorageError(f"Could not write {path}: {problem} ({type(err).__name__}). The previous file, if any, is "
-                        f"unchanged; {fix}.")
+    problem, fix = _FIXES.get(err.errno, (err.strerror or str(err), "check the disk and the folder, then "
+                                                                    "run again"))
+    return StorageError(f"Could not write {path}: {problem} ({type(err).__name__}). The previous file, if "
+                        f"any, is unchanged; {fix}.")
 
 
 @contextmanager
@@ -57,7 +70,8 @@ def atomic_write(path, folder: bool = False):
     """Yield a temporary path beside `path`; when the block ends without error, flush it to disk and rename it
     over `path`. On any error the temporary file is removed and `path` keeps what it held.
 
-    With `folder=True` the temporary path is a folder; the old folder is set aside until the new one is in place.
+    With `folder=True` the temporary path is a folder; the old folder is set aside until the new one is in
+    place.
     """
     path = Path(path)
     tmp = None
@@ -70,6 +84,7 @@ def atomic_write(path, folder: bool = False):
             os.close(fd)
             tmp = Path(name)
         yield tmp
+        _give_umask_modes(tmp)
         _fsync(tmp)
         if folder and path.exists():  # a folder cannot be renamed over another: set the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX, suffix=f"-{path.name}.old"))
@@ -91,6 +106,29 @@ def atomic_write(path, folder: bool = False):
     finally:
         if tmp is not None:
             _remove(tmp)
+
+
+def _give_umask_modes(path: Path) -> None:
+    """The modes the user's umask gives, for a temporary file or folder and what a writer put into it:
+    tempfile (and save_pretrained's own temporary files) make them private (0600 / 0700), and renamed into
+    place they would keep that mode, so that nobody else on a shared machine or Drive could read the run."""
+    mask = _umask()
+    for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where it is shown, so that no other thread sees it change."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync(path: Path) -> None:
@@ -123,14 +161,15 @@ def save_figure(fig, path, dpi: int = 110) -> None:
 
 
 def read_json(path, fix: str):
-    """The JSON in `path`; a damaged file (empty, cut short, not JSON) is named with `fix`."""
+    """The JSON in `path`; a damaged file (empty, cut short, not JSON) raises UnreadableFile with `fix`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         problem = "is not UTF-8 text"
     except OSError as err:
-        raise MedQAError(f"Could not read {path}: {err.strerror or err}. {fix}") from None
+        raise UnreadableFile(path, f"Could not read {path}: "
+                                   f"{err.strerror or err}", fix, damaged=False) from None
     else:
         if not text.strip():
             problem = "is empty"
@@ -139,19 +178,59 @@ def read_json(path, fix: str):
                 return json.loads(text)
             except json.JSONDecodeError as err:
                 problem = f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-    raise MedQAError(f"{path} {problem}: it was damaged (e.g. by a full disk or an editor). {fix}")
+    raise UnreadableFile(path, f"{path} {problem}", fix)
 
 
 def update_json(path, **parts) -> dict:
-    """Merge `parts` into the JSON object at `path` (created if missing)."""
+    """Merge `parts` into the JSON object at `path` (created if missing).
+
+    The read, merge and write hold a lock beside the file, so that two processes that record results at once
+    (the notebook's kernel and `python -m medqa.judge`) both keep their parts."""
     path = Path(path)
     fix = "Delete it to start it afresh, or run again with OVERWRITE=True."
-    obj = read_json(path, fix) if path.exists() else {}
-    if not isinstance(obj, dict):
-        raise MedQAError(f"{path} holds a JSON {type(obj).__name__}, not an object. {fix}")
-    obj.update(parts)
-    write_json_atomic(path, obj)
+    with _merge_lock(path):
+        obj = read_json(path, fix) if path.exists() else {}
+        if not isinstance(obj, dict):
+            raise MedQAError(f"{path} holds a JSON {type(obj).__name__}, not an object. {fix}")
+        obj.update(parts)
+        write_json_atomic(path, obj)
     return obj
+
+
+@contextmanager
+def _merge_lock(path: Path, wait_s: float = 60):
+    """An exclusive lock on the folder that holds `path`, for one short read-merge-write: a flock on the
+    folder itself, so that it leaves no file behind, and apart from the run folder's lock (run_folder.py).
+    Where the file system cannot lock, the merge goes on unlocked."""
+    import time
+
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError as err:
+        raise (write_error(path, err) if is_storage_error(err) else err) from err
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MedQAError(f"{path} could not be updated: another process kept its folder locked "
+                                     f"for {wait_s:.0f} s. Stop the other notebook or `python -m "
+                                     f"medqa.judge` that writes there, and run again.") from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock
+                break
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_torch_atomic(obj, path) -> None:
@@ -161,13 +240,15 @@ def save_torch_atomic(obj, path) -> None:
         try:
             torch.save(obj, f)  # through a Python file, so that a failed write keeps its errno
         except RuntimeError as err:
-            if isinstance(err.__context__, OSError):  # torch's zip writer reports the OSError as a RuntimeError
+            # torch's zip writer reports the OSError as a RuntimeError
+            if isinstance(err.__context__, OSError):
                 raise err.__context__ from err
             raise
 
 
 def zip_problem(path) -> str | None:
-    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, read from its directory only."""
+    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, read from its directory
+    only."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -197,25 +278,30 @@ def safetensors_problem(path) -> str | None:
     return None if size >= expected else f"is cut short ({size:,} of {expected:,} bytes)"
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "state"}  # what train.py saves
+
+
 def load_checkpoint(path):
-    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains (torch.set_rng_state
-    takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to wherever the model is).
-    A damaged checkpoint gives a MedQAError that says how to get past it."""
+    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains
+    (torch.set_rng_state takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to
+    wherever the model is). A damaged checkpoint gives a MedQAError that says how to get past it."""
     import pickle
 
     import torch
 
     path = Path(path)
-    fix = ("The run cannot continue from it: run again with OVERWRITE=True to start this run afresh (the damaged "
-           "checkpoint is replaced), or set OUTPUT_DIR to another folder.")
+    fix = ("The run cannot continue from it: run again with OVERWRITE=True to start this run afresh (the "
+           "damaged checkpoint is replaced), or set OUTPUT_DIR to another folder.")
     problem = zip_problem(path)
     if problem is None:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "rng", "state"} <= set(ckpt):
+            if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
                 problem = "is not a checkpoint of this notebook (keys are missing)"
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, AttributeError) as err:
-            problem = f"is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+                AttributeError) as err:
+            first_line = str(err).splitlines()[0][:120] if str(err) else ""
+            problem = f"is damaged ({type(err).__name__}: {first_line})"
     if problem is not None:
         raise MedQAError(f"{path} {problem}. {fix}")
     return ckpt
@@ -229,8 +315,8 @@ def save_model_atomic(model, folder) -> Path:
 
 
 def discard_run(out_dir, litter_only: bool = False) -> None:
-    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a killed
-    kernel left (also with `litter_only`: they are never a file of the run)."""
+    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a
+    killed kernel left (also with `litter_only`: they are never a file of the run)."""
     out_dir = Path(out_dir)
     try:
         names = [] if litter_only else [out_dir / name for name in RUN_FILES]
@@ -249,8 +335,8 @@ def fingerprint(source) -> str:
     """What identifies a data file or a model source, to notice when one changes under a run.
 
     A file: the SHA-256 of its bytes. A model folder: the SHA-256 of config.json and the weight files (names,
-    sizes and contents), which is what `from_pretrained` reads: a model retrained to the same shape has the same
-    names and sizes, so only the contents tell. Anything else is a hub id and stands for itself.
+    sizes and contents), which is what `from_pretrained` reads: a model retrained to the same shape has the
+    same names and sizes, so only the contents tell. Anything else is a hub id and stands for itself.
     """
     path = Path(source)
     if path.is_file():

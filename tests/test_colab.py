@@ -176,6 +176,20 @@ def test_the_cell_asks_for_a_restart_only_when_pip_replaced_an_imported_module(c
     run_cell(colab_cell("https://github.com/someone/medqa"))
     assert "Restart" not in capsys.readouterr().out
     commands.replaced = ["medqa-fake-loaded"]
-    run_cell(colab_cell("https://github.com/someone/medqa"))
-    restart = [line for line in capsys.readouterr().out.splitlines() if "Restart" in line]
+    with pytest.raises(SystemExit) as stop:  # "Run all" must not go on against the old modules
+        run_cell(colab_cell("https://github.com/someone/medqa"))
+    restart = str(stop.value).splitlines()
     assert len(restart) == 1 and "Runtime → Restart session" in restart[0] and "medqa_fake_loaded" in restart[0]
+
+
+def test_a_restart_stops_run_all_in_a_real_kernel(tmp_path):
+    """IPython reports a SystemExit raised in a cell as an error, which is what stops "Run all" (nbclient too)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise SystemExit('Restart the session')"),
+                                         nbformat.v4.new_code_cell("print('went on')")])
+    with pytest.raises(CellExecutionError, match="Restart the session"):
+        NotebookClient(nb, timeout=60, kernel_name="python3").execute()
+    assert not nb.cells[1].get("outputs")

@@ -83,3 +83,28 @@ def test_medquad_xml_is_parsed_into_the_table():
     df = data.parse_medquad_xml([("a.xml", xml)])
     assert df.iloc[0].to_dict() == {"instruction": "What causes gout ?", "input": "", "output": "Uric acid crystals.",
                                     "source": "GHR", "focus_area": "Gout"}
+
+
+@pytest.mark.parametrize("url, how", [
+    ("https://example.org/medquad.csv", "curl -L -o data/medquad.csv 'https://example.org/medquad.csv'"),
+    ("http://example.org/data/medquad.csv", "curl -L -o data/medquad.csv 'http://example.org/data/medquad.csv'"),
+    ("ftp://ftp.example.org/medquad.csv", "curl -o data/medquad.csv"),
+    ("s3://bucket/medquad.csv", "aws s3 cp 's3://bucket/medquad.csv' data/medquad.csv"),
+    ("gs://bucket/medquad.csv", "gsutil cp"),
+    ("HTTPS://EXAMPLE.ORG/M.CSV", "curl -L"),
+    ("webdav://host/medquad.csv", "webdav:// storage"),
+])
+def test_a_url_as_data_path_is_named_a_url_with_how_to_download_it(url, how):
+    for call in (data.locate_data, data.read_table):
+        with pytest.raises(MedQAError) as err:
+            call(url)
+        said = str(err.value)
+        assert f"DATA_PATH {url!r} is a URL" in said and "not downloaded" in said and how in said
+        assert "does not exist" not in said
+
+
+def test_a_file_url_says_to_write_the_path(tmp_path):
+    with pytest.raises(MedQAError, match="write the file's path instead.*'/data/medquad.csv'"):
+        data.locate_data("file:///data/medquad.csv")
+    path = write_sample_csv(tmp_path / "m.csv")
+    assert len(data.read_table(str(path))) == 308  # a plain path, also with "://" nowhere, is read

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa import batches, data, errors, model as gpt, prompts, settings, store, train
+from medqa import batches, data, errors, model as gpt, prompts, run_folder, settings, store, train
 from medqa.errors import MedQAError, StorageError
 from tests.sample_data import write_sample_csv
 from tests.test_bad_input import snapshot
+
+LOCK_FILES = (run_folder.LOCK_NAME, run_folder.HOLDER_NAME)  # the run folder's lock, held while a run uses it
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +89,14 @@ def test_changed_data_or_model_under_a_run_is_named(finished, tiny_folder, token
     original = csv_path.read_bytes()
     write_sample_csv(csv_path, seed=1)
     before = snapshot(finished)
-    with pytest.raises(MedQAError, match="the data file changed since that run began.*OVERWRITE=True"):
+    with pytest.raises(MedQAError, match="the data file changed since that run began.*OVERWRITE=True") as err:
         start_run({}, tiny_folder, tokenizer)
+    assert "DATA_PATH: 'data/medquad.csv'" in str(err.value)  # the setting and the file that changed
     assert snapshot(finished) == before
     csv_path.write_bytes(original)
 
     other = gpt.build_tiny_gpt2(tmp_path / "other-tiny", seed=1)  # same shape, other weights
-    with pytest.raises(MedQAError, match=r"the model \(MODEL's weights\) changed"):
+    with pytest.raises(MedQAError, match=rf"the model \(MODEL's weights\) changed.*MODEL: {str(other)!r}"):
         settings.claim_output_dir(settings.resolve({"PROFILE": "smoke", "MODEL": str(tiny_folder), "MAX_LENGTH": 96},
                                                    env={}), data_file=csv_path, model_source=other)
     assert snapshot(finished) == before
@@ -146,7 +149,7 @@ def test_damaged_run_files_are_named_and_overwrite_gets_past_them(tmp_path, name
         assert w in str(err.value)
     assert snapshot(out) == before
     claim(out, OVERWRITE=True)
-    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES) == ["run.json"]
 
 
 def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tmp_path):
@@ -155,7 +158,8 @@ def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_continues(tm
     (out / f"{store.TMP_PREFIX}x1-checkpoint.pt").write_bytes(b"half")  # a write the kernel's death cut short
     (out / f"{store.TMP_PREFIX}x2-model").mkdir()
     claim(out)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model", "run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES) == ["checkpoint.pt", "metrics.json",
+                                                                                  "model", "run.json"]
 
 
 def test_files_of_a_run_without_run_json_are_not_taken_over(tmp_path):
@@ -270,7 +274,8 @@ def test_a_read_only_output_dir_names_the_file_and_the_fix(tmp_path, monkeypatch
         if os.access(out, os.W_OK):  # root writes anyway: show the same failure by injecting what the OS says
             monkeypatch.setattr(store.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
                 PermissionError(errno.EACCES, "Permission denied", kw["dir"])))
-        with pytest.raises(StorageError, match=r"run.json: permission denied.*chmod u\+w"):
+        # the lock file is the first file a claim makes
+        with pytest.raises(StorageError, match=r"(run.json|\.medqa-run\.lock): permission denied.*chmod u\+w"):
             settings.claim_output_dir(replace(settings.resolve({"PROFILE": "smoke"}, env={}), OUTPUT_DIR=str(out)))
     finally:
         out.chmod(0o700)
@@ -315,3 +320,153 @@ def test_a_storage_error_is_not_retried():
     with pytest.raises(StorageError):
         errors.retry(action, tries=3, backoff=0, give_up_on=(StorageError,))
     assert calls == [1]
+
+
+# ---------------------------------------------------------------- one run per folder
+
+HOLDER = """
+import sys
+from medqa import run_folder
+run_folder.claim(sys.argv[1], {"SEED": int(sys.argv[2])}, overwrite=sys.argv[3] == "1")
+print("claimed", flush=True)
+sys.stdin.read()  # holds the folder until the test closes stdin or kills it
+"""
+
+
+def other_process(out, seed=1, overwrite=False):
+    """Another process (a second kernel) that claims `out` and holds it; it says "claimed" once it does."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(seed), "1" if overwrite else "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout.readline().strip() == "claimed", proc.stderr.read()
+    return proc
+
+
+def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder_even_with_overwrite(tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    holder = other_process(out)
+    try:
+        finish(out)  # the first run's files, while it trains
+        before = snapshot(out)
+        for overwrite in (False, True):
+            with pytest.raises(MedQAError, match="in use by another run") as err:
+                run_folder.claim(out, {"SEED": 2}, overwrite=overwrite)
+            assert f"process {holder.pid} on {socket.gethostname()}" in str(err.value)
+            assert "another folder" in str(err.value)
+            assert snapshot(out) == before  # OVERWRITE deleted nothing of the run that holds the folder
+        with pytest.raises(MedQAError, match="in use by another run"):  # the same settings: no resume either
+            run_folder.claim(out, {"SEED": 1}, overwrite=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_run_leaves_no_lock_that_blocks(tmp_path):
+    out = tmp_path / "run"
+    holder = other_process(out)
+    holder.kill()  # SIGKILL: no clean-up ran, the lock file and its holder record stay
+    holder.wait()
+    assert (out / run_folder.LOCK_NAME).exists()
+    run_folder.claim(out, {"SEED": 1}, overwrite=False)  # resumes the killed run at once
+    run_folder.release(out)
+
+
+def test_two_runs_started_together_one_wins(tmp_path):
+    out = tmp_path / "run"
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(out), "1", "0"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent) for _ in range(2)]
+    try:
+        lines = [p.stdout.readline().strip() for p in procs]
+        assert sorted(lines) == ["", "claimed"]
+        loser = procs[lines.index("")]
+        loser.wait(timeout=60)
+        assert loser.returncode != 0 and "in use by another run" in loser.stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_the_claim_cell_runs_again_in_the_same_kernel_and_frees_the_folder_it_left(tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other"
+    run_folder.claim(out, {"SEED": 1}, overwrite=False)
+    run_folder.claim(out, {"SEED": 1}, overwrite=False)  # the cell again: same process, same folder
+    run_folder.claim(out, {"SEED": 2}, overwrite=True)
+    run_folder.claim(other, {"SEED": 1}, overwrite=False)  # this kernel moved on to another folder
+    holder = other_process(out, seed=2)  # so another process may take the first one
+    holder.kill()
+    holder.wait()
+    run_folder.release(other)
+
+
+def test_the_judge_may_record_into_a_held_folder_and_merges_never_lose_a_part(tmp_path):
+    """A kernel holds the folder for as long as it lives; `python -m medqa.judge` (another process) still adds
+    its part to metrics.json, and two merges at once both keep theirs."""
+    import fcntl
+    import os
+    import threading
+
+    out = tmp_path / "run"
+    holder = other_process(out)
+    try:
+        store.update_json(out / "metrics.json", judge={"mean": 3})  # allowed while another run holds the folder
+        fd = os.open(out, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another merge under way
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (store.update_json(out / "metrics.json", history=[1]),
+                                                  done.set()))
+        thread.start()
+        assert not done.wait(0.5)  # it waits for the other merge instead of reading the file under it
+        os.close(fd)
+        thread.join(timeout=30)
+        assert json.loads((out / "metrics.json").read_text()) == {"judge": {"mean": 3}, "history": [1]}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- files get the modes the umask gives
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_and_the_model_folder_get_the_umasks_modes(tmp_path, tiny_folder, umask):
+    import stat
+
+    old = os.umask(umask)
+    try:
+        store.write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+        store.update_json(tmp_path / "metrics.json", b=2)
+        store.save_torch_atomic({"step": 1}, tmp_path / "checkpoint.pt")
+        store.save_model_atomic(gpt.load_model(str(tiny_folder), torch.device("cpu")), tmp_path / "model")
+        run_folder.claim(tmp_path / "run", {"SEED": 1}, overwrite=False)
+        run_folder.release(tmp_path / "run")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    for path in (tmp_path / "metrics.json", tmp_path / "checkpoint.pt", tmp_path / "model" / "config.json",
+                 tmp_path / "model" / "model.safetensors", tmp_path / "run" / "run.json",
+                 tmp_path / "run" / run_folder.HOLDER_NAME):
+        assert mode(path) == 0o666 & ~umask, path
+    for path in (tmp_path / "model", tmp_path / "run"):
+        assert mode(path) == 0o777 & ~umask, path
+
+
+def test_an_unreadable_json_carries_its_parts(tmp_path):
+    from medqa.errors import UnreadableFile
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"a": ')
+    with pytest.raises(UnreadableFile) as err:
+        store.read_json(path, "Fix: delete it.")
+    assert err.value.path == path and err.value.fix == "Fix: delete it."
+    assert err.value.problem == f"{path} is not valid JSON (Expecting value at line 1, column 7)"
+    assert str(err.value) == f"{err.value.problem}: it was damaged (e.g. by a full disk or an editor). Fix: delete it."
+    assert isinstance(err.value, MedQAError)

@@ -54,3 +54,109 @@ def test_bad_environment_values_are_named():
         settings.resolve({"PROFILE": "smoke"}, env={"MEDQA_BATCH_SIZE": "eight"})
     with pytest.raises(MedQAError, match="MEDQA_BATCHSIZE"):
         settings.resolve({"PROFILE": "smoke"}, env={"MEDQA_BATCHSIZE": "8"})
+
+
+# ---------------------------------------------------------------- a setting given that the run would not use
+
+def papermill_cell(**params) -> str:
+    """The cell papermill injects after the parameters cell, as papermill itself writes it."""
+    from papermill.translators import PythonTranslator
+
+    return PythonTranslator.codify(params)
+
+
+def kernel_globals(injected: str | None = None, **assigned) -> dict:
+    """A notebook's globals() when cell 4 runs: the parameters cell, papermill's cell (also in `In`, the
+    kernel's input history), and names of the notebook's own."""
+    namespace = {"In": ["", "# parameters\nPROFILE = None\n"], "Out": {}, "_": None, "settings": settings,
+                 "MEDQA_REPO": "https://github.com/<owner>/<repo>", "QUESTION": "What is gout?", "model": object(),
+                 "before": None, "sys": json, **{name: None for name in settings.Settings.__dataclass_fields__}}
+    if injected is not None:
+        namespace["In"].append(injected)
+        exec(injected, {}, namespace)
+    namespace.update(assigned)
+    return namespace
+
+
+def test_papermill_typo_is_refused_naming_the_setting_it_resembles():
+    with pytest.raises(MedQAError, match=r"\['LEARNIN_RATE'\].*would not use.*did you mean LEARNING_RATE"):
+        settings.notebook_params(kernel_globals(papermill_cell(LEARNIN_RATE=1e-4)))
+    with pytest.raises(MedQAError, match=r"learning_rate: did you mean LEARNING_RATE"):
+        settings.notebook_params(kernel_globals(papermill_cell(learning_rate=1e-4)))
+    with pytest.raises(MedQAError, match=r"\['COLOUR'\]"):  # injected, though it resembles nothing
+        settings.notebook_params(kernel_globals(papermill_cell(COLOUR="red")))
+
+
+def test_a_typo_in_the_parameters_cell_itself_is_refused():
+    with pytest.raises(MedQAError, match="EPOCH: did you mean EPOCHS"):
+        settings.notebook_params(kernel_globals(EPOCH=3))
+    with pytest.raises(MedQAError, match="Seed: did you mean SEED"):
+        settings.notebook_params(kernel_globals(Seed=5))
+
+
+def test_the_notebooks_own_names_and_the_given_settings_pass():
+    params = settings.notebook_params(kernel_globals(papermill_cell(LEARNING_RATE=1e-4, PROFILE="smoke")))
+    assert params["LEARNING_RATE"] == 1e-4 and params["PROFILE"] == "smoke" and "QUESTION" not in params
+    assert settings.resolve(params, env={}).LEARNING_RATE == 1e-4
+
+
+def test_the_notebook_builds_its_settings_with_the_check():
+    nb = json.loads((settings.Path(__file__).resolve().parent.parent / "llm.ipynb").read_text(encoding="utf-8"))
+    assert any("settings.notebook_params(globals())" in "".join(c["source"]) for c in nb["cells"])
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MEDQA_LEARNIN_RATE": "1e-4"}, "MEDQA_LEARNIN_RATE: did you mean MEDQA_LEARNING_RATE"),
+    ({"medqa_seed": "5"}, "medqa_seed: did you mean MEDQA_SEED"),  # ignored before: the variable is lower-case
+    ({"MEDQA_EPOCH": "3"}, "did you mean MEDQA_EPOCHS"),
+])
+def test_a_mistyped_environment_variable_names_the_one_it_resembles(env, words):
+    with pytest.raises(MedQAError, match="Unknown environment variable") as err:
+        settings.resolve({"PROFILE": "smoke"}, env=env)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("given, close", [("smok", "smoke"), ("Smoke", "smoke"), ("ful", "full"), ("CPU", "cpu")])
+def test_a_mistyped_profile_names_the_one_it_resembles(given, close):
+    with pytest.raises(MedQAError, match=f"PROFILE={given!r} is unknown \\(did you mean {close!r}\\?\\)"):
+        settings.resolve({"PROFILE": given}, env={})
+
+
+def test_a_params_dict_with_a_typo_names_the_setting():
+    with pytest.raises(MedQAError, match=r"Unknown setting\(s\) \['LEARNIN_RATE'\].*did you mean LEARNING_RATE"):
+        settings.resolve({"PROFILE": "smoke", "LEARNIN_RATE": 1e-4}, env={})
+
+
+# ---------------------------------------------------------------- one list, one home
+
+def test_the_known_models_and_the_run_defining_settings_are_one_list_each():
+    from medqa import export, model as gpt, model_folder
+
+    assert set(settings.KNOWN_MODELS) == set(gpt.HUB_IDS) | set(gpt.RANDOM_SHAPES)
+    assert settings.KNOWN_MODELS is model_folder.KNOWN_MODELS
+    assert export.CARD_SETTINGS[:len(settings.RUN_DEFINING)] == settings.RUN_DEFINING
+
+
+def test_the_notebook_and_medqa_ask_check_a_model_folder_with_the_same_function(tmp_path):
+    from medqa import ask, model as gpt, model_folder
+
+    assert settings.check_model_folder is model_folder.check_model_folder
+    folder = gpt.build_tiny_gpt2(tmp_path / "m", seed=0)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    said = []
+    for check in (lambda: ask.check_model_folder(folder),
+                  lambda: settings.resolve({"PROFILE": "smoke", "MODEL": str(folder)}, env={})):
+        with pytest.raises(MedQAError) as err:
+            check()
+        said.append(str(err.value))
+    assert said[0].startswith("--model=") and said[1].startswith("MODEL=")
+    assert said[0].split(": ", 1)[1].split(";")[0] == said[1].split(": ", 1)[1].split(";")[0]  # the same problem
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/runs", "https://example.org/runs", "gs://b/r"])
+def test_an_output_dir_that_is_a_url_is_refused_before_a_local_folder_is_made_of_it(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MedQAError, match=f"OUTPUT_DIR={url!r} is a URL.*local folder"):
+        settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": url}, env={})
+    assert list(tmp_path.iterdir()) == []
