@@ -7,7 +7,7 @@ made-up ones (a 16 GB T4 without bf16, an 80 GB H100, a 16 GB Mac, a CPU) to che
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class Capabilities:
     # memory free now (free GPU memory, MPS's recommended maximum less what Metal holds, available RAM): what the
     # model already loaded takes is not in it (plan_memory adds it back)
     free_bytes: int | None
+    compute_capability: tuple[int, int] | None = None  # CUDA's (major, minor); None elsewhere or unknown
 
 
 def pick_device() -> torch.device:
@@ -72,31 +73,46 @@ def capabilities(device: torch.device) -> Capabilities:
         # blocks PyTorch's allocator caches (after an earlier run in this session, say) count as used to the driver,
         # yet are this process's to reuse
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        props = torch.cuda.get_device_properties(device)
         # including_emulation=False: a T4 or V100 "supports" bf16 only by emulating it, slowly
         return Capabilities("cuda", torch.cuda.get_device_name(device),
-                            torch.cuda.is_bf16_supported(including_emulation=False), free)
+                            torch.cuda.is_bf16_supported(including_emulation=False), free, (props.major, props.minor))
     if device.type == "mps":
-        # the share of unified memory Metal lets one process have, minus what it holds already
+        # Metal counts the allocator's cached blocks (after an earlier run in this session) as held: hand them back
+        # first, so that the share of unified memory Metal lets one process have, less what it holds, is what is free
+        torch.mps.empty_cache()
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return Capabilities("mps", "Apple silicon (MPS)", False, free)
     return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), _available_ram())
 
 
 def choose_precision(caps: Capabilities, requested: str | None = None) -> str:
-    """PRECISION when set, else the fastest the hardware computes natively.
+    """PRECISION when set, else the fastest the hardware computes natively (decide_precision says why)."""
+    return decide_precision(caps, requested)[0]
 
-    bf16 autocast on CUDA with native bf16 (Ampere and later) and on CPUs with AVX-512 BF16 or AMX (about 2x a
-    fp32 training step of GPT-2 124M on an AMD EPYC with AVX-512 BF16, in profiling); fp16 autocast with a
-    gradient scaler on older GPUs (T4, V100), whose tensor cores compute fp16 but not bf16; fp32 on MPS (not
-    measured there, so the safe choice) and on CPUs that would only emulate bf16.
+
+def decide_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:
+    """The precision to train in, and why, in words.
+
+    bf16 autocast where bf16 is computed natively: CUDA compute capability 8 and later, CPUs with AVX-512 BF16 or
+    AMX (about 2x a fp32 step there). fp16 autocast with a gradient scaler on Volta and Turing (T4, V100), whose
+    tensor cores compute fp16 but not bf16. fp32 on Pascal and older (compute capability below 7), where fp16
+    runs at a small fraction of fp32 speed; on MPS (not measured there, so the safe choice); on CPUs that would
+    only emulate bf16.
     """
     if requested is not None:
-        return requested
+        return requested, "PRECISION is set"
     if caps.native_bf16 and caps.kind in ("cuda", "cpu"):
-        return "bf16"
+        return "bf16", f"{caps.name} computes bf16 natively"
     if caps.kind == "cuda":
-        return "fp16"
-    return "fp32"
+        major = caps.compute_capability[0] if caps.compute_capability else None
+        if major is not None and major < 7:
+            return "fp32", (f"{caps.name} (compute capability {major}.{caps.compute_capability[1]}) has no fp16 "
+                            f"tensor cores: fp16 would run slower than fp32")
+        return "fp16", f"{caps.name} has fp16 tensor cores but no native bf16 (loss scaling keeps small gradients)"
+    if caps.kind == "mps":
+        return "fp32", "half precision is not measured on MPS: fp32 is the safe choice"
+    return "fp32", f"{caps.name} has neither AVX-512 BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
 def autocast_dtype(precision: str):
@@ -139,17 +155,41 @@ def capabilities_cached(device: torch.device) -> Capabilities:
 ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 
 
-@dataclass(frozen=True)
+@dataclass
 class MemoryPlan:
+    """How this machine runs the model: where, in which precision, and in passes of how many rows. Every forward
+    pass on the device (training, validation, the reference perplexity) follows it. When training runs out of
+    memory it takes fewer rows or checkpointing (medqa.train.adapt_to_oom), and `adaptations` says why: the plan
+    the caller holds is the one metrics.json records."""
     micro_batch: int         # rows per forward/backward; BATCH_SIZE / micro_batch passes make up one batch
     checkpointing: bool      # gradient checkpointing: recompute each layer's activations in the backward pass
     peak_bytes: int          # expected peak of this plan
     budget_bytes: int | None
+    batch_size: int | None = None
+    device: str = ""          # e.g. "cuda (Tesla T4)"
+    precision: str = "fp32"
+    precision_reason: str = ""
+    adaptations: list[str] = field(default_factory=list)  # the lines that said how training adapted after running out of memory
+    disk_line: str = ""       # what the run writes into OUTPUT_DIR and what is free (medqa.disk)
 
-    def describe(self, batch_size: int) -> str:
+    def describe(self, batch_size: int | None = None) -> str:
         budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / GB:.1f} GB"
-        return (f"memory plan: {describe_passes(self.micro_batch, self.checkpointing, batch_size)}; "
-                f"expected peak {self.peak_bytes / GB:.1f} GB of {budget} available")
+        passes = describe_passes(self.micro_batch, self.checkpointing, batch_size or self.batch_size)
+        return f"memory plan: {passes}; expected peak {self.peak_bytes / GB:.1f} GB of {budget} available"
+
+    def summary(self) -> str:
+        """The lines the notebook prints before training."""
+        lines = [f"{self.device}, {self.precision} ({self.precision_reason}); {self.describe()}"]
+        return "\n".join(lines + ([self.disk_line] if self.disk_line else []))
+
+    def record(self) -> dict:
+        """What metrics.json keeps of the plan."""
+        rec = {"device": self.device, "precision": self.precision, "precision_reason": self.precision_reason,
+               "micro_batch": self.micro_batch, "gradient_checkpointing": self.checkpointing,
+               "expected_peak_gb": round(self.peak_bytes / GB, 2),
+               "budget_gb": None if self.budget_bytes is None else round(self.budget_bytes / GB, 2),
+               "memory_plan": self.describe(), "disk": self.disk_line}
+        return rec | ({"memory_adaptations": list(self.adaptations)} if self.adaptations else {})
 
 
 def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> str:
@@ -230,10 +270,39 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
         for rows in sizes:
             peak = estimate_peak_bytes(rows=rows, checkpointing=checkpointing, **shape)
             if budget is None or peak <= budget:
-                return MemoryPlan(rows, checkpointing, peak, budget)
+                return MemoryPlan(rows, checkpointing, peak, budget, batch_size, f"{caps.kind} ({caps.name})",
+                                  precision)
     raise MedQAError(
         f"The model does not fit the {budget / GB:.1f} GB available on this {caps.kind} device ({caps.name}) even "
         f"one row at a time with gradient checkpointing (about {peak / GB:.1f} GB): {fit_advice(max_length)}.")
+
+
+def gpt2_parameters(n_layer: int, n_embd: int, vocab: int = 50257, context: int = 1024) -> int:
+    """GPT-2's parameter count from its shape (the LM head shares the token embedding)."""
+    return vocab * n_embd + context * n_embd + n_layer * (12 * n_embd ** 2 + 13 * n_embd) + 2 * n_embd
+
+
+# GPT-2 355M (gpt2-medium) on batches of 8 x 1024 tokens: the `full` profile
+FULL_SHAPE = dict(n_layer=24, n_head=16, n_embd=1024, batch_size=8, max_length=1024)
+
+
+def choose_profile(caps: Capabilities) -> tuple[str, str]:
+    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory (its fixed part, weights, gradients
+    and AdamW's moments, takes about 6 GiB, so an 8 GB card has no room left), else `cpu`; and why, in words."""
+    if caps.kind != "cuda":
+        return "cpu", f"no CUDA GPU ({caps.kind}): GPT-2 124M on 1,000 examples"
+    from transformers import GPT2Config
+
+    shape = dict(FULL_SHAPE)
+    batch_size, max_length = shape.pop("batch_size"), shape.pop("max_length")
+    n_params = gpt2_parameters(shape["n_layer"], shape["n_embd"])
+    precision = choose_precision(caps)
+    try:
+        plan = plan_memory(caps, n_params, n_params, GPT2Config(**shape), batch_size, max_length, precision)
+    except MedQAError:
+        return "cpu", (f"{caps.name} has {caps.free_bytes / GB:.1f} GB free: too little to fine-tune gpt2-medium "
+                       f"(the full profile), so GPT-2 124M (the cpu profile) trains on it")
+    return "full", f"{caps.name}: gpt2-medium fits with {describe_passes(plan.micro_batch, plan.checkpointing, 8)}"
 
 
 # ---------------------------------------------------------------- running out of memory
@@ -247,6 +316,15 @@ def is_out_of_memory(err: BaseException) -> bool:
         "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on the device: CUDA and MPS run it asynchronously, so a clock read without this
+    counts only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def release_cached_memory(device: torch.device) -> None:
     """Hand the blocks PyTorch's allocator keeps cached back to the device, so that a smaller retry starts from
     unfragmented memory."""
@@ -254,3 +332,33 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+# ---------------------------------------------------------------- copies and random state
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device`, the one way the project does it. Asynchronous only from pinned memory on
+    CUDA: from ordinary (or temporary, soon freed) memory an asynchronous copy gains nothing on CUDA and can read
+    the memory after it changed on MPS."""
+    return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random generators' states that training draws from (dropout, the CPU's and the device's)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state saved. A checkpoint written on a machine with more GPUs than this one restores the
+    GPUs present (training draws on one)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])

@@ -71,6 +71,9 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
     where the model has GPT-2's own (the config says so, and so does the folder the model is saved to).
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
+    The weights load as fp32 whatever the files hold (transformers 5 would keep a float16 or bfloat16 folder's
+    precision): training keeps fp32 master weights and computes in half precision under autocast, where updates
+    of a small learning rate do not round away and fp16's gradient scaler can unscale.
     """
     from huggingface_hub import constants
     from huggingface_hub.utils import enable_progress_bars
@@ -83,7 +86,8 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
         config = GPT2Config.from_pretrained(source, **rates)
         if config.activation_function in FUSABLE:
             config.activation_function = ACTIVATION
-        model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa")
+        model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa",
+                                                dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if isinstance(err, OSError):

@@ -119,9 +119,9 @@ def test_plan_run_records_precision_and_plan(tiny_model, monkeypatch):
 
     s = settings.resolve({"PROFILE": "smoke"}, env={})
     monkeypatch.setattr(hw, "capabilities", lambda device: T4)
-    plan = train.plan_run(tiny_model, s)
-    assert plan["precision"] == "fp16" and plan["micro_batch"] == 8 and "Tesla T4" in plan["device"]
-    assert train.plan_run(tiny_model, replace(s, PRECISION="fp32"))["precision"] == "fp32"
+    plan = train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
+    assert plan.precision == "fp16" and plan.micro_batch == 8 and "Tesla T4" in plan.device
+    assert train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").precision == "fp32"
 
 
 def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch):
@@ -136,7 +136,7 @@ def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch)
                                    "fp16")
     free = int(whole / 0.85) - n * 4 + 1024  # what is left with the model loaded, when the whole batch just fits
     monkeypatch.setattr(hw, "capabilities", lambda device: replace(T4, free_bytes=free))
-    plan = train.plan_run(model, s)
+    plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION).record()
     assert plan["micro_batch"] == s.BATCH_SIZE and not plan["gradient_checkpointing"]
     assert plan["budget_gb"] == round(int((free + n * 4) * 0.85) / GB, 2)
 
@@ -178,6 +178,7 @@ def test_memory_pytorch_caches_counts_as_free_to_a_rerun(monkeypatch):
     assert hw.capabilities(torch.device("cuda")).free_bytes == 13 * GB
 
 def test_mps_capabilities_take_metals_share_less_what_it_holds(monkeypatch):
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: int(10.67 * GB))
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: int(1.5 * GB))
     caps = hw.capabilities(torch.device("mps"))
@@ -229,7 +230,7 @@ def test_the_fp16_path_scales_the_loss_and_skips_a_step_whose_gradients_overflow
     opt = train.make_optimizer(model, 1e-3, 0.1, cpu)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     before = [p.detach().clone() for p in model.parameters()]
-    loss, _, _ = train.train_step(model, opt, [batch_of(4)], cpu, "fp16", scaler)
+    loss, _, _, _ = train.train_step(model, opt, [batch_of(4)], cpu, "fp16", scaler)
     assert torch.isfinite(loss) and scaler.get_scale() == 2.0 ** 10
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # it stepped
     # a gradient that overflows: the scaler skips the step and halves its scale
@@ -284,8 +285,8 @@ def test_train_uses_the_loader_it_is_given_and_refuses_one_that_cannot_resume(ti
     real_batches = loader.batch_sampler.batches
     loader.batch_sampler.batches = lambda epoch: asked.append(epoch) or real_batches(epoch)
     val = batches.make_loader(data, 2, 64, shuffle=False)
-    history = train.train(fresh(tiny_model), loader, val, s, tmp_path, log=lambda *_: None)
+    history = train.train(fresh(tiny_model), loader, val, train.TrainingConfig.from_settings(s), tmp_path, log=lambda *_: None)
     assert asked == [0] and len(history) == 2
     plain = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=loader.collate_fn)
     with pytest.raises(MedQAError, match="make_loader"):
-        train.train(fresh(tiny_model), plain, val, s, tmp_path, log=lambda *_: None)
+        train.train(fresh(tiny_model), plain, val, train.TrainingConfig.from_settings(s), tmp_path, log=lambda *_: None)

@@ -19,7 +19,7 @@ def run_lora(setup, out_dir, dataset=None, **overrides):  # noqa: F811
     torch.manual_seed(len(str(out_dir)))  # whatever drew random numbers before must not matter
     # Where the notebook applies LoRA: after load_model, before train.
     model = gpt.apply_lora(gpt.load_model(source, CPU, s.DROPOUT), s.LORA_R, s.LORA_ALPHA, s.DROPOUT, s.SEED)
-    history = train.train(model, dataset or train_set, val_loader, s, out_dir, log=lambda *_: None)
+    history = train.train(model, dataset or train_set, val_loader, train.TrainingConfig.from_settings(s), out_dir, log=lambda *_: None)
     return model, history
 
 
