@@ -324,6 +324,11 @@ def run_signature(s: Settings) -> dict:
 FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
 
 
+def _trains_longer(name: str, theirs, mine) -> bool:
+    """More EPOCHS continue the run in OUTPUT_DIR (medqa.train.begin_schedule); fewer would redefine it."""
+    return name == "EPOCHS" and isinstance(theirs, int) and isinstance(mine, int) and mine > theirs
+
+
 def _run_problems(out: Path, mine: dict) -> list[str]:
     """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs, damage."""
     record = out / "run.json"
@@ -340,7 +345,7 @@ def _run_problems(out: Path, mine: dict) -> list[str]:
         theirs = None
     if theirs is not None:
         differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
-                  if k not in FINGERPRINTS and theirs.get(k) != v]
+                  if k not in FINGERPRINTS and theirs.get(k) != v and not _trains_longer(k, theirs.get(k), v)]
         if differ:
             problems.append(f"other settings ({', '.join(differ)})")
         problems += [f"{what} changed since that run began ({theirs[k]} there, {mine[k]} now)"

@@ -362,10 +362,10 @@ def _read_checkpoint(path: Path, overwrite: bool, log) -> dict | None:
 def resume(run: Training, checkpoint: dict, log) -> None:
     """Weights, optimizer, schedule, random state and the training state as the checkpoint saved them."""
     run.model.load_state_dict(checkpoint["model"])
-    run.opt.load_state_dict(checkpoint["optimizer"])
     saved = TrainingState.restored(checkpoint["state"], run.device)
     run.state = dataclasses.replace(saved, schedules=saved.schedules or run.state.schedules)
-    run.schedule = make_schedule(run)
+    run.schedule = make_schedule(run)  # before the optimizer's state: a new schedule sets its learning rate
+    run.opt.load_state_dict(checkpoint["optimizer"])
     run.schedule.load_state_dict(checkpoint["scheduler"])
     devices.set_rng_state(checkpoint["rng"], run.device)
     if run.scaler is not None and checkpoint.get("scaler"):
