@@ -1,5 +1,5 @@
-"""What a run writes into OUTPUT_DIR, against the free disk: checked before training, so that a small disk stops
-the run before the first checkpoint, not at it."""
+"""What a run writes into OUTPUT_DIR, against the free disk: checked before training, so that a small disk
+stops the run before the first checkpoint, not at it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from medqa.errors import MedQAError
 
 GB = 1024 ** 3
-SMALL_FILES = 64 * 1024 ** 2  # answers, figures, metrics, splits and the model card: a few MB, with room to spare
+SMALL_FILES = 64 * 1024 ** 2  # answers, figures, metrics, splits, the model card: a few MB, and room
 ADAM_MOMENTS = 2  # AdamW keeps two fp32 tensors per trained parameter
 
 
@@ -27,8 +27,8 @@ def _stored_bytes(tensors) -> int:
 
 
 def checkpoint_bytes(model) -> int:
-    """The training checkpoint as train.save_checkpoint writes it: the state_dict (frozen weights included) and
-    AdamW's moments in the trained parameters' precision (fp32 master weights)."""
+    """The training checkpoint as train.save_checkpoint writes it: the state_dict (frozen weights included)
+    and AdamW's moments in the trained parameters' precision (fp32 master weights)."""
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return _stored_bytes(model.state_dict().values()) + ADAM_MOMENTS * trained
 
@@ -60,19 +60,22 @@ class DiskEstimate:
 
     def describe(self) -> str:
         return (f"disk: the run writes up to {self.needed_bytes / GB:.1f} GB into {self.folder} (checkpoint "
-                f"{self.checkpoint_bytes / GB:.2f} GB, twice while the new one is written beside the old; model "
-                f"folder {self.model_bytes / GB:.2f} GB); {self.free_bytes / GB:.1f} GB free")
+                f"{self.checkpoint_bytes / GB:.2f} GB, twice while the new one is written beside the old; "
+                f"model folder {self.model_bytes / GB:.2f} GB); {self.free_bytes / GB:.1f} GB free")
 
 
 def estimate(model, out_dir) -> DiskEstimate:
-    """What the run will write into `out_dir` and what the disk there has free (the folder need not exist yet)."""
+    """What the run will write into `out_dir` and what the disk there has free (the folder need not exist
+    yet)."""
     out = Path(out_dir).absolute()
     existing = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(existing).free + _folder_bytes(out / "checkpoint.pt") + _folder_bytes(out / "model")
+    replaced = _folder_bytes(out / "checkpoint.pt") + _folder_bytes(out / "model")  # the run's own, if any
+    free = shutil.disk_usage(existing).free + replaced
     weights = _stored_bytes(model.state_dict().values())
     lora = weights + ADAM_MOMENTS * 4 * sum(p.numel() for p in model.parameters()) // 100  # adapters: ~1%
     adapters = any("lora_" in name for name in model.state_dict())
-    return DiskEstimate(str(out_dir), checkpoint_bytes(model), model_folder_bytes(model), free, lora, adapters)
+    return DiskEstimate(str(out_dir), checkpoint_bytes(model), model_folder_bytes(model), free, lora,
+                        adapters)
 
 
 def check(est: DiskEstimate) -> None:
@@ -85,5 +88,6 @@ def check(est: DiskEstimate) -> None:
         smaller = 2 * est.lora_checkpoint_bytes + est.model_bytes + SMALL_FILES
         fixes.append(f"set LORA_R (e.g. 16): AdamW's moments then cover the adapters only, about "
                      f"{smaller / GB:.1f} GB in all")
-    raise MedQAError(f"Not enough disk for this run: {est.describe()}, {(est.needed_bytes - est.free_bytes) / GB:.1f} "
-                     f"GB short. Nothing was written; {', or '.join(fixes)}.")
+    short = (est.needed_bytes - est.free_bytes) / GB
+    raise MedQAError(f"Not enough disk for this run: {est.describe()}, {short:.1f} GB short. Nothing was "
+                     f"written; {', or '.join(fixes)}.")

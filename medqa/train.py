@@ -1,5 +1,5 @@
-"""Fine-tuning with checkpoints that resume exactly (after a crash, a MAX_STEPS stop or an interrupt), and the loss
-curves. `train` is the loop; the functions below it are its parts, in the order it calls them."""
+"""Fine-tuning with checkpoints that resume exactly (after a crash, a MAX_STEPS stop or an interrupt), and
+the loss curves. `train` is the loop; the functions below it are its parts, in the order it calls them."""
 
 from __future__ import annotations
 
@@ -66,18 +66,19 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
 def loss_sum(model, batch: dict, device: torch.device, precision: str | None = None) -> torch.Tensor:
     """Summed next-token loss over the batch's target tokens (the caller divides by their count).
 
-    No attention mask: padding is on the right, so causal attention already keeps every real token from
-    seeing it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's
-    fused causal kernel instead of the masked fallback (tests/test_speed.py checks the losses are unchanged).
-    No KV cache (GPT-2's config asks for one by default): nothing here generates, and the cache's copies of every
-    layer's keys and values would stay for the backward pass.
-    `precision` None: what the hardware computes natively (medqa.device.choose_precision).
+    No attention mask: padding is on the right, so causal attention already keeps every real token from seeing
+    it, and the padding's own outputs have no targets. Without a mask, attention takes PyTorch's fused causal
+    kernel instead of the masked fallback (tests/test_speed.py checks the losses are unchanged). No KV cache
+    (GPT-2's config asks for one by default): nothing here generates, and the cache's copies of every layer's
+    keys and values would stay for the backward pass. `precision` None: what the hardware computes natively
+    (medqa.device.choose_precision).
     """
     dtype = devices.autocast_dtype(precision or devices.default_precision(device))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(input_ids=devices.to_device(batch["input_ids"], device), use_cache=False).logits
     labels = devices.to_device(batch["labels"], device)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
 
 
 def micro_batches(batch: dict, rows: int | None) -> list[dict]:
@@ -94,9 +95,9 @@ def micro_batches(batch: dict, rows: int | None) -> list[dict]:
 
 @torch.no_grad()
 def mean_loss(model, loader, device, precision: str | None = None, micro_batch: int | None = None) -> float:
-    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample), in the
-    precision and the micro-batches training uses (the memory plan's), so that the numbers a run reports share one
-    precision and no pass needs more memory than a training pass."""
+    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample),
+    in the precision and the micro-batches training uses (the memory plan's), so that the numbers a run
+    reports share one precision and no pass needs more memory than a training pass."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -126,7 +127,8 @@ def train_step(model, opt, group: list[dict], device, precision: str | None = No
     vanishing (it skips the step when they overflow, and then the schedule does not move either).
     `on_oom`: see accumulate_gradients.
     """
-    n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)  # counted on the host, before the forward
+    # counted on the host, before the forward
+    n_targets = sum(int((b["labels"] != IGNORE).sum()) for b in group)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
     loss = accumulate_gradients(model, opt, group, device, precision, scaler, micro_batch, n_targets, on_oom)
     if scaler is not None:
@@ -174,17 +176,18 @@ def accumulate_gradients(model, opt, group, device, precision, scaler, micro_bat
 
 # ---------------------------------------------------------------- the plan
 
-def plan_run(model, batch_size: int, max_length: int, precision: str | None = None, out_dir=None) -> MemoryPlan:
-    """How this machine trains the model: device, precision (and why) and memory plan, and, given `out_dir`, what
-    the run writes there against the free disk (a disk too small stops here). Gradient checkpointing is switched on
-    here when the plan needs it."""
+def plan_run(model, batch_size: int, max_length: int, precision: str | None = None,
+             out_dir=None) -> MemoryPlan:
+    """How this machine trains the model: device, precision (and why) and memory plan, and, given
+    `out_dir`, what the run writes there against the free disk (a disk too small stops here). Gradient
+    checkpointing is switched on here when the plan needs it."""
     device = next(model.parameters()).device
     caps = devices.capabilities(device)
     precision, reason = devices.decide_precision(caps, precision)
     # the free memory was read with the model on the device already: its weights go back into the budget
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = devices.plan_memory(caps, count_parameters(model), count_trainable(model), model.config, batch_size,
-                               max_length, precision, resident_bytes=resident)
+    plan = devices.plan_memory(caps, count_parameters(model), count_trainable(model), model.config,
+                               batch_size, max_length, precision, resident_bytes=resident)
     plan = dataclasses.replace(plan, precision_reason=reason)
     if out_dir is not None:
         estimate = disk.estimate(model, out_dir)
@@ -214,7 +217,8 @@ class TrainingState:
     loss_scale: float | None = None  # fp16: the gradient scaler's scale
     skipped_steps: int = 0
     memory: dict | None = None  # how training adapted after running out of memory, on which device
-    schedules: list = field(default_factory=list)  # {"first_step", "first_epoch", "last_epoch"}: one per schedule
+    # one {"first_step", "first_epoch", "last_epoch"} for each schedule: more than one in a continued run
+    schedules: list = field(default_factory=list)
 
     def saved(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -251,12 +255,12 @@ class Training:
 
 def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epoch_end=None, log=print,
           plan: MemoryPlan | None = None) -> list[dict]:
-    """Fine-tune `model` on `train_data` (the training loader, or a dataset); returns the loss history. `plan`:
-    what plan_run returned (made here when not given).
+    """Fine-tune `model` on `train_data` (the training loader, or a dataset); returns the loss history.
+    `plan`: what plan_run returned (made here when not given).
 
-    A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS, at each epoch's end
-    and when the kernel is interrupted. If one is there, training continues from it, and ends as an uninterrupted
-    run would; a finished run given more EPOCHS goes on with a new schedule (begin_schedule).
+    A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS, at each epoch's
+    end and when the kernel is interrupted. If one is there, training continues from it, and ends as an
+    uninterrupted run would; a finished run given more EPOCHS goes on with a new schedule (begin_schedule).
     """
     train_set, sampler, make_batch = _training_batches(train_data, config)
     steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
@@ -265,9 +269,11 @@ def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epo
         plan = plan_run(model, config.batch_size, config.max_length, config.precision, out_dir)
         log(plan.summary())
     run = start(model, config, plan, Path(out_dir), steps_per_epoch, log)
-    # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as it
-    # last was, so a reader on GitHub sees the training that ran.
-    run.bar = tqdm(total=run.total_steps, initial=run.state.step, desc="fine-tuning", unit="step", file=sys.stdout)
+    model.train()
+    # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as
+    # it last was, so a reader on GitHub sees the training that ran.
+    run.bar = tqdm(total=run.total_steps, initial=run.state.step, desc="fine-tuning", unit="step",
+                   file=sys.stdout)
     run.lap_started = time.perf_counter()
     started = run.lap_started - run.state.seconds
     try:
@@ -305,8 +311,9 @@ def _training_batches(data, config: TrainingConfig):
     which batches each epoch has, `batches(epoch)`, for exact resume), or the project's for a bare dataset."""
     if isinstance(data, DataLoader):
         if not hasattr(data.batch_sampler, "batches"):
-            raise MedQAError("train() needs a loader from medqa.batches.make_loader (its batch sampler gives each "
-                             "epoch's batches, so that a resumed run sees the same ones): build it with make_loader.")
+            raise MedQAError("train() needs a loader from medqa.batches.make_loader (its batch sampler gives "
+                             "each epoch's batches, so that a resumed run sees the same ones): build it with "
+                             "make_loader.")
         return data.dataset, data.batch_sampler, data.collate_fn
     sampler = LengthGroupedBatches(data.lengths, config.batch_size, seed=config.seed, shuffle=True)
     return data, sampler, partial(collate, max_length=config.max_length, mask_prompt=config.mask_prompt)
@@ -318,19 +325,21 @@ def check_max_steps(config: TrainingConfig, steps_per_epoch: int) -> None:
     if config.max_steps is not None and config.max_steps > total:
         more = math.ceil(config.max_steps / steps_per_epoch)
         raise MedQAError(
-            f"MAX_STEPS={config.max_steps} goes past the {total} optimizer steps that EPOCHS={config.epochs} gives "
-            f"({steps_per_epoch} an epoch): MAX_STEPS only stops a run early. Set MAX_STEPS to at most {total} (or "
-            f"None), or set EPOCHS={more} to train longer (a finished run then continues from its weights).")
+            f"MAX_STEPS={config.max_steps} goes past the {total} optimizer steps that EPOCHS={config.epochs} "
+            f"gives ({steps_per_epoch} an epoch): MAX_STEPS only stops a run early. Set MAX_STEPS to at most "
+            f"{total} (or None), or set EPOCHS={more} to train longer (a finished run then continues from "
+            f"its weights).")
 
 
-def start(model, config: TrainingConfig, plan: MemoryPlan, out_dir: Path, steps_per_epoch: int, log) -> Training:
+def start(model, config: TrainingConfig, plan: MemoryPlan, out_dir: Path, steps_per_epoch: int,
+          log) -> Training:
     """The optimizer, the gradient scaler (fp16) and the state: from the checkpoint when there is one."""
     device = next(model.parameters()).device
+    first = {"first_step": 0, "first_epoch": 0, "last_epoch": config.epochs}
     run = Training(model, config, plan, device, out_dir / "checkpoint.pt", steps_per_epoch,
                    make_optimizer(model, config.learning_rate, config.weight_decay, device),
                    torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None,
-                   TrainingState(window_loss=torch.zeros((), device=device),
-                                 schedules=[{"first_step": 0, "first_epoch": 0, "last_epoch": config.epochs}]))
+                   TrainingState(window_loss=torch.zeros((), device=device), schedules=[first]))
     torch.manual_seed(config.seed)
     checkpoint = _read_checkpoint(run.checkpoint, config.overwrite, log)
     if checkpoint is None:
@@ -342,7 +351,7 @@ def start(model, config: TrainingConfig, plan: MemoryPlan, out_dir: Path, steps_
         del checkpoint
     if run.scaler is not None:  # the scale the next step starts with
         run.state.loss_scale = run.state.loss_scale or run.scaler.get_scale()
-    else:  # resumed in another precision (PRECISION None follows the hardware): no scale to report from here on
+    else:  # resumed in another precision (PRECISION None follows the hardware): no scale to report now
         run.state.loss_scale = None
     return run
 
@@ -384,11 +393,11 @@ def make_schedule(run: Training):
 
 
 def begin_schedule(run: Training, log) -> None:
-    """A run whose schedule ended (its learning rate decayed to zero) and that EPOCHS now asks to go on with gets
-    a new warm-up and cosine schedule over the added epochs, from its weights and AdamW's moments. Stretching the
-    old schedule instead would raise the learning rate again in the middle of the decay it already went through
-    and change what the finished epochs meant; a new one is a warm restart, recorded in the checkpoint and in the
-    history (`schedule`)."""
+    """A run whose schedule ended (its learning rate decayed to zero) and that EPOCHS now asks to go on
+    with gets a new warm-up and cosine schedule over the added epochs, from its weights and AdamW's
+    moments. Stretching the old schedule instead would raise the learning rate again in the middle of the
+    decay it already went through and change what the finished epochs meant; a new one is a warm restart,
+    recorded in the checkpoint and in the history (`schedule`)."""
     current = run.state.schedules[-1]
     if run.state.epoch < current["last_epoch"]:
         return
@@ -396,8 +405,9 @@ def begin_schedule(run: Training, log) -> None:
                                 "last_epoch": run.config.epochs})
     run.schedule = make_schedule(run)
     with above_the_bar(run.bar):
-        log(f"Continuing the finished run for {run.config.epochs - run.state.epoch} more epoch(s): a new warm-up and "
-            f"cosine schedule over steps {run.state.step + 1}-{run.total_steps}, from the trained weights.")
+        log(f"Continuing the finished run for {run.config.epochs - run.state.epoch} more epoch(s): a new "
+            f"warm-up and cosine schedule over steps {run.state.step + 1}-{run.total_steps}, from the "
+            f"trained weights.")
 
 
 def take_step(run: Training, group: list[dict], log) -> None:
@@ -419,7 +429,8 @@ def take_step(run: Training, group: list[dict], log) -> None:
 
 
 def log_point(run: Training, val_loader, started: float) -> None:
-    """Record train and validation loss, and the training throughput (train steps only); stop on non-finite."""
+    """Record train and validation loss, and the training throughput (train steps only); stop on
+    non-finite."""
     state = run.state
     if state.window_targets == 0:
         return
@@ -448,10 +459,10 @@ def save_checkpoint(run: Training) -> None:
     """The checkpoint at the step reached: never one with broken weights in place of a good one."""
     with paused(run):
         _stop_if_not_finite(run)
+        scaler = run.scaler.state_dict() if run.scaler is not None else None
         save_torch_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
                            "scheduler": run.schedule.state_dict(), "rng": devices.rng_state(run.device),
-                           "state": run.state.saved(),
-                           "scaler": run.scaler.state_dict() if run.scaler is not None else None}, run.checkpoint)
+                           "state": run.state.saved(), "scaler": scaler}, run.checkpoint)
 
 
 def end_epoch(run: Training) -> None:
@@ -461,9 +472,9 @@ def end_epoch(run: Training) -> None:
 
 
 def answer_between_epochs(run: Training, on_epoch_end) -> None:
-    """`on_epoch_end(epoch)` (the notebook samples an answer), outside training's time and randomness: sampling
-    draws from (and reseeds) the global generators, so training's state is put back afterwards, and a run resumed
-    from the epoch's checkpoint goes on as this one does."""
+    """`on_epoch_end(epoch)` (the notebook samples an answer), outside training's time and randomness:
+    sampling draws from (and reseeds) the global generators, so training's state is put back afterwards,
+    and a run resumed from the epoch's checkpoint goes on as this one does."""
     if on_epoch_end is None:
         return
     rng = devices.rng_state(run.device)
@@ -483,20 +494,20 @@ def stop_at_max_steps(run: Training, log) -> None:
 def stop_on_interrupt(run: Training) -> KeyboardInterrupt:
     """An interrupt (Jupyter's Interrupt kernel, Ctrl-C) lands between steps (interrupts_after_the_block): the
     state is that of the last whole step, so the checkpoint written here continues exactly."""
-    run.opt.zero_grad(set_to_none=True)  # a step cut short (an exception, not a signal) leaves partial gradients
+    run.opt.zero_grad(set_to_none=True)  # a step cut short by an exception leaves partial gradients
     if run.step_rng is not None:  # ... and its dropout's draws: the step runs again from its start
         devices.set_rng_state(run.step_rng, run.device)
     save_checkpoint(run)
     return KeyboardInterrupt(
-        f"Interrupted at step {run.state.step} of {run.total_steps}; the checkpoint holds it: run this cell again "
-        f"with the same settings and OUTPUT_DIR to continue from step {run.state.step + 1}.")
+        f"Interrupted at step {run.state.step} of {run.total_steps}; the checkpoint holds it: run this cell "
+        f"again with the same settings and OUTPUT_DIR to continue from step {run.state.step + 1}.")
 
 
 @contextmanager
 def interrupts_after_the_block():
     """Hold SIGINT (Ctrl-C, Jupyter's Interrupt kernel) until the block ends, so that it never lands inside an
-    optimizer step or between a step and its counts. Outside the main thread signals cannot be caught: the block
-    runs as it is."""
+    optimizer step or between a step and its counts. Outside the main thread signals cannot be caught: the
+    block runs as it is."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
@@ -533,8 +544,9 @@ def above_the_bar(bar):
 # ---------------------------------------------------------------- running out of memory
 
 def adapt_to_oom(run: Training, log, rows: int) -> int:
-    """After a step's passes ran out of memory with `rows` rows each: the plan shrinks, and the state records it
-    (saved with the checkpoint: a resume keeps it). Returns the micro-batch to run the step again with."""
+    """After a step's passes ran out of memory with `rows` rows each: the plan shrinks, and the state
+    records it (saved with the checkpoint: a resume keeps it). Returns the micro-batch to run the step
+    again with."""
     _shrink_after_oom(run.model, run.plan, rows, run.state.step + 1, run.config.max_length)
     run.state.memory = {"device": run.plan.device, "micro_batch": run.plan.micro_batch,
                         "gradient_checkpointing": run.plan.checkpointing,
@@ -551,11 +563,11 @@ def _passes(run: Training) -> str:
 def _out_of_memory(step: int, device, max_length: int, how: str) -> MedQAError:
     """The error when training runs out of memory where adapting cannot help (or helped no more)."""
     return MedQAError(
-        f"Out of {device.type} memory at step {step}{how}. Close what else holds the device's memory (another "
-        f"notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → Restart session) "
-        f"so that nothing of this attempt stays in memory, and run again: training resumes from the last "
-        f"checkpoint, which is kept. Otherwise {devices.fit_advice(max_length)}, with OVERWRITE=True (these "
-        f"settings define the run, so it starts afresh).")
+        f"Out of {device.type} memory at step {step}{how}. Close what else holds the device's memory "
+        f"(another notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → "
+        f"Restart session) so that nothing of this attempt stays in memory, and run again: training resumes "
+        f"from the last checkpoint, which is kept. Otherwise {devices.fit_advice(max_length)}, with "
+        f"OVERWRITE=True (these settings define the run, so it starts afresh).")
 
 
 def _shrink_after_oom(model, plan: MemoryPlan, rows: int, step: int, max_length: int) -> None:
@@ -574,8 +586,9 @@ def _shrink_after_oom(model, plan: MemoryPlan, rows: int, step: int, max_length:
 
 
 def _resume_memory(model, plan: MemoryPlan, memory: dict | None) -> bool:
-    """A run resumed on the device it ran out of memory on starts with the micro-batch and checkpointing it adapted
-    to (its fresh plan would run out again); on another device the fresh plan stands. Whether it changed the plan."""
+    """A run resumed on the device it ran out of memory on starts with the micro-batch and checkpointing it
+    adapted to (its fresh plan would run out again); on another device the fresh plan stands. Whether it
+    changed the plan."""
     if memory is None or memory["device"] != plan.device:
         return False
     plan.micro_batch = min(plan.micro_batch, memory["micro_batch"])
@@ -587,15 +600,16 @@ def _resume_memory(model, plan: MemoryPlan, memory: dict | None) -> bool:
 
 
 def _stop_if_not_finite(run: Training) -> None:
-    """Stop when the loss or the weights stop being finite: training cannot recover, and the last good checkpoint
-    must stay as it is."""
+    """Stop when the loss or the weights stop being finite: training cannot recover, and the last good
+    checkpoint must stay as it is."""
     loss = float(run.state.window_loss)
     # one sync for all the weights, not one per tensor (hundreds on a GPU)
     if math.isfinite(loss) and bool(torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()):
         return
     what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became inf or nan"
-    raise MedQAError(f"At step {run.state.step} {what}. The last good checkpoint is kept in OUTPUT_DIR; lower "
-                     f"LEARNING_RATE (now {run.config.learning_rate}) and run again with OVERWRITE=True.")
+    raise MedQAError(f"At step {run.state.step} {what}. The last good checkpoint is kept in OUTPUT_DIR; "
+                     f"lower LEARNING_RATE (now {run.config.learning_rate}) and run again with "
+                     f"OVERWRITE=True.")
 
 
 def plot_losses(history: list[dict], path=None):
