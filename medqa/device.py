@@ -6,6 +6,7 @@ made-up ones (a 16 GB T4 without bf16, an 80 GB H100, a 16 GB Mac, a CPU) to che
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -136,8 +137,7 @@ def capabilities_cached(device: torch.device) -> Capabilities:
     """The capabilities without the free memory (which changes), read once per device and process."""
     key = str(device)
     if key not in _CAPS:
-        caps = capabilities(device)
-        _CAPS[key] = Capabilities(caps.kind, caps.name, caps.native_bf16, None)
+        _CAPS[key] = dataclasses.replace(capabilities(device), free_bytes=None)
     return _CAPS[key]
 
 

@@ -361,3 +361,9 @@ def test_cuda_random_states_saved_on_more_gpus_restore_on_the_gpus_present(monke
                                                       torch.tensor([2], dtype=torch.uint8)]}
     hw.set_rng_state(state, torch.device("cuda"))
     assert restored == [(1, 0)]
+
+
+def test_the_default_precision_of_validation_on_pascal_is_fp32_too(monkeypatch):
+    mock_cuda(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15 * GB)
+    monkeypatch.setattr(hw, "_CAPS", {})
+    assert hw.default_precision(torch.device("cuda")) == "fp32"
