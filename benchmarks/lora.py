@@ -52,7 +52,7 @@ def run(way: str, dataset: batches.QADataset, val_set: batches.QADataset, cfg: d
     for i, idx in enumerate(order):
         batch = make([dataset[j] for j in idx])
         t = time.perf_counter()
-        loss, _, n_tokens = train.train_step(model, opt, [batch], device)
+        loss, _, n_tokens, _ = train.train_step(model, opt, [batch], device)
         float(loss)  # the sync a logging loop makes anyway
         if i > 0:
             elapsed += time.perf_counter() - t

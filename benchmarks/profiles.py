@@ -61,7 +61,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     val_loader = batches.make_loader(val_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=False)
     device = hw.pick_device()
     model = gpt.load_model(gpt.model_source(s.MODEL, s.SEED), device, s.DROPOUT)
-    plan = train.plan_run(model, s)
+    plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
     opt = train.make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY, device)
 
     def padded(batch):
@@ -73,7 +73,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     for i, idx in enumerate(epoch[:steps]):
         b = loader.collate_fn([train_set[j] for j in idx])
         t = time.perf_counter()
-        loss, _, _ = train.train_step(model, opt, [b], device, plan["precision"], None, plan["micro_batch"])
+        loss = train.train_step(model, opt, [b], device, plan.precision, None, plan.micro_batch).loss
         float(loss)
         if i > 0:
             timed_s += time.perf_counter() - t
@@ -104,7 +104,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     answer_s = time.perf_counter() - t
     new = sum(min(len(a), n) for a, n in zip(answers, limits))
     return {"model": s.MODEL, "examples": len(df), "train_examples": len(train_set), "test_examples": len(test_set),
-            "max_length": s.MAX_LENGTH, "epochs": s.EPOCHS, "batch_size": s.BATCH_SIZE, "plan": plan,
+            "max_length": s.MAX_LENGTH, "epochs": s.EPOCHS, "batch_size": s.BATCH_SIZE, "plan": plan.record(),
             "answer_path": (generate.chosen_path(model) or {}).get("path", "default"),
             "timed_steps": steps - 1, "steps_per_epoch": steps_per_epoch,
             "train_padded_tokens_per_s": round(timed_tokens / timed_s, 1),

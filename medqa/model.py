@@ -57,23 +57,28 @@ FUSABLE = ("gelu_new",)  # only GPT-2's own GELU is swapped: a folder saved with
 
 
 def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention, and its fused GELU
-    where the model has GPT-2's own (the config says so, and so does the folder the model is saved to).
+    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention, and its
+    fused GELU where the model has GPT-2's own (the config says so, and so does the folder the model is saved
+    to).
 
-    `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says.
+    `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says. The
+    weights load as fp32 whatever the files hold (transformers 5 would keep a float16 or bfloat16 folder's
+    precision): training keeps fp32 master weights and computes in half precision under autocast, where
+    updates of a small learning rate do not round away and fp16's gradient scaler can unscale.
     """
     from huggingface_hub import constants
     from huggingface_hub.utils import enable_progress_bars
 
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
     if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
-        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar too)
+        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         config = GPT2Config.from_pretrained(source, **rates)
         if config.activation_function in FUSABLE:
             config.activation_function = ACTIVATION
-        model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa")
+        model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa",
+                                                dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         if isinstance(err, OSError):
@@ -82,8 +87,9 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
                 "PROFILE=smoke (a tiny random GPT-2 built locally) or MODEL=<a local folder saved with "
                 "save_pretrained>.") from None
         raise MedQAError(
-            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {first}). Its files are damaged "
-            "or hold another model: save or copy the folder again, or set MODEL to one of gpt2, gpt2-medium, ... "
+            f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {first}). Its files are "
+            "damaged or hold another model: save or copy the folder again, or set MODEL to one of gpt2, "
+            "gpt2-medium, ... "
             "or tiny.") from None
     return model.to(device)
 
@@ -96,9 +102,10 @@ def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
 
 
 def enable_checkpointing(model) -> None:
-    """Gradient (activation) checkpointing: each layer keeps only its input and recomputes the rest in the backward
-    pass. transformers 5 calls it activation checkpointing (`gradient_checkpointing_enable` warns that it goes in
-    v6); non-reentrant, so that it needs no input that requires gradients and works with LoRA's frozen weights."""
+    """Gradient (activation) checkpointing: each layer keeps only its input and recomputes the rest in the
+    backward pass. transformers 5 calls it activation checkpointing (`gradient_checkpointing_enable` warns
+    that it goes in v6); non-reentrant, so that it needs no input that requires gradients and works with
+    LoRA's frozen weights."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 

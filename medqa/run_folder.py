@@ -72,6 +72,11 @@ def _problems_or_refuse(out: Path, mine: dict, overwrite: bool, sources: dict) -
     return problems
 
 
+def _trains_longer(name: str, theirs, mine) -> bool:
+    """More EPOCHS continue the run in OUTPUT_DIR (medqa.train.begin_schedule); fewer would redefine it."""
+    return name == "EPOCHS" and isinstance(theirs, int) and isinstance(mine, int) and mine > theirs
+
+
 def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
     """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs,
     damage."""
@@ -89,7 +94,7 @@ def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
         theirs = None
     if theirs is not None:
         differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
-                  if k not in FINGERPRINTS and theirs.get(k) != v]
+                  if k not in FINGERPRINTS and theirs.get(k) != v and not _trains_longer(k, theirs.get(k), v)]
         if differ:
             problems.append(f"other settings ({', '.join(differ)})")
         problems += [_changed(k, theirs[k], mine[k], sources) for k in FINGERPRINTS

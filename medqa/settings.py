@@ -131,12 +131,19 @@ def _parse_env(name: str, text: str):
 
 
 def default_profile() -> str:
-    """`full` on any CUDA GPU (train() plans micro-batches so that it fits, down to a 16 GB T4), else `cpu`.
-
-    A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time (medqa.device.plan_memory)."""
+    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`
+    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
+    When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
     from medqa import device
 
-    return "full" if device.pick_device().type == "cuda" else "cpu"
+    where = device.pick_device()
+    if where.type != "cuda":
+        return "cpu"
+    try:
+        caps = device.capabilities(where)
+    except (RuntimeError, AssertionError):  # a driver that cannot report its memory
+        return "full"
+    return device.choose_profile(caps)[0]
 
 
 def notebook_params(namespace: dict) -> dict:

@@ -119,9 +119,9 @@ def test_plan_run_records_precision_and_plan(tiny_model, monkeypatch):
 
     s = settings.resolve({"PROFILE": "smoke"}, env={})
     monkeypatch.setattr(hw, "capabilities", lambda device: T4)
-    plan = train.plan_run(tiny_model, s)
-    assert plan["precision"] == "fp16" and plan["micro_batch"] == 8 and "Tesla T4" in plan["device"]
-    assert train.plan_run(tiny_model, replace(s, PRECISION="fp32"))["precision"] == "fp32"
+    plan = train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
+    assert plan.precision == "fp16" and plan.micro_batch == 8 and "Tesla T4" in plan.device
+    assert train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").precision == "fp32"
 
 
 def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch):
@@ -136,7 +136,7 @@ def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch)
                                    "fp16")
     free = int(whole / 0.85) - n * 4 + 1024  # what is left with the model loaded, when the whole batch just fits
     monkeypatch.setattr(hw, "capabilities", lambda device: replace(T4, free_bytes=free))
-    plan = train.plan_run(model, s)
+    plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION).record()
     assert plan["micro_batch"] == s.BATCH_SIZE and not plan["gradient_checkpointing"]
     assert plan["budget_gb"] == round(int((free + n * 4) * 0.85) / GB, 2)
 
@@ -178,6 +178,7 @@ def test_memory_pytorch_caches_counts_as_free_to_a_rerun(monkeypatch):
     assert hw.capabilities(torch.device("cuda")).free_bytes == 13 * GB
 
 def test_mps_capabilities_take_metals_share_less_what_it_holds(monkeypatch):
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: int(10.67 * GB))
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: int(1.5 * GB))
     caps = hw.capabilities(torch.device("mps"))
@@ -229,7 +230,7 @@ def test_the_fp16_path_scales_the_loss_and_skips_a_step_whose_gradients_overflow
     opt = train.make_optimizer(model, 1e-3, 0.1, cpu)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     before = [p.detach().clone() for p in model.parameters()]
-    loss, _, _ = train.train_step(model, opt, [batch_of(4)], cpu, "fp16", scaler)
+    loss, _, _, _ = train.train_step(model, opt, [batch_of(4)], cpu, "fp16", scaler)
     assert torch.isfinite(loss) and scaler.get_scale() == 2.0 ** 10
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # it stepped
     # a gradient that overflows: the scaler skips the step and halves its scale
@@ -284,8 +285,85 @@ def test_train_uses_the_loader_it_is_given_and_refuses_one_that_cannot_resume(ti
     real_batches = loader.batch_sampler.batches
     loader.batch_sampler.batches = lambda epoch: asked.append(epoch) or real_batches(epoch)
     val = batches.make_loader(data, 2, 64, shuffle=False)
-    history = train.train(fresh(tiny_model), loader, val, s, tmp_path, log=lambda *_: None)
+    config = train.TrainingConfig.from_settings(s)
+    history = train.train(fresh(tiny_model), loader, val, config, tmp_path, log=lambda *_: None)
     assert asked == [0] and len(history) == 2
     plain = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=loader.collate_fn)
     with pytest.raises(MedQAError, match="make_loader"):
-        train.train(fresh(tiny_model), plain, val, s, tmp_path, log=lambda *_: None)
+        train.train(fresh(tiny_model), plain, val, config, tmp_path, log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- choices from the capability and the free memory
+
+def test_pascal_trains_in_fp32_and_says_why():
+    p100 = hw.Capabilities("cuda", "Tesla P100-PCIE-16GB", False, 15 * GB, (6, 0))
+    precision, reason = hw.decide_precision(p100)
+    assert precision == "fp32" and "compute capability 6.0" in reason and "slower" in reason
+    assert hw.decide_precision(replace(p100, compute_capability=(7, 5)))[0] == "fp16"  # a T4
+    assert hw.decide_precision(p100, "fp16") == ("fp16", "PRECISION is set")
+
+
+def test_plan_run_reads_the_capability_of_a_mocked_pascal_gpu(monkeypatch):
+    mock_cuda(monkeypatch, "Tesla P4", (6, 1), 7 * GB)
+    caps = hw.capabilities(torch.device("cuda"))
+    assert caps.compute_capability == (6, 1) and hw.choose_precision(caps) == "fp32"
+
+
+@pytest.mark.parametrize("free, profile", [(7.2 * GB, "cpu"), (14.6 * GB, "full"), (78.5 * GB, "full")])
+def test_full_is_the_default_only_where_gpt2_medium_fits(free, profile):
+    """An 8 GB card (7.2 GiB free after CUDA's context): the full profile's fixed part alone (weights, gradients,
+    AdamW's moments, about 6 GiB) leaves no room for a batch row."""
+    caps = hw.Capabilities("cuda", "NVIDIA GPU", False, int(free), (7, 5))
+    chosen, reason = hw.choose_profile(caps)
+    print(chosen, reason)
+    assert chosen == profile and caps.name in reason
+    assert hw.choose_profile(MAC16)[0] == "cpu"
+
+
+def test_the_default_profile_on_a_mocked_8gb_card_is_cpu(monkeypatch):
+    from medqa import settings
+
+    mock_cuda(monkeypatch, "NVIDIA GeForce RTX 3070", (8, 6), int(7.2 * GB))
+    monkeypatch.setattr(hw, "pick_device", lambda: torch.device("cuda"))
+    assert settings.default_profile() == "cpu"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(22 * GB), 24 * GB))
+    assert settings.default_profile() == "full"
+
+
+def test_mps_free_memory_does_not_count_the_allocators_cache(monkeypatch):
+    held = {"bytes": 9 * GB}  # 7 GB of it cached by PyTorch's allocator after an earlier run in this session
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: held.update(bytes=2 * GB))
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 16 * GB)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: held["bytes"])
+    assert hw.capabilities(torch.device("mps")).free_bytes == 14 * GB
+
+
+def test_mps_work_is_waited_for_before_a_clock_is_read(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append("cuda"))
+    for kind in ("mps", "cuda", "cpu"):
+        hw.synchronize(torch.device(kind))
+    assert waited == ["mps", "cuda"]
+
+
+def test_cuda_random_states_saved_on_more_gpus_restore_on_the_gpus_present(monkeypatch):
+    restored = []
+
+    def set_rng_state(state, device=None):
+        if device >= 1:
+            raise RuntimeError(f"Invalid device index {device}")  # what torch.cuda says on a one-GPU machine
+        restored.append((int(state[0]), device))
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    state = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([1], dtype=torch.uint8),
+                                                      torch.tensor([2], dtype=torch.uint8)]}
+    hw.set_rng_state(state, torch.device("cuda"))
+    assert restored == [(1, 0)]
+
+
+def test_the_default_precision_of_validation_on_pascal_is_fp32_too(monkeypatch):
+    mock_cuda(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15 * GB)
+    monkeypatch.setattr(hw, "_CAPS", {})
+    assert hw.default_precision(torch.device("cuda")) == "fp32"

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from medqa import export, generate, model as gpt, settings, train
-from tests.test_training import Crashing, assert_same_run, setup  # noqa: F401 - setup is a fixture
+from tests.test_training import Crashing, KernelDied, assert_same_run, setup  # noqa: F401 - a fixture
 
 CPU = torch.device("cpu")
 
@@ -19,7 +19,7 @@ def run_lora(setup, out_dir, dataset=None, **overrides):  # noqa: F811
     torch.manual_seed(len(str(out_dir)))  # whatever drew random numbers before must not matter
     # Where the notebook applies LoRA: after load_model, before train.
     model = gpt.apply_lora(gpt.load_model(source, CPU, s.DROPOUT), s.LORA_R, s.LORA_ALPHA, s.DROPOUT, s.SEED)
-    history = train.train(model, dataset or train_set, val_loader, s, out_dir, log=lambda *_: None)
+    history = train.train(model, dataset or train_set, val_loader, train.TrainingConfig.from_settings(s), out_dir, log=lambda *_: None)
     return model, history
 
 
@@ -50,7 +50,7 @@ def test_a_lora_run_stopped_by_max_steps_resumes_to_the_same_end(setup, uninterr
 
 
 def test_a_lora_run_interrupted_by_an_exception_resumes_to_the_same_end(setup, uninterrupted, tmp_path):  # noqa: F811
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KernelDied):
         run_lora(setup, tmp_path, dataset=Crashing(setup[1], 4 * 2 * 7 + 3))  # during step 8, after step 4's checkpoint
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 4
     assert_same_run(uninterrupted, run_lora(setup, tmp_path))

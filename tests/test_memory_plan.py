@@ -144,7 +144,7 @@ def test_checkpointing_comes_on_without_a_deprecation_warning_non_reentrant_and_
     monkeypatch.setattr(hw, "capabilities", lambda device: hw.Capabilities("cuda", "Tesla T4", False, free))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates gradient_checkpointing_enable
-        plan = train.plan_run(model, replace(s, PRECISION="fp32"))
+        plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").record()
         lora = gpt.apply_lora(copy.deepcopy(tiny_model), 4)
         gpt.enable_checkpointing(lora)
     assert plan["gradient_checkpointing"] and plan["micro_batch"] == 1

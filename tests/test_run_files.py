@@ -188,9 +188,9 @@ def test_a_checkpoint_damaged_inside_stops_training_with_the_fix_and_overwrite_s
     model = gpt.load_model(str(tiny_folder), torch.device("cpu"))
     torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")  # a whole zip, with the wrong contents
     with pytest.raises(MedQAError, match="checkpoint.pt is not a checkpoint.*OVERWRITE=True"):
-        train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
+        train.train(model, train_set, val_loader, train.TrainingConfig.from_settings(s), tmp_path, log=lambda *_: None)
     notes = []
-    train.train(model, train_set, val_loader, replace(s, OVERWRITE=True), tmp_path, log=notes.append)
+    train.train(model, train_set, val_loader, train.TrainingConfig.from_settings(replace(s, OVERWRITE=True)), tmp_path, log=notes.append)
     assert any("starts afresh" in note for note in notes)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
 

@@ -32,7 +32,7 @@ def run(setup, out_dir, dataset=None, **overrides):
     s, train_set, val_loader, source = setup
     s = replace(s, OUTPUT_DIR=str(out_dir), **overrides)
     model = gpt.load_model(source, torch.device("cpu"), s.DROPOUT)
-    history = train.train(model, dataset or train_set, val_loader, s, out_dir, log=lambda *_: None)
+    history = train.train(model, dataset or train_set, val_loader, train.TrainingConfig.from_settings(s), out_dir, log=lambda *_: None)
     return model, history
 
 
@@ -63,6 +63,10 @@ def test_a_run_stopped_by_max_steps_resumes_to_the_same_end(setup, uninterrupted
     assert_same_run(uninterrupted, run(setup, tmp_path))
 
 
+class KernelDied(Exception):
+    """A crash that writes nothing (an interrupt, unlike this, writes a checkpoint: test_interrupt.py)."""
+
+
 class Crashing(torch.utils.data.Dataset):
     """The training set, until the n-th example is asked for: then the 'kernel dies'."""
 
@@ -75,13 +79,13 @@ class Crashing(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.n -= 1
         if self.n < 0:
-            raise KeyboardInterrupt
+            raise KernelDied
         return self.base[i]
 
 
 def test_a_run_interrupted_by_an_exception_resumes_to_the_same_end(setup, uninterrupted, tmp_path):
     _, train_set, _, _ = setup
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KernelDied):
         run(setup, tmp_path, dataset=Crashing(train_set, 4 * 2 * 7 + 3))  # during step 8, after the step-4 checkpoint
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 4
     assert_same_run(uninterrupted, run(setup, tmp_path))
@@ -125,7 +129,7 @@ def test_weights_that_stop_being_finite_never_overwrite_the_last_good_checkpoint
     try:
         with pytest.raises(MedQAError, match="At step 3 the weights became inf or nan.*last good checkpoint.*"
                                              "LEARNING_RATE"):
-            train.train(model, train_set, val_loader, s, tmp_path, log=lambda *_: None)
+            train.train(model, train_set, val_loader, train.TrainingConfig.from_settings(s), tmp_path, log=lambda *_: None)
     finally:
         hook.remove()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -176,7 +180,7 @@ def clocked(setup, tmp_path_factory):
         mp.setattr(train, "time", clock)
         mp.setattr(train, "train_step", lasting(1.0, train.train_step))
         mp.setattr(train, "save_torch_atomic", lasting(100.0, train.save_torch_atomic))
-        history = train.train(model, train_set, SlowLoader(val_loader, clock, 1000.0), s, out,
+        history = train.train(model, train_set, SlowLoader(val_loader, clock, 1000.0), train.TrainingConfig.from_settings(s), out,
                               on_epoch_end=lasting(500.0, lambda epoch: None), log=lambda *_: None)
     return s, model, history, val_loader
 

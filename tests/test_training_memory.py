@@ -70,8 +70,8 @@ def run(setup, out_dir, lines, val_loader=None, **overrides):  # noqa: F811
     s, train_set, setup_val_loader, source = setup
     s = replace(s, OUTPUT_DIR=str(out_dir), EPOCHS=1, DROPOUT=0.0, **overrides)
     model = gpt.load_model(source, CPU, s.DROPOUT)
-    plan = train.plan_run(model, s)
-    history = train.train(model, train_set, val_loader or setup_val_loader, s, out_dir, log=lines.append, plan=plan)
+    plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
+    history = train.train(model, train_set, val_loader or setup_val_loader, train.TrainingConfig.from_settings(s), out_dir, log=lines.append, plan=plan)
     return model, history, plan
 
 
@@ -91,7 +91,7 @@ def test_training_adapts_to_running_out_of_memory_records_it_and_a_resumed_run_s
                        "(same effective batch).",
                        "Out of memory at step 3: running it again with micro-batches of 1 row, 4 passes per batch "
                        "(same effective batch), gradient checkpointing."]
-    assert (plan["micro_batch"], plan["gradient_checkpointing"], plan["memory_adaptations"]) == (1, True, adapted)
+    assert (plan.micro_batch, plan.checkpointing, plan.adaptations) == (1, True, adapted)
     memory = torch.load(tmp_path / "adapted" / "checkpoint.pt", weights_only=False)["state"]["memory"]
     assert (memory["micro_batch"], memory["gradient_checkpointing"]) == (1, True)
 
@@ -101,7 +101,7 @@ def test_training_adapts_to_running_out_of_memory_records_it_and_a_resumed_run_s
         mp.setattr(train, "train_step", lambda m, *a, **k: steps.append((a[5], checkpointing(m))) or real(m, *a, **k))
         resumed, resumed_history, plan = run(setup, tmp_path / "adapted", lines, MAX_STEPS=6)
     assert "It ran out of memory here before, so it goes on with micro-batches of 1 row" in " ".join(lines)
-    assert steps == [(1, True), (1, True)] and plan["memory_adaptations"] == adapted
+    assert steps == [(1, True), (1, True)] and plan.adaptations == adapted
     assert_same_run(adapting(tmp_path / "uninterrupted", [], 6)[:2], (resumed, resumed_history))
     # the same losses as a run that never ran out of memory, to rounding: the sums run in another order (and AdamW's
     # first steps turn a rounding difference in a near-zero gradient into a full step, so the weights differ more)
@@ -163,7 +163,7 @@ def test_fp16_steps_the_scaler_skips_leave_the_schedule_where_it_was_and_are_rec
         model, history, plan = run(setup, tmp_path / "a", [], MAX_STEPS=3, **fp16)
     finally:
         hook.remove()
-    assert plan["precision"] == "fp16" and s.WARMUP_STEPS == 2
+    assert plan.precision == "fp16" and s.WARMUP_STEPS == 2
     # warm-up from 0 to LEARNING_RATE over two steps; the skipped first step does not count as one of them
     assert lrs == [0.0, 0.0, s.LEARNING_RATE / 2]
     assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["scheduler"]["last_epoch"] == 2
@@ -178,7 +178,7 @@ def test_lines_printed_during_training_stand_on_their_own_lines_above_the_bar(se
     s = replace(s, OUTPUT_DIR=str(tmp_path), EPOCHS=2, DROPOUT=0.0, EVAL_EVERY=1000, MAX_STEPS=3)
     train_set = batches.QADataset(train_set.frame.head(2 * s.BATCH_SIZE * s.GRAD_ACCUM), s.MAX_LENGTH)  # 2 steps
     model = gpt.load_model(source, CPU, s.DROPOUT)
-    train.train(model, train_set, val_loader, s, tmp_path, on_epoch_end=lambda epoch: print(f"after epoch {epoch}"))
+    train.train(model, train_set, val_loader, train.TrainingConfig.from_settings(s), tmp_path, on_epoch_end=lambda epoch: print(f"after epoch {epoch}"))
     out = capsys.readouterr().out
     starts = [line.split("\r")[-1] for line in out.split("\n")]  # what a line shows after its carriage returns
     assert "after epoch 1" in starts and f"Stopped at MAX_STEPS={s.MAX_STEPS}; re-run with a larger MAX_STEPS to " \

@@ -1,0 +1,93 @@
+"""What a run writes into OUTPUT_DIR, against the free disk: checked before training, so that a small disk
+stops the run before the first checkpoint, not at it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from medqa.errors import MedQAError
+
+GB = 1024 ** 3
+SMALL_FILES = 64 * 1024 ** 2  # answers, figures, metrics, splits, the model card: a few MB, and room
+ADAM_MOMENTS = 2  # AdamW keeps two fp32 tensors per trained parameter
+
+
+def _stored_bytes(tensors) -> int:
+    """Bytes torch.save and safetensors write for these tensors: a storage shared by two names (GPT-2's tied
+    embedding and LM head) is written once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device.type)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def checkpoint_bytes(model) -> int:
+    """The training checkpoint as train.save_checkpoint writes it: the state_dict (frozen weights included)
+    and AdamW's moments in the trained parameters' precision (fp32 master weights)."""
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return _stored_bytes(model.state_dict().values()) + ADAM_MOMENTS * trained
+
+
+def model_folder_bytes(model) -> int:
+    """The saved model folder: the weights with any LoRA adapters merged into them."""
+    return _stored_bytes(t for name, t in model.state_dict().items() if "lora_" not in name)
+
+
+def _folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    folder: str
+    checkpoint_bytes: int
+    model_bytes: int
+    free_bytes: int       # free on the disk, plus what the run's own old checkpoint and model folder take
+    lora_checkpoint_bytes: int
+    lora: bool  # the model trains LoRA adapters already
+
+    @property
+    def needed_bytes(self) -> int:
+        """At its fullest: a new checkpoint written beside the old one, the model folder, the small files."""
+        return 2 * self.checkpoint_bytes + self.model_bytes + SMALL_FILES
+
+    def describe(self) -> str:
+        return (f"disk: the run writes up to {self.needed_bytes / GB:.1f} GB into {self.folder} (checkpoint "
+                f"{self.checkpoint_bytes / GB:.2f} GB, twice while the new one is written beside the old; "
+                f"model folder {self.model_bytes / GB:.2f} GB); {self.free_bytes / GB:.1f} GB free")
+
+
+def estimate(model, out_dir) -> DiskEstimate:
+    """What the run will write into `out_dir` and what the disk there has free (the folder need not exist
+    yet)."""
+    out = Path(out_dir).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    replaced = _folder_bytes(out / "checkpoint.pt") + _folder_bytes(out / "model")  # the run's own, if any
+    free = shutil.disk_usage(existing).free + replaced
+    weights = _stored_bytes(model.state_dict().values())
+    lora = weights + ADAM_MOMENTS * 4 * sum(p.numel() for p in model.parameters()) // 100  # adapters: ~1%
+    adapters = any("lora_" in name for name in model.state_dict())
+    return DiskEstimate(str(out_dir), checkpoint_bytes(model), model_folder_bytes(model), free, lora,
+                        adapters)
+
+
+def check(est: DiskEstimate) -> None:
+    """Stop with the figures and the fixes when the disk is short."""
+    if est.needed_bytes <= est.free_bytes:
+        return
+    fixes = [f"set OUTPUT_DIR to a folder on a disk with at least {est.needed_bytes / GB:.1f} GB free",
+             "free some space on this one"]
+    if not est.lora:
+        smaller = 2 * est.lora_checkpoint_bytes + est.model_bytes + SMALL_FILES
+        fixes.append(f"set LORA_R (e.g. 16): AdamW's moments then cover the adapters only, about "
+                     f"{smaller / GB:.1f} GB in all")
+    short = (est.needed_bytes - est.free_bytes) / GB
+    raise MedQAError(f"Not enough disk for this run: {est.describe()}, {short:.1f} GB short. Nothing was "
+                     f"written; {', or '.join(fixes)}.")
