@@ -55,7 +55,7 @@ def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]
     """Left padding puts every prompt's last token in the last column, where generation continues.
 
     The padding is <|endoftext|>, which the repetition penalty would count as said: `generate` keeps it out,
-    since it gives the penalty each row's padding length from the attention mask (transformers 5,
+    since it gives the penalty each row's padding length from the attention mask (transformers'
     generation/utils.py), so a prompt's answer does not depend on the prompts batched with it
     (tests/test_model.py checks this).
     """

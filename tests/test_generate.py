@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa import ask, cpu_kernels, export, generate
+from medqa import ask, cpu_kernels, export, generate, judge
 from medqa.errors import MedQAError
 from medqa.generate import Decoding
 
@@ -57,7 +57,7 @@ def test_generate_reads_as_the_recipe_and_the_kernel_choice_lives_apart():
     assert "SimpleNamespace" not in inspect.getsource(ask)
     for name in dir(cpu_kernels):  # "path" means a file path in this project, never a kernel choice
         assert "path" not in name.lower(), name
-    for module in (generate, cpu_kernels, ask, export):
+    for module in (generate, cpu_kernels, ask, export, judge):
         long = [f.name for f in _functions(module) if f.end_lineno - f.lineno + 1 > 60 and f.name != "model_card"]
         assert long == [], (module.__name__, long)  # model_card is the card's text, one f-string
         others = set()  # lines another module's owner rewrites: their model-folder check, their settings list

@@ -597,3 +597,13 @@ def test_kept_replies_are_reused_only_for_the_same_question_to_the_same_judge(ol
     lines = []
     judge.judge_file(path, ollama.host, "mistral", progress=False, log=lines.append)
     assert len(ollama.chats) == 9 and "damaged" in lines[0]  # another judge asks everything again
+
+
+def test_the_judges_defaults_are_the_settings_defaults():
+    """judge.py does not import medqa.settings (settings imports judge): the two must still agree."""
+    from medqa.settings import COMMON
+
+    assert (judge.DEFAULT_MODEL, judge.DEFAULT_HOST, judge.DEFAULT_BUDGET_S, judge.DEFAULT_SEED) == \
+        (COMMON["JUDGE_MODEL"], COMMON["OLLAMA_HOST"], COMMON["JUDGE_BUDGET_S"], COMMON["SEED"])
+    imports = [line for line in open(judge.__file__, encoding="utf-8") if line.startswith(("import ", "from "))]
+    assert not [line for line in imports if "settings" in line]

@@ -84,7 +84,7 @@ def test_a_bf16_model_keeps_its_layers(tiny_model):
 
 # ---------------------------------------------------------------- which way answers, chosen per machine
 
-def test_the_answer_path_is_the_fastest_that_beats_the_default_by_the_margin_and_bf16_must_agree():
+def test_the_kernels_chosen_are_the_fastest_that_beat_the_default_by_the_margin_and_bf16_must_agree():
     choose_path = cpu_kernels.choose_kernels
 
     assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.98, "same_tokens": True}}) == "default"
