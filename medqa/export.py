@@ -1,4 +1,4 @@
-"""Step 13: the model folder a user takes home: weights, tokenizer, decoding settings and a model card.
+"""The model folder a user takes home: weights, tokenizer, decoding settings and a model card.
 
 `OUTPUT_DIR/model` loads without this project: `AutoTokenizer.from_pretrained(folder)`,
 `AutoModelForCausalLM.from_pretrained(folder)` or `pipeline("text-generation", model=folder)`. The tokenizer

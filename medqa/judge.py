@@ -362,7 +362,7 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = DEFAU
     tasks, anchors = _tasks(records, n_anchors, seed)
     summary["empty_answers"] = sum(not r["model_response"].strip() for r in records)
     try:
-        host = check_ollama_host(host, "the judge's host")
+        host = check_ollama_host(host)
         limit, thinks = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
     except (MedQAError, JudgeUnavailable) as err:
         log(f"LLM judge skipped: {str(err).rstrip('.')}. Judge later with `{rerun}`.")
