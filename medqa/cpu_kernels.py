@@ -163,8 +163,8 @@ def measure_kernels(model, prompts: list[list[int]], pad) -> dict:
     Returns each candidate's median seconds, whether its tokens equal the default's, or the error that ruled
     it out.
     """
-    # Whole prompts, as they will be answered (bf16 must agree on those); only a prompt too long to leave room for
-    # the probe's tokens is cut, for the probe alone.
+    # Whole prompts, as they will be answered (bf16 must agree on those); only a prompt too long to leave room
+    # for the probe's tokens is cut, for the probe alone.
     rows = [p[-(model.config.n_positions - PROBE_TOKENS):] for p in prompts[:PROBE_PROMPTS]]
     ids, mask = pad(rows, next(model.parameters()).device)
     seconds: dict[str, list[float]] = {}

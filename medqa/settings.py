@@ -175,7 +175,7 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" means the home folder, not a folder named "~"
         if isinstance(values[name], str) and values[name].startswith("~"):
             values[name] = os.path.expanduser(values[name])
-    from medqa.judge import check_ollama_host  # the judge's own check: a bad address fails here, not after training
+    from medqa.judge import check_ollama_host  # before any work, not in the judge after training
 
     values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])
     settings = Settings(**values)
