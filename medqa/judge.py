@@ -1,16 +1,21 @@
-"""Step 13 (optional): a model served by Ollama scores each answer 0-100 against the reference.
+"""An LLM served by Ollama scores each answer 0-100 against the reference (optional, after the run is saved).
 
-The notebook and the command line share one code path, `judge_file`:
+The notebook and the command line share one code path:
 
     python -m medqa.judge OUTPUT_DIR/test_responses.json [--model llama3] [--host URL] [--budget-s 3600]
 
-Nothing here raises because of Ollama: a judge that cannot run, stops early or gets unreadable replies prints one
-line and returns a summary that says so (scores it could not get are None, counted by reason).
+Nothing here raises into a finished run: `judge_file`, the notebook's call, turns whatever it meets (no
+Ollama, a bad host, unreadable replies, a damaged file, a full disk) into one line and a summary that says so
+(scores it could not get are None, counted by reason). Replies are kept as they come in a progress file beside
+the answers (test_responses.judge-progress.json), so that a judge killed or stopped with Ctrl-C asks, when run
+again, only for what is missing; the file goes once every request has its reply. metrics.json keeps one result
+per answers file under evaluation.judge.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -19,11 +24,11 @@ import re
 import statistics
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
 from medqa.errors import MedQAError, retry
-from medqa.settings import COMMON
 from medqa.store import read_json, update_json, write_json_atomic
 
 JUDGE_PROMPT = (
@@ -36,6 +41,9 @@ JUDGE_PROMPT = (
 SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
                 "required": ["score"]}
 FIELDS = ("instruction", "output", "model_response")
+# The project's defaults (settings.COMMON holds the same values for the notebook).
+DEFAULT_MODEL, DEFAULT_HOST, DEFAULT_BUDGET_S, DEFAULT_SEED = "llama3", "http://localhost:11434", 3600.0, 123
+OLLAMA_PORT = 11434          # the port Ollama listens on when an address names none
 N_ANCHORS = 5                # test items judged twice more (reference against itself / another reference)
 MAX_FAILURES_IN_ROW = 3      # requests that failed one after another before the judge stops asking
 TRIES = 3                    # per request, for server errors and dropped connections only
@@ -43,6 +51,51 @@ CHECK_TIMEOUT_S = 10.0       # /api/show answers at once, so a host that never a
 REPLY_TOKENS = 128           # room for the chat template and the reply (num_predict caps the reply)
 DEFAULT_CONTEXT = 8192       # when the server does not say the model's context length (llama3's)
 RERUN = "python -m medqa.judge OUTPUT_DIR/test_responses.json"
+INTERRUPTED = "interrupted (Ctrl-C)"
+UNRECORDED = "answers file not recorded"  # where a result from before results were kept per file goes
+
+
+def check_ollama_host(value, name: str = "OLLAMA_HOST") -> str:
+    """Where Ollama runs, as the URL the judge connects to; a MedQAError names `name`, the problem and the
+    fix.
+
+    A bare host or host:port gets http:// (and port 11434 when it names none), as Ollama itself reads it; a
+    URL keeps its scheme, port and path. Refused: an empty value, blanks, a scheme other than http(s), no
+    host, a port that is not a number from 1 to 65535, a user name, query or fragment.
+    """
+    def bad(problem: str) -> MedQAError:
+        return MedQAError(f"{name}={value!r} {problem}: set it to where Ollama runs, e.g. {DEFAULT_HOST!r}"
+                          + (" (or None for the default)." if name == "OLLAMA_HOST" else "."))
+
+    if not isinstance(value, str):
+        raise bad("is not text")
+    if not value.strip():
+        raise bad("is empty")
+    if any(c.isspace() for c in value):
+        raise bad("holds a space or another blank")
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        if re.match(r"^https?:/", value, re.I):
+            raise bad("lacks the two slashes after its scheme")
+        scheme, rest = "http", value
+    if scheme.lower() not in ("http", "https"):
+        raise bad(f"uses the scheme {scheme + '://'!r}, and Ollama speaks http:// or https://")
+    try:
+        parts = urllib.parse.urlsplit(f"{scheme.lower()}://{rest}")
+    except ValueError:  # "Invalid IPv6 URL"
+        raise bad("opens a bracket that does not close") from None
+    try:
+        port = parts.port
+    except ValueError:  # "Port could not be cast to integer value", "Port out of range 0-65535"
+        raise bad("has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise bad("names no host")
+    if port == 0:
+        raise bad("has port 0, which no server listens on")
+    if parts.username is not None or parts.query or parts.fragment or "?" in rest or "#" in rest:
+        raise bad("holds more than a host, a port and a path")
+    netloc = parts.netloc + (f":{OLLAMA_PORT}" if not sep and port is None else "")
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
 class JudgeUnavailable(Exception):
@@ -70,8 +123,8 @@ def read_score(content) -> tuple[int | None, str]:
 
     JSON `{"score": n}` first (what structured output returns); otherwise free text, carefully: the scale
     ("0-100", "from 0 to 100") is not a score, "75/100" and "75 out of 100" are, a lone number is. A score on
-    another scale ("8/10") is refused rather than rescaled (the judge was asked for 0-100, and a rescaled guess
-    would sit between real scores unseen), and so is a reply with two different candidate scores.
+    another scale ("8/10") is refused rather than rescaled (the judge was asked for 0-100, and a rescaled
+    guess would sit between real scores unseen), and so is a reply with two different candidate scores.
     """
     text = (content or "").strip()
     if not text:
@@ -117,7 +170,8 @@ def judge_prompt(record: dict, response: str) -> str:
 
 
 def tokens_needed(prompt: str) -> int:
-    """The context a request needs: about 3 characters a token (on the safe side for English), plus the reply."""
+    """The context a request needs: about 3 characters a token (on the safe side for English), plus the
+    reply."""
     return len(prompt) // 3 + REPLY_TOKENS
 
 
@@ -129,18 +183,30 @@ def context_size(prompts: list[str], limit: int) -> int:
     return min(max(2048, 1 << (needed - 1).bit_length()), limit)
 
 
-def _client(host: str, timeout_s: float):
+def _ollama():
+    """The ollama package. Importing it builds a default client from $OLLAMA_HOST, which raises a bare
+    ValueError on a bad value, even when the judge is given a good host: check the variable first, to say what
+    to fix."""
+    if os.environ.get("OLLAMA_HOST"):
+        check_ollama_host(os.environ["OLLAMA_HOST"], "OLLAMA_HOST (an environment variable)")
     import ollama
 
-    return ollama.Client(host=host, timeout=timeout_s)
+    return ollama
+
+
+def _client(host: str, timeout_s: float):
+    return _ollama().Client(host=host, timeout=timeout_s)
 
 
 def _check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
-    """Fail fast, before the progress bar: is Ollama there, does it have the model? Returns the model's context
-    length and whether it thinks before answering."""
+    """Fail fast, before the progress bar: is Ollama there, does it have the model? Returns the model's
+    context length and whether it thinks before answering."""
     import httpx
-    import ollama
 
+    try:
+        ollama = _ollama()
+    except MedQAError as err:
+        raise JudgeUnavailable(str(err).rstrip(".")) from None
     try:
         with _client(host, timeout_s) as client:
             shown = client.show(model)
@@ -158,7 +224,8 @@ def _check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
                                f"is Ollama running there, and not stuck?") from None
     except Exception as err:  # noqa: BLE001 -- whatever else the host does, the run must go on
         raise JudgeUnavailable(f"{host} did not answer like Ollama ({type(err).__name__}: {err})") from None
-    lengths = [v for k, v in (shown.modelinfo or {}).items() if k.endswith(".context_length") and isinstance(v, int)]
+    lengths = [v for k, v in (shown.modelinfo or {}).items()
+               if k.endswith(".context_length") and isinstance(v, int)]
     return (lengths[0] if lengths else DEFAULT_CONTEXT), "thinking" in (shown.capabilities or [])
 
 
@@ -172,12 +239,12 @@ def _ask(client, host: str, model: str, prompt: str, options: dict, think) -> tu
         reply = client.chat(model, messages=[{"role": "user", "content": prompt}], format=SCORE_SCHEMA,
                             options=options, think=think)
     except ConnectionError:
-        raise JudgeUnavailable(f"Ollama stopped answering at {host} (connection refused): start it again with "
-                               f"`ollama serve`") from None
+        raise JudgeUnavailable(f"Ollama stopped answering at {host} (connection refused): start it again "
+                               f"with `ollama serve`") from None
     except ollama.ResponseError as err:
         if err.status_code == 404:
-            raise JudgeUnavailable(f"Ollama at {host} no longer has model {model!r}: run `ollama pull {model}`") \
-                from None
+            raise JudgeUnavailable(f"Ollama at {host} no longer has model {model!r}: run "
+                                   f"`ollama pull {model}`") from None
         kind = Transient if err.status_code >= 500 or err.status_code == 429 else Unscored
         raise kind(f"HTTP {err.status_code}") from None
     except httpx.TimeoutException:
@@ -195,34 +262,9 @@ def _ask(client, host: str, model: str, prompt: str, options: dict, think) -> tu
 
 # ---------------------------------------------------------------- judging a list of answers
 
-def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMON["JUDGE_BUDGET_S"],
-          seed: int = COMMON["SEED"], timeout_s: float = 120.0, n_anchors: int = N_ANCHORS, retry_wait_s=1.0,
-          rerun: str = RERUN, log=print, clock=time.monotonic, progress: bool = True) -> tuple[dict, list]:
-    """Score each `{instruction, input, output, model_response}` 0-100; (summary, per-answer scores or None).
-
-    First `n_anchors` seeded test items are judged twice more, as anchors: the reference answer against itself
-    (a judge that can judge scores it high) and against another question's reference (it should score low).
-    Empty answers score 0 without asking. Requests stop when `budget_s` has passed or after
-    MAX_FAILURES_IN_ROW failed requests in a row; one line then says why and how to judge again (`rerun`).
-    """
-    from tqdm.std import tqdm  # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook,
-    #                            which GitHub cannot show
-
-    start = clock()
-    scores: list[int | None] = [None] * len(records)
-    reasons: Counter = Counter()
-    summary = {"model": model, "mean": None, "median": None, "n": len(records), "scored": 0,
-               "unscored": len(records), "unscored_by_reason": {}, "empty_answers": 0, "read_from_text": 0,
-               "num_ctx": None, "too_long_for_context": 0, "sanity": None, "stopped": None, "seconds": None}
-    try:
-        limit, thinks = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
-    except JudgeUnavailable as err:
-        log(f"LLM judge skipped: {err}. Judge later with `{rerun}`.")
-        summary.update(stopped=str(err), unscored_by_reason={"not asked": len(records)},
-                       seconds=round(clock() - start, 1))
-        return summary, scores
-
-    # (what, index, prompt): anchors first, so that a reader can weigh the mean even if the budget runs out.
+def _tasks(records: list[dict], n_anchors: int, seed: int) -> tuple[list, list[int]]:
+    """(what, index, prompt) for every request, anchors first so that a reader can weigh the mean even if the
+    budget runs out; and the seeded anchor items. Empty answers get no request."""
     rng = random.Random(seed)
     with_reference = [i for i, r in enumerate(records) if r["output"].strip()]
     anchors = rng.sample(with_reference, min(n_anchors, len(with_reference)))
@@ -232,77 +274,145 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = COMMO
         others = [j for j in with_reference if records[j]["output"].strip() != records[i]["output"].strip()]
         if others:
             tasks.append(("other", i, judge_prompt(records[i], records[rng.choice(others)]["output"])))
-    for i, r in enumerate(records):
-        if r["model_response"].strip():
-            tasks.append(("answer", i, judge_prompt(r, r["model_response"])))
-        else:
-            scores[i] = 0  # nothing to judge; asking would only cost time
-            summary["empty_answers"] += 1
+    tasks += [("answer", i, judge_prompt(r, r["model_response"])) for i, r in enumerate(records)
+              if r["model_response"].strip()]
+    return tasks, anchors
 
-    num_ctx = context_size([p for _, _, p in tasks], limit)
-    summary["num_ctx"] = num_ctx
-    summary["too_long_for_context"] = sum(tokens_needed(p) > num_ctx for _, _, p in tasks)
-    options = {"temperature": 0, "seed": seed, "num_ctx": num_ctx, "num_predict": REPLY_TOKENS}
-    # A thinking model would spend num_predict on its thoughts and leave the score empty; `think` is sent only to
-    # models that can think, because Ollama refuses it (HTTP 400) for the others.
-    think = False if thinks else None
-    sanity = {"self": [], "other": []}
-    failures_in_row, asked, stopped = 0, 0, None
-    with _client(host, timeout_s) as client, \
-            tqdm(total=len(tasks), desc=f"judging with {model}", unit="request", file=sys.stdout,
-                 disable=not progress) as bar:
-        for what, i, prompt in tasks:
-            if clock() - start >= budget_s:
-                stopped = f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"
-                break
+
+def reply_key(model: str, options: dict, think, prompt: str) -> str:
+    """What identifies a request: a kept reply is reused only for exactly the same question to the same
+    judge."""
+    asked = json.dumps([model, options, think, prompt], sort_keys=True)
+    return hashlib.sha256(asked.encode()).hexdigest()[:32]
+
+
+def _ask_all(client, host: str, model: str, requests: list, budget_s: float, start: float, clock, bar, keep,
+             retry_wait_s) -> tuple[dict, str | None]:
+    """Ask each (key, prompt, options, think) until done, the budget or MAX_FAILURES_IN_ROW failures in a row;
+    `keep(key, reply)` stores each reply as it comes. Returns {key: (score, how)} (how: the reason when score
+    is None) and why it stopped early, if it did."""
+    replies, failures_in_row = {}, 0
+    for key, prompt, options, think in requests:
+        if clock() - start >= budget_s:
+            return replies, f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"
+        try:
+            reply = retry(lambda: _ask(client, host, model, prompt, options, think), tries=TRIES,
+                          backoff=retry_wait_s, retry_on=(Transient,))
+            failures_in_row = 0
+        except JudgeUnavailable as err:
+            return replies, str(err)
+        except Unscored as err:  # no reply worth keeping: a re-run asks again
+            reply = (None, str(err))
+            failures_in_row += 1
+        replies[key] = reply
+        bar.update()
+        if failures_in_row == 0:
             try:
-                score, how = retry(lambda: _ask(client, host, model, prompt, options, think), tries=TRIES,
-                                   backoff=retry_wait_s, retry_on=(Transient,))
-                failures_in_row = 0
-            except JudgeUnavailable as err:
-                stopped = str(err)
-                break
-            except Unscored as err:
-                score, how = None, str(err)
-                failures_in_row += 1
-            asked += 1
-            bar.update()
-            if what == "answer":
-                scores[i] = score
-                summary["read_from_text"] += how == "text"
-                if score is None:
-                    reasons[how] += 1
-            elif score is not None:
-                sanity[what].append(score)
-            if failures_in_row >= MAX_FAILURES_IN_ROW:
-                stopped = f"{failures_in_row} requests in a row failed (last: {how})"
-                break
+                keep(key, reply)
+            except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
+                return replies, f"replies could not be kept ({err})"
+        if failures_in_row >= MAX_FAILURES_IN_ROW:
+            return replies, f"{failures_in_row} requests in a row failed (last: {reply[1]})"
+    return replies, None
 
-    not_asked = sum(s is None for s in scores) - sum(reasons.values())
-    if not_asked:
-        reasons["not asked"] = not_asked
-    if stopped:
-        log(f"LLM judge stopped after {asked} of {len(tasks)} requests: {stopped}. {not_asked} answers were not "
-            f"judged; judge them later with `{rerun}`.")
+
+def _summarise(summary: dict, records: list, tasks: list, replies: dict, keys: list, anchors: list) -> list:
+    """Fill in the summary from the replies; the per-answer scores (empty answers 0, unasked None)."""
+    scores: list[int | None] = [0 if not r["model_response"].strip() else None for r in records]
+    reasons, sanity = Counter(), {"self": [], "other": []}
+    for (what, i, _), key in zip(tasks, keys):
+        score, how = replies.get(key, (None, "not asked"))
+        if what == "answer":
+            scores[i] = score
+            summary["read_from_text"] += how == "text"
+            reasons[how] += score is None
+        elif score is not None:
+            sanity[what].append(score)
     scored = [s for s in scores if s is not None]
     mean = {k: round(statistics.fmean(v), 2) if v else None for k, v in sanity.items()}
     summary.update(mean=round(statistics.fmean(scored), 2) if scored else None,
                    median=statistics.median(scored) if scored else None, scored=len(scored),
-                   unscored=len(records) - len(scored), unscored_by_reason=dict(reasons),
-                   sanity={**mean, "n": len(anchors)}, stopped=stopped, seconds=round(clock() - start, 1))
+                   unscored=len(records) - len(scored),
+                   unscored_by_reason={k: n for k, n in reasons.items() if n},
+                   sanity={**mean, "n": len(anchors)})
+    return scores
+
+
+def judge(records: list[dict], host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
+          seed: int = DEFAULT_SEED, timeout_s: float = 120.0, n_anchors: int = N_ANCHORS, retry_wait_s=1.0,
+          rerun: str = RERUN, log=print, clock=time.monotonic, progress: bool = True,
+          known: dict | None = None, keep=lambda key, reply: None) -> tuple[dict, list]:
+    """Score each `{instruction, input, output, model_response}` 0-100; (summary, per-answer scores or None).
+
+    First `n_anchors` seeded test items are judged twice more, as anchors: the reference answer against itself
+    (a judge that can judge scores it high) and against another question's reference (it should score low).
+    Empty answers score 0 without asking. Replies in `known` ({reply_key: (score, how)}) are not asked again;
+    `keep(key, reply)` gets each new one. Requests stop when `budget_s` has passed, after MAX_FAILURES_IN_ROW
+    failed requests in a row, or on Ctrl-C; one line then says why and how to judge again (`rerun`).
+    """
+    # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook, which GitHub cannot
+    # show
+    from tqdm.std import tqdm
+
+    start, known = clock(), dict(known or {})
+    summary = {"model": model, "mean": None, "median": None, "n": len(records), "scored": 0,
+               "unscored": len(records), "unscored_by_reason": {}, "empty_answers": 0, "read_from_text": 0,
+               "num_ctx": None, "too_long_for_context": 0, "sanity": None, "stopped": None, "reused": 0,
+               "requests_left": None, "seconds": None}
+    tasks, anchors = _tasks(records, n_anchors, seed)
+    summary["empty_answers"] = sum(not r["model_response"].strip() for r in records)
+    try:
+        host = check_ollama_host(host)
+        limit, thinks = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
+    except (MedQAError, JudgeUnavailable) as err:
+        log(f"LLM judge skipped: {str(err).rstrip('.')}. Judge later with `{rerun}`.")
+        summary.update(stopped=str(err), unscored_by_reason={"not asked": len(records)}, empty_answers=0,
+                       requests_left=None, seconds=round(clock() - start, 1))
+        return summary, [None] * len(records)
+    num_ctx = context_size([p for _, _, p in tasks], limit)
+    options = {"temperature": 0, "seed": seed, "num_ctx": num_ctx, "num_predict": REPLY_TOKENS}
+    # A thinking model would spend num_predict on its thoughts and leave the score empty; `think` is sent only
+    # to models that can think, because Ollama refuses it (HTTP 400) for the others.
+    think = False if thinks else None
+    keys = [reply_key(model, options, think, p) for _, _, p in tasks]
+    requests = [(k, p, options, think) for k, (_, _, p) in zip(keys, tasks) if k not in known]
+    summary.update(num_ctx=num_ctx, too_long_for_context=sum(tokens_needed(p) > num_ctx for _, _, p in tasks),
+                   reused=len(tasks) - len(requests))
+    stopped, replies = None, {}
+    with _client(host, timeout_s) as client, \
+            tqdm(total=len(requests), desc=f"judging with {model}", unit="request", file=sys.stdout,
+                 disable=not progress) as bar:
+        try:
+            replies, stopped = _ask_all(client, host, model, requests, budget_s, start, clock, bar,
+                                        lambda key, reply: (known.__setitem__(key, reply), keep(key, reply)),
+                                        retry_wait_s)
+        except KeyboardInterrupt:
+            stopped = INTERRUPTED
+    scores = _summarise(summary, records, tasks, {**known, **replies}, keys, anchors)
+    asked = sum(key in known or key in replies for key, *_ in requests)
+    if stopped:
+        not_asked = summary["unscored_by_reason"].get("not asked", 0)
+        log(f"LLM judge stopped after {asked} of {len(requests)} requests: {stopped}. {not_asked} answers "
+            f"were not judged; judge them later with `{rerun}`.")
+    summary.update(stopped=stopped, requests_left=sum(key not in known for key in keys),
+                   seconds=round(clock() - start, 1))
     return summary, scores
 
 
 def describe(summary: dict) -> str:
     """The summary in words, for the notebook and the command line."""
+    about = f" on {summary['answers']}" if summary.get("answers") else ""
     if summary["sanity"] is None:
-        return f"LLM judge ({summary['model']}): not run, so its mean and sanity anchors are null."
+        return f"LLM judge ({summary['model']}){about}: not run, so its mean and sanity anchors are null."
     s = summary["sanity"]
-    empty = f" ({summary['empty_answers']} empty answers scored 0 without asking)" if summary["empty_answers"] else ""
-    lines = [f"LLM judge ({summary['model']}): mean {summary['mean']} over {summary['scored']} of "
+    empty = summary["empty_answers"]
+    empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
+    lines = [f"LLM judge ({summary['model']}){about}: mean {summary['mean']} over {summary['scored']} of "
              f"{summary['n']} answers{empty}",
              f"  sanity on {s['n']} test items: reference judged against itself {s['self']}, against another "
              f"question's reference {s['other']}"]
+    if summary.get("reused"):
+        lines.append(f"  {summary['reused']} replies kept from an earlier, unfinished judging")
     if summary["unscored"]:
         lines.append(f"  unscored: {summary['unscored_by_reason']}")
     if summary["too_long_for_context"]:
@@ -319,13 +429,14 @@ def load_answers(path) -> list[dict]:
     hint = "pass the answers file the notebook writes, OUTPUT_DIR/test_responses.json"
     if path.is_dir():
         inside = path / "test_responses.json"
-        raise MedQAError(f"{path} is a folder: " + (f"pass the answers file in it, {inside}." if inside.exists()
-                                                    else f"{hint}."))
+        raise MedQAError(f"{path} is a folder: " + (f"pass the answers file in it, {inside}."
+                                                    if inside.exists() else f"{hint}."))
     if not path.exists():
         raise MedQAError(f"{path} does not exist: {hint}.")
     records = read_json(path, f"Fix: {hint}.")
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
-        raise MedQAError(f"{path} is not a list of answers (JSON objects with fields {list(FIELDS)}): {hint}.")
+        raise MedQAError(f"{path} is not a list of answers (JSON objects with fields {list(FIELDS)}): "
+                         f"{hint}.")
     for n, record in enumerate(records):
         bad = [f for f in FIELDS if not isinstance(record.get(f), str)]
         if bad or not isinstance(record.get("input", ""), str):
@@ -340,67 +451,139 @@ def _read_metrics(path: Path) -> dict:
     try:
         metrics = read_json(path, "")
     except MedQAError as err:  # not JSON, not text, a folder by that name, no permission, ...
-        raise MedQAError(f"{path} is damaged or unreadable ({str(err).split(': it was')[0]}): move it away (a new "
-                         f"one is written) or restore it.") from None
+        raise MedQAError(f"{path} is damaged or unreadable ({err.problem}): move it away (a new one is "
+                         f"written) or restore it.") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("evaluation", {}), dict):
         raise MedQAError(f"{path} is not a metrics file of this project: move it away or restore it.")
     return metrics
 
 
-def judge_file(path, host: str, model: str, *, budget_s: float = COMMON["JUDGE_BUDGET_S"],
-               seed: int = COMMON["SEED"], **options) -> tuple[dict, list]:
-    """Judge the answers in `path` and write the scores back: `judge_score` into each answer of `path`, the
-    summary into `metrics.json` beside it as `evaluation.judge` (the rest of `evaluation` is kept).
+def progress_path(path: Path) -> Path:
+    """Where the replies to the judge's requests about the answers in `path` are kept until all have come."""
+    return path.with_name(f"{path.stem}.judge-progress.json")
 
-    Both files are checked before any request and written atomically afterwards. A judging that scored nothing
-    never replaces earlier judge scores. Returns (summary, per-answer scores); `options` go to `judge`.
-    """
+
+def _read_progress(path: Path, log) -> dict:
+    """The kept replies ({key: (score, how)}); a damaged progress file only costs asking again."""
+    if not path.exists():
+        return {}
+    try:
+        kept = {k: (score, how) for k, (score, how) in read_json(path, "")["replies"].items()}
+        if all((score is None or type(score) is int) and isinstance(how, str)
+               for score, how in kept.values()):
+            return kept
+    except (MedQAError, KeyError, TypeError, ValueError, AttributeError):
+        pass
+    log(f"note: {path.name} is damaged; the judge asks again for every reply it held.")
+    return {}
+
+
+def _results_by_file(evaluation: dict) -> dict:
+    """evaluation.judge as {answers file name: result}; a single result from before results were kept per file
+    is kept under UNRECORDED."""
+    judged = evaluation.get("judge")
+    if not isinstance(judged, dict):
+        return {}
+    return {UNRECORDED: judged} if "model" in judged and "mean" in judged else dict(judged)
+
+
+def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
+                  seed: int = DEFAULT_SEED, log=print, **options) -> tuple[dict, list]:
+    """judge_file's work; a MedQAError says what is wrong with the files (the command line exits 2 on it)."""
     path = Path(path)
     records = load_answers(path)
-    metrics_path = path.with_name("metrics.json")
+    metrics_path, kept_path = path.with_name("metrics.json"), progress_path(path)
     _read_metrics(metrics_path)
-    summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed,
-                            rerun=f"python -m medqa.judge {path}", **options)
-    if summary["scored"] - summary["empty_answers"] == 0 and any(r.get("judge_score") is not None for r in records):
-        options.get("log", print)(f"Kept the earlier judge scores in {path} and {metrics_path.name}.")
+    kept = _read_progress(kept_path, log)
+
+    def keep(key, reply):
+        kept[key] = reply
+        write_json_atomic(kept_path, {"answers": path.name, "replies": kept})
+
+    summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed, log=log, known=kept,
+                            keep=keep, rerun=f"python -m medqa.judge {path}", **options)
+    summary = {"answers": path.name, **summary}
+    earlier = any(r.get("judge_score") is not None for r in records)
+    if summary["scored"] - summary["empty_answers"] == 0 and earlier:
+        log(f"Kept the earlier judge scores in {path} and {metrics_path.name}.")
         return summary, scores
     for record, score in zip(records, scores):
         record["judge_score"] = score
     write_json_atomic(path, records)
     # update_json merges at the top level only: merge into "evaluation" here, so "after" and "before" stay.
     evaluation = _read_metrics(metrics_path).get("evaluation", {})
-    update_json(metrics_path, evaluation={**evaluation, "judge": summary})
+    results = {**_results_by_file(evaluation), path.name: summary}
+    update_json(metrics_path, evaluation={**evaluation, "judge": results})
+    if summary["requests_left"] == 0 and kept_path.exists():  # every reply is in the files: nothing to resume
+        kept_path.unlink()
     return summary, scores
+
+
+def judge_file(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S, seed: int = DEFAULT_SEED,
+               log=print, **options) -> tuple[dict, list]:
+    """Judge the answers in `path` and write the scores back: `judge_score` into each answer of `path`, the
+    summary into `metrics.json` beside it under `evaluation.judge[<file name>]` (the rest is kept).
+
+    Both files are checked before any request and written atomically afterwards; replies are kept as they come
+    (progress_path). A judging that scored nothing never replaces earlier judge scores. Never raises: whatever
+    goes wrong is one line and a summary that says so. Returns (summary, per-answer scores); `options` go to
+    `judge`.
+    """
+    try:
+        return judge_answers(path, host, model, budget_s=budget_s, seed=seed, log=log, **options)
+    except Exception as err:  # noqa: BLE001 -- the judge is optional: a finished run never fails in it
+        reason = str(err) if isinstance(err, MedQAError) else f"{type(err).__name__}: {err}"
+        log(f"LLM judge skipped: {reason}")
+        return {"answers": Path(path).name, "model": model, "mean": None, "scored": 0, "empty_answers": 0,
+                "unscored": None, "sanity": None, "stopped": reason}, []
+
+
+def _host(given: str | None) -> str:
+    """--host, else $OLLAMA_HOST, else the default, checked under the name the user gave it."""
+    if given is not None:
+        return check_ollama_host(given, "--host")
+    if os.environ.get("OLLAMA_HOST"):
+        return check_ollama_host(os.environ["OLLAMA_HOST"])
+    return DEFAULT_HOST
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m medqa.judge",
-        description="Score the answers of a finished run with an LLM judge served by Ollama, and write the scores "
-                    "back into the answers file and into metrics.json beside it.")
+        description="Score the answers of a finished run with an LLM judge served by Ollama, and write the "
+                    "scores back into the answers file and into metrics.json beside it (one result per "
+                    "answers file). Replies are kept as they come: after a kill or Ctrl-C, run it again to "
+                    "ask only for the rest.")
     parser.add_argument("answers", help="the run's answers file, OUTPUT_DIR/test_responses.json")
-    parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from metrics.json, "
-                                        f"else {COMMON['JUDGE_MODEL']})")
-    parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or COMMON["OLLAMA_HOST"],
-                        help=f"where Ollama runs (default: $OLLAMA_HOST, else {COMMON['OLLAMA_HOST']})")
-    parser.add_argument("--budget-s", type=float, default=COMMON["JUDGE_BUDGET_S"],
-                        help="seconds the judge may take in all before it stops asking (default: %(default)g)")
+    parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from "
+                                        f"metrics.json, else {DEFAULT_MODEL})")
+    parser.add_argument("--host", help=f"where Ollama runs (default: $OLLAMA_HOST, else {DEFAULT_HOST})")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds the judge may take in all before it stops asking "
+                             "(default: %(default)g)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="seconds one request may take (default: %(default)g)")
-    parser.add_argument("--seed", type=int, help="seed of the judge and of the sanity items (default: the run's SEED)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the judge and of the sanity items (default: the run's SEED)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0) or not args.timeout_s > 0:
         parser.error("--budget-s and --timeout-s must be positive numbers of seconds")
     path = Path(args.answers)
     try:
+        host = _host(args.host)
         run = (_read_metrics(path.with_name("metrics.json")) if path.is_file() else {}).get("settings")
         run = run if isinstance(run, dict) else {}
-        summary, _ = judge_file(path, args.host, args.model or run.get("JUDGE_MODEL") or COMMON["JUDGE_MODEL"],
-                                budget_s=args.budget_s, seed=args.seed if args.seed is not None else
-                                run.get("SEED", COMMON["SEED"]), timeout_s=args.timeout_s)
+        summary, _ = judge_answers(path, host, args.model or run.get("JUDGE_MODEL") or DEFAULT_MODEL,
+                                   budget_s=args.budget_s, seed=args.seed if args.seed is not None else
+                                   run.get("SEED", DEFAULT_SEED), timeout_s=args.timeout_s)
     except MedQAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the requests (reading or writing the files): nothing was half-written
+        print("stopped (Ctrl-C): the files are as they were before this step.", file=sys.stderr)
+        return 130
+    if summary["stopped"] == INTERRUPTED:
+        return 130  # the judge's one line said what was kept and how to go on
     print(describe(summary))
     return 1 if summary["stopped"] else 0
 

@@ -253,8 +253,9 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
     for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
         if isinstance(values[name], str) and values[name].startswith("~"):
             values[name] = os.path.expanduser(values[name])
-    if "://" not in values["OLLAMA_HOST"]:
-        values["OLLAMA_HOST"] = "http://" + values["OLLAMA_HOST"]  # Ollama accepts a bare host:port
+    from medqa.judge import check_ollama_host  # before any work, not in the judge after training
+
+    values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])
     settings = Settings(**values)
     validate(settings)
     return settings

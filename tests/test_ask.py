@@ -17,7 +17,8 @@ def folder(ending_model, tmp_path_factory):  # noqa: F811
 
 
 def notebook_answers(model, tokenizer, questions, s):
-    return generate.answer(model, tokenizer, [tokenizer.encode_ordinary(prompts.format_prompt(q)) for q in questions], s)
+    return generate.answer(model, tokenizer, [tokenizer.encode_ordinary(prompts.format_prompt(q)) for q in questions],
+                           generate.Decoding.from_settings(s))
 
 
 def asked(capsys, *argv):
@@ -93,3 +94,25 @@ def test_the_command_runs_and_explains_itself(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "medqa.ask", "--model", str(tmp_path / "gone"), "q?"],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and failed.stderr.startswith("error: --model") and "Traceback" not in failed.stderr
+
+
+def test_a_question_too_long_for_the_context_is_refused_never_cut(folder, capsys):
+    """A 20,000-word question was cut from the left to the context, preamble first, and got a 1-token answer."""
+    rc, out, err = asked(capsys, "--model", folder, "What are the symptoms of glaucoma? " + "eye " * 20_000)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert "question 1 has 20" in err and "reads 1024 tokens in all" in err and "Shorten it" in err
+    assert "--max-new-tokens 24" in err and "lower --max-new-tokens" not in err  # no answer fits beside it
+
+
+def test_a_question_that_leaves_less_than_the_answers_room_says_which_fix_helps(folder, tokenizer, capsys):
+    frame = len(tokenizer.encode_ordinary(prompts.format_prompt("")))
+    question = " ".join(["eye"] * (1024 - frame - 10))  # about 10 tokens left: less than the folder's 24
+    left = 1024 - len(tokenizer.encode_ordinary(prompts.format_prompt(question)))
+    assert 0 < left < 24
+    rc, _, err = asked(capsys, "--model", folder, "How is gout treated?", question)
+    assert rc == 2 and "question 2 has" in err and f"lower --max-new-tokens to {left}" in err
+    assert "question 1" not in err
+    rc, out, _ = asked(capsys, "--model", folder, question, "--max-new-tokens", left)
+    assert rc == 0 and out.startswith("Q: eye eye")
+    rc, _, err = asked(capsys, "--model", folder, "How is gout treated?", "--max-new-tokens", 5000)
+    assert rc == 2 and "--max-new-tokens 5000 a question can have at most 0 tokens" in err

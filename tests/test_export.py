@@ -84,9 +84,9 @@ def test_a_saved_folder_answers_in_a_fresh_process_as_the_notebook_does(ending_m
     folder = export.save_model_folder(ending_model, tmp_path / "model", s)
     texts = [prompts.format_prompt(q) for q in QUESTIONS]
     ids = [tokenizer.encode_ordinary(t) for t in texts]
-    new = generate.generate_ids(ending_model, ids, s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY)
+    new = generate.generate_ids(ending_model, ids, generate.Decoding(s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY))
     assert any(0 < len(n) < s.MAX_NEW_TOKENS for n in new) and any(len(n) == s.MAX_NEW_TOKENS for n in new)
-    notebook = generate.answer(ending_model, tokenizer, ids, s)
+    notebook = generate.answer(ending_model, tokenizer, ids, generate.Decoding.from_settings(s))
     run = subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(texts)], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr

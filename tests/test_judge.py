@@ -5,6 +5,7 @@ tiny client timeout, and the time budget runs on an injected clock.
 """
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from medqa import judge
-from medqa.errors import MedQAError
+from medqa.errors import MedQAError, StorageError
 
 HANG = object()
 
@@ -349,7 +350,8 @@ def test_the_command_writes_scores_back_and_keeps_the_rest_of_metrics(ollama, ru
     assert records[0]["model_response"] == 'REPLY:{"score": 60}'
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["evaluation"]["after"] == {"bleu": 3.0} and metrics["evaluation"]["before"] == {"bleu": 1.0}
-    assert metrics["evaluation"]["judge"]["mean"] == 70 and metrics["evaluation"]["judge"]["sanity"]["n"] == 3
+    result = metrics["evaluation"]["judge"]["test_responses.json"]  # one result per answers file
+    assert result["mean"] == 70 and result["sanity"]["n"] == 3 and result["answers"] == "test_responses.json"
     assert metrics["settings"] == {"JUDGE_MODEL": "llama3", "SEED": 5}
     assert ollama.chats[-1]["options"]["seed"] == 5  # the run's seed, from metrics.json
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json", "test_responses.json"]
@@ -363,7 +365,7 @@ def test_the_notebook_without_ollama_records_a_null_judge(run_dir):
     records = json.loads((run_dir / "test_responses.json").read_text())
     assert [r["judge_score"] for r in records] == [None] * 3
     evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
-    assert evaluation["judge"]["sanity"] is None and evaluation["after"] == {"bleu": 3.0}
+    assert evaluation["judge"]["test_responses.json"]["sanity"] is None and evaluation["after"] == {"bleu": 3.0}
 
 
 def test_a_judge_that_scores_nothing_keeps_earlier_scores(run_dir):
@@ -401,8 +403,10 @@ def test_the_command_refuses_bad_files_with_one_line(tmp_path, capsys, content, 
 
 def test_a_damaged_metrics_file_is_refused_before_judging(ollama, run_dir, capsys):
     (run_dir / "metrics.json").write_text('{"evaluation": ', encoding="utf-8")
-    with pytest.raises(MedQAError, match="metrics.json is damaged"):
-        judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False)
+    lines = []  # the notebook's call says so in one line and returns: the finished run goes on
+    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False,
+                                       log=lines.append)
+    assert len(lines) == 1 and "metrics.json is damaged" in lines[0] and summary["mean"] is None
     assert ollama.chats == []
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 2
     assert "metrics.json is damaged" in capsys.readouterr().err and ollama.chats == []
@@ -419,3 +423,187 @@ def test_the_command_has_help(capsys):
         judge.main(["--help"])
     shown = capsys.readouterr().out
     assert done.value.code == 0 and "--budget-s" in shown and "test_responses.json" in shown
+
+
+# ---------------------------------------------------------------- the judge's address
+
+@pytest.mark.parametrize("value, url", [
+    ("http://127.0.0.1:11434", "http://127.0.0.1:11434"), ("localhost:11434", "http://localhost:11434"),
+    ("0.0.0.0:11434", "http://0.0.0.0:11434"), ("gpu-box", "http://gpu-box:11434"),  # Ollama's port, as it reads it
+    ("https://ollama.example.org/", "https://ollama.example.org"), ("[::1]:8080", "http://[::1]:8080"),
+    ("HTTP://Box:1/ollama", "http://Box:1/ollama")])
+def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
+    assert judge.check_ollama_host(value) == url
+
+
+@pytest.mark.parametrize("value, words", [
+    ("http://127.0.0.1:abc", "port that is not a number"), ("localhost:abc", "port that is not a number"),
+    ("http://127.0.0.1:99999", "port that is not a number"), ("http://127.0.0.1:0", "port 0"),
+    ("ftp://127.0.0.1:11434", "scheme 'ftp://'"), ("http://:11434", "names no host"), (":11434", "names no host"),
+    ("http:/localhost:11434", "two slashes"), ("local host:11434", "space"), ("localhost:11434\n", "blank"),
+    ("", "is empty"), ("http://[::1:11434", "bracket"), ("http://user@box:11434", "more than a host"),
+    ("http://box:11434/?x=1", "more than a host")])
+def test_a_bad_ollama_address_is_refused_naming_the_setting_and_the_fix(value, words):
+    with pytest.raises(MedQAError, match=re.escape(words)) as refused:
+        judge.check_ollama_host(value)
+    assert str(refused.value).startswith(f"OLLAMA_HOST={value!r}") and "http://localhost:11434" in str(refused.value)
+
+
+def test_a_bad_ollama_address_is_refused_when_settings_are_resolved():
+    from medqa import settings
+
+    for params, env in (({"OLLAMA_HOST": "http://127.0.0.1:abc"}, {}), ({}, {"OLLAMA_HOST": "127.0.0.1:abc"})):
+        with pytest.raises(MedQAError, match="OLLAMA_HOST=.*port that is not a number"):
+            settings.resolve({"PROFILE": "smoke", **params}, env=env)
+    assert settings.resolve({"PROFILE": "smoke"}, env={"OLLAMA_HOST": "gpu-box"}).OLLAMA_HOST == "http://gpu-box:11434"
+
+
+NOTEBOOK_JUDGE = """
+import sys
+from medqa import judge
+summary, scores = judge.judge_file(sys.argv[1], sys.argv[2], "llama3", progress=False)
+print("returned", summary["mean"], scores)
+"""
+
+
+def test_a_bad_address_in_the_environment_never_fails_the_finished_run(run_dir, ollama):
+    """Importing ollama builds a client from $OLLAMA_HOST: a bad value raised a bare ValueError there, in the
+    notebook's judge cell and in the command, even with a good --host."""
+    env = {**os.environ, "OLLAMA_HOST": "http://127.0.0.1:abc"}
+    answers = str(run_dir / "test_responses.json")
+    done = subprocess.run([sys.executable, "-c", NOTEBOOK_JUDGE, answers, ollama.host], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "returned None [None, None, None]" in done.stdout and "OLLAMA_HOST" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "medqa.judge", answers], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "port that is not a number" in done.stderr
+    assert ollama.chats == []
+
+
+def test_nothing_the_judge_meets_escapes_from_the_notebooks_call(run_dir, ollama, monkeypatch):
+    def full_disk(path, obj):
+        raise StorageError(f"Could not write {path}: no space left on device (OSError).")
+
+    monkeypatch.setattr(judge, "write_json_atomic", full_disk)
+    lines = []
+    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False,
+                                       log=lines.append)
+    assert summary["mean"] is None and "no space left" in summary["stopped"] and scores == []
+    assert [line for line in lines if line.startswith("LLM judge skipped")][0].count("\n") == 0
+    monkeypatch.undo()
+    for host in ("http://127.0.0.1:abc", "", "ftp://x"):
+        lines.clear()
+        summary, scores = judge.judge_file(run_dir / "test_responses.json", host, "llama3", progress=False,
+                                           log=lines.append)
+        assert scores == [None] * 3 and len(lines) == 1 and "LLM judge skipped" in lines[0]
+
+
+# ---------------------------------------------------------------- one result per answers file, kept progress
+
+def test_judging_the_base_answers_keeps_the_test_answers_result(ollama, run_dir):
+    base = answers('{"score": 10}', '{"score": 20}', '{"score": 30}')
+    (run_dir / "base_responses.json").write_text(json.dumps(base), encoding="utf-8")
+    assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
+    assert judge.main([str(run_dir / "base_responses.json"), "--host", ollama.host]) == 0
+    results = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]
+    assert results["test_responses.json"]["mean"] == 70 and results["base_responses.json"]["mean"] == 20
+    assert [results[name]["answers"] for name in sorted(results)] == ["base_responses.json", "test_responses.json"]
+
+
+def test_a_result_from_before_results_were_kept_per_file_is_kept(ollama, run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["evaluation"]["judge"] = {"model": "llama3", "mean": 42.0, "scored": 3}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
+    results = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]
+    assert results[judge.UNRECORDED]["mean"] == 42.0 and results["test_responses.json"]["mean"] == 70
+
+
+def interrupted_at(monkeypatch, n):
+    """Ctrl-C while the n-th request is under way."""
+    real, calls = judge._ask, []
+
+    def ask(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(judge, "_ask", ask)
+
+
+def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, run_dir, monkeypatch, capsys):
+    path = run_dir / "test_responses.json"
+    interrupted_at(monkeypatch, 5)  # 6 anchor requests (3 items x 2), then 3 answers
+    assert judge.main([str(path), "--host", ollama.host]) == 130
+    out, err = capsys.readouterr()
+    said = [line for line in out.split("\n") if line and not line.startswith("\rjudging with")]  # the bar aside
+    assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0] and "Traceback" not in err
+    assert len(ollama.chats) == 4
+    kept = json.loads(judge.progress_path(path).read_text())["replies"]
+    assert len(kept) == 4
+    monkeypatch.undo()
+    ollama.chats.clear()
+    assert judge.main([str(path), "--host", ollama.host]) == 0
+    assert len(ollama.chats) == 5  # only what was missing
+    assert [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
+    result = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]["test_responses.json"]
+    assert result["reused"] == 4 and result["sanity"] == {"self": 95, "other": 5, "n": 3}
+    assert not judge.progress_path(path).exists()  # every reply is in the files now
+    assert "4 replies kept" in capsys.readouterr().out
+
+
+def test_a_killed_judge_loses_no_reply(ollama, run_dir):
+    """kill -9 in the middle of a request: the replies before it are on disk, and only the rest is asked again."""
+    path = run_dir / "test_responses.json"
+    started = threading.Event()
+
+    def hangs_at_seventh(body):
+        if len(ollama.chats) == 7:
+            started.set()
+            return HANG
+        return comparing_judge(body)
+
+    ollama.chat = hangs_at_seventh
+    command = subprocess.Popen([sys.executable, "-m", "medqa.judge", str(path), "--host", ollama.host],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert started.wait(120)
+    finally:
+        command.kill()
+        command.wait()
+    assert len(json.loads(judge.progress_path(path).read_text())["replies"]) == 6
+    ollama.chat, ollama.chats[:] = comparing_judge, []
+    assert judge.main([str(path), "--host", ollama.host]) == 0
+    assert len(ollama.chats) == 3 and [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
+
+
+def test_kept_replies_are_reused_only_for_the_same_question_to_the_same_judge(ollama, run_dir, monkeypatch):
+    path = run_dir / "test_responses.json"
+    interrupted_at(monkeypatch, 9)
+    judge.judge_file(path, ollama.host, "llama3", progress=False, log=lambda line: None)
+    monkeypatch.undo()
+    records = json.loads(path.read_text())
+    records[2]["model_response"] = 'REPLY:{"score": 15}'  # another answer: its kept reply (none here) cannot count
+    records[0]["model_response"] = 'REPLY:{"score": 25}'  # another answer: its kept reply must not count
+    path.write_text(json.dumps(records), encoding="utf-8")
+    ollama.chats.clear()
+    summary, scores = judge.judge_file(path, ollama.host, "llama3", progress=False, log=lambda line: None)
+    assert scores == [25, 80, 15] and len(ollama.chats) == 2
+    ollama.models.add("mistral")
+    ollama.chats.clear()
+    (run_dir / "test_responses.judge-progress.json").write_text('{"replies": {"x": ["many", 1]}}')
+    lines = []
+    judge.judge_file(path, ollama.host, "mistral", progress=False, log=lines.append)
+    assert len(ollama.chats) == 9 and "damaged" in lines[0]  # another judge asks everything again
+
+
+def test_the_judges_defaults_are_the_settings_defaults():
+    """judge.py does not import medqa.settings (settings imports judge): the two must still agree."""
+    from medqa.settings import COMMON
+
+    assert (judge.DEFAULT_MODEL, judge.DEFAULT_HOST, judge.DEFAULT_BUDGET_S, judge.DEFAULT_SEED) == \
+        (COMMON["JUDGE_MODEL"], COMMON["OLLAMA_HOST"], COMMON["JUDGE_BUDGET_S"], COMMON["SEED"])
+    imports = [line for line in open(judge.__file__, encoding="utf-8") if line.startswith(("import ", "from "))]
+    assert not [line for line in imports if "settings" in line]

@@ -76,5 +76,5 @@ def test_the_saved_folder_is_a_plain_gpt2_with_the_adapters_merged(uninterrupted
 def test_an_unmerged_lora_model_answers_like_its_merged_copy(uninterrupted):
     model, _ = uninterrupted
     prompts = [list(range(200, 230)), list(range(300, 310))]
-    unmerged = generate.generate_ids(model, prompts, 12, repetition_penalty=1.1)
-    assert unmerged == generate.generate_ids(gpt.merge_lora(model), prompts, 12, repetition_penalty=1.1)
+    unmerged = generate.generate_ids(model, prompts, generate.Decoding(12, repetition_penalty=1.1))
+    assert unmerged == generate.generate_ids(gpt.merge_lora(model), prompts, generate.Decoding(12, repetition_penalty=1.1))

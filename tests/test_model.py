@@ -8,6 +8,7 @@ import torch
 from medqa import generate, model as gpt, settings
 from medqa.batches import EOT
 from medqa.errors import MedQAError
+from medqa.generate import Decoding
 from medqa.settings import TINY_MODEL
 
 
@@ -34,8 +35,8 @@ def test_max_length_longer_than_the_context_is_refused(tiny_model):
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model):
     torch.manual_seed(0)
     prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9, 30, 2)]
-    batched = generate.generate_ids(tiny_model, prompts, max_new_tokens=12, batch_size=5)
-    single = [generate.generate_ids(tiny_model, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    batched = generate.generate_ids(tiny_model, prompts, Decoding(12, batch_size=5))
+    single = [generate.generate_ids(tiny_model, [p], Decoding(12, batch_size=1))[0] for p in prompts]
     assert batched == single
     assert all(0 < len(r) <= 12 for r in batched)
 
@@ -43,7 +44,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model):
 def test_answering_between_epochs_leaves_the_model_training(tiny_model):
     tiny_model.train()
     try:
-        generate.generate_ids(tiny_model, [[5, 6, 7]], max_new_tokens=2)
+        generate.generate_ids(tiny_model, [[5, 6, 7]], Decoding(2))
         assert tiny_model.training  # else dropout would be off for the epochs that follow
     finally:
         tiny_model.eval()
@@ -59,7 +60,7 @@ def _eot_nearly_first(model, prompt):
 
     Greedy with the repetition penalty then ends that answer at once, unless something penalises <|endoftext|>.
     """
-    first = generate.generate_ids(model, [prompt], 1)[0][0]
+    first = generate.generate_ids(model, [prompt], Decoding(1))[0][0]
     assert first not in prompt  # else the penalty would hit both tokens alike
     eager = copy.deepcopy(model)
     with torch.no_grad():
@@ -75,18 +76,18 @@ def test_batched_answers_equal_one_by_one_answers_at_the_notebooks_defaults(tiny
     torch.manual_seed(0)
     prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9, 30, 2)]
     model = _eot_nearly_first(tiny_model, prompts[0])
-    one_by_one = [generate.answer(model, tokenizer, [p], s)[0] for p in prompts]
+    one_by_one = [generate.answer(model, tokenizer, [p], Decoding.from_settings(s))[0] for p in prompts]
     assert one_by_one[0] == ""  # the case that padding with <|endoftext|> got wrong
-    assert generate.answer(model, tokenizer, prompts, s) == one_by_one
+    assert generate.answer(model, tokenizer, prompts, Decoding.from_settings(s)) == one_by_one
 
 
 def test_a_long_prompt_in_the_batch_never_shortens_the_other_answers(tiny_model):
     torch.manual_seed(1)
     context = tiny_model.config.n_positions
     short, long = torch.randint(0, 50000, (40,)).tolist(), torch.randint(0, 50000, (context - 24,)).tolist()
-    alone = [generate.generate_ids(tiny_model, [p], max_new_tokens=30)[0] for p in (short, long)]
+    alone = [generate.generate_ids(tiny_model, [p], Decoding(30))[0] for p in (short, long)]
     assert len(alone[0]) > 24  # the short prompt's answer is longer than the long prompt leaves room for
-    assert generate.generate_ids(tiny_model, [short, long], max_new_tokens=30, batch_size=2) == alone
+    assert generate.generate_ids(tiny_model, [short, long], Decoding(30, batch_size=2)) == alone
     assert len(alone[1]) <= 24
 
 
@@ -96,15 +97,15 @@ def test_an_echoed_response_header_is_removed_as_the_recipe_removes_it(tiny_mode
             return "### Response:\nGlaucoma damages the optic nerve. "
 
     s = settings.resolve({"PROFILE": "smoke", "MAX_NEW_TOKENS": 1}, env={})
-    assert generate.answer(tiny_model, Echo(), [[5, 6, 7]], s) == ["Glaucoma damages the optic nerve."]
+    assert generate.answer(tiny_model, Echo(), [[5, 6, 7]], Decoding.from_settings(s)) == ["Glaucoma damages the optic nerve."]
     assert generate.clean_answer(" It is rare.\n### Response: It is rare.") == "It is rare.\n It is rare."
 
 
 def test_decoding_is_described_as_it_is_set():
-    s = settings.resolve({"PROFILE": "smoke"}, env={})
+    s = Decoding.from_settings(settings.resolve({"PROFILE": "smoke"}, env={}))
     assert generate.describe_decoding(s) == "greedy with repetition penalty 1.1"
-    assert generate.describe_decoding(replace(s, REPETITION_PENALTY=1.0)) == "greedy"
-    assert generate.describe_decoding(replace(s, TEMPERATURE=0.7)) == "sampling at temperature 0.7 with repetition penalty 1.1"
+    assert generate.describe_decoding(replace(s, repetition_penalty=1.0)) == "greedy"
+    assert generate.describe_decoding(replace(s, temperature=0.7)) == "sampling at temperature 0.7 with repetition penalty 1.1"
 
 
 def test_response_records_keep_the_source_and_focus_area():

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from benchmarks.bench import textbook_batches, textbook_generate
 from medqa.batches import IGNORE, LengthGroupedBatches, QADataset, collate
-from medqa.generate import OneDNNLinear, generate_ids, onednn_linears
+from medqa import cpu_kernels
+from medqa.cpu_kernels import OneDNNLinear, onednn_linears
+from medqa.generate import Decoding, generate_ids, left_pad
 
 
 def per_example_loss(model, examples, order, max_length):
@@ -48,7 +50,7 @@ def test_batched_generation_matches_the_textbook_loop(tiny_model):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in (3, 25, 11, 40)]
     textbook = [textbook_generate(tiny_model, p, 20) for p in prompts]
-    assert generate_ids(tiny_model, prompts, 20, batch_size=4) == textbook
+    assert generate_ids(tiny_model, prompts, Decoding(20, batch_size=4)) == textbook
 
 
 def test_onednn_layers_compute_the_same_and_the_model_gets_its_own_back(tiny_model):
@@ -82,8 +84,8 @@ def test_a_bf16_model_keeps_its_layers(tiny_model):
 
 # ---------------------------------------------------------------- which way answers, chosen per machine
 
-def test_the_answer_path_is_the_fastest_that_beats_the_default_by_the_margin_and_bf16_must_agree():
-    from medqa.generate import choose_path
+def test_the_kernels_chosen_are_the_fastest_that_beat_the_default_by_the_margin_and_bf16_must_agree():
+    choose_path = cpu_kernels.choose_kernels
 
     assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.98, "same_tokens": True}}) == "default"
     assert choose_path({"default": {"seconds": 1.0}, "onednn": {"seconds": 0.8, "same_tokens": True}}) == "onednn"
@@ -96,17 +98,15 @@ def test_the_answer_path_is_the_fastest_that_beats_the_default_by_the_margin_and
 
 @pytest.mark.parametrize("error", [RuntimeError, AttributeError, NotImplementedError])
 def test_a_path_that_fails_on_this_machine_is_ruled_out_not_fatal(tiny_model, monkeypatch, error):
-    from medqa import generate
-
     def broken(model):
         raise error("could not create a primitive descriptor for a matmul primitive")
 
-    monkeypatch.setattr(generate, "PATHS", {**generate.PATHS, "onednn": broken})
-    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
+    monkeypatch.setattr(cpu_kernels, "KERNELS", {**cpu_kernels.KERNELS, "onednn": broken})
+    monkeypatch.setattr(cpu_kernels, "candidate_kernels", lambda model: ["default", "onednn"])
     tiny_model.eval()
     with torch.no_grad():
-        measured = generate.measure_paths(tiny_model, [[5, 6, 7], [8, 9]])
-    assert "could not create" in measured["onednn"]["error"] and generate.choose_path(measured) == "default"
+        measured = cpu_kernels.measure_kernels(tiny_model, [[5, 6, 7], [8, 9]], left_pad)
+    assert "could not create" in measured["onednn"]["error"] and cpu_kernels.choose_kernels(measured) == "default"
 
 
 # what a private op raises: refusing its inputs; missing from this torch build; without a kernel for the CPU
@@ -135,46 +135,42 @@ def test_onednn_layers_fall_back_to_pytorchs_product_when_the_private_op_fails(t
 def test_a_torch_without_onednns_private_ops_answers_on_pytorchs_layers(tiny_model, monkeypatch):
     """Where torch is not the pinned version (Colab's CPU runtime), the ops may not exist at all: the layers are
     built anyway, as PyTorch's own, and the answers are those of the default path."""
-    from medqa import generate
-
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
-    expected = generate_ids(tiny_model, prompts, 6)
+    expected = generate_ids(tiny_model, prompts, Decoding(6))
     monkeypatch.setattr(torch.ops, "mkldnn", torch.ops.medqa_no_such_namespace)  # every op: AttributeError
     with pytest.raises(AttributeError):
         torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (what this torch says for a missing op)
-    monkeypatch.setattr(generate, "FORCED_PATH", "onednn")
-    assert generate_ids(tiny_model, prompts, 6) == expected
+    monkeypatch.setattr(cpu_kernels, "FORCED_KERNELS", "onednn")
+    assert generate_ids(tiny_model, prompts, Decoding(6)) == expected
 
 
 def test_bf16_layers_are_close_to_fp32_and_the_choice_is_made_once_per_model_shape(tiny_model, monkeypatch):
-    from medqa import generate
-
     ids = torch.randint(0, 50000, (2, 9), generator=torch.Generator().manual_seed(4))
     tiny_model.eval()
     with torch.no_grad():
         own = tiny_model(input_ids=ids).logits
-        with generate.PATHS["bf16"](tiny_model):
+        with cpu_kernels.KERNELS["bf16"](tiny_model):
             bf16 = tiny_model(input_ids=ids).logits
     assert (bf16 - own).abs().max() < 0.05 * own.abs().max()
     calls = []
-    monkeypatch.setattr(generate, "_CHOSEN", {})
-    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
-    monkeypatch.setattr(generate, "measure_paths", lambda model, prompts: calls.append(1) or
+    monkeypatch.setattr(cpu_kernels, "_CHOSEN", {})
+    monkeypatch.setattr(cpu_kernels, "candidate_kernels", lambda model: ["default", "onednn"])
+    monkeypatch.setattr(cpu_kernels, "measure_kernels", lambda model, prompts, pad: calls.append(1) or
                         {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
-    monkeypatch.setattr(generate, "PROBE_PAYBACK", 1)  # calls of 384 prompts x new tokens repay a probe
+    monkeypatch.setattr(cpu_kernels, "PROBE_PAYBACK", 1)  # calls of 384 prompts x new tokens repay a probe
     few, enough = [[5, 6, 7]] * 8, [[5, 6, 7]] * 32
-    generate.generate_ids(tiny_model, few, 12)  # 96 < 384: a probe would cost more than it can save
-    assert calls == [] and generate.chosen_path(tiny_model) is None
-    generate.generate_ids(tiny_model, enough, 12)
-    generate.generate_ids(copy.deepcopy(tiny_model), few, 2)  # a reloaded copy answers the same way
-    assert calls == [1] and generate.chosen_path(tiny_model)["path"] == "onednn"
+    generate_ids(tiny_model, few, Decoding(12))  # 96 < 384: a probe would cost more than it can save
+    assert calls == [] and cpu_kernels.chosen_kernels(tiny_model) is None
+    generate_ids(tiny_model, enough, Decoding(12))
+    generate_ids(copy.deepcopy(tiny_model), few, Decoding(2))  # a reloaded copy answers the same way
+    assert calls == [1] and cpu_kernels.chosen_kernels(tiny_model)["kernels"] == "onednn"
 
 
 def test_only_calls_much_larger_than_the_probe_are_probed():
     """Never much slower than PyTorch's default: a few questions to `python -m medqa.ask` in a fresh process (up to
     20 answers of 256 tokens) answer on the default layers; the notebook's test set in the cpu profile (50 answers of
     200 tokens) is probed."""
-    from medqa.generate import PROBE_PAYBACK, worth_probing
+    from medqa.cpu_kernels import PROBE_PAYBACK, worth_probing
 
     assert PROBE_PAYBACK == 20
     assert not worth_probing(2, 4, 16) and not worth_probing(2, 10, 256) and not worth_probing(2, 20, 256)
@@ -184,27 +180,26 @@ def test_only_calls_much_larger_than_the_probe_are_probed():
 
 
 def test_the_benchmarks_can_ask_for_the_choice_whatever_the_call(tiny_model, monkeypatch):
-    from medqa import generate
-
-    monkeypatch.setattr(generate, "_CHOSEN", {})
-    monkeypatch.setattr(generate, "candidate_paths", lambda model: ["default", "onednn"])
-    monkeypatch.setattr(generate, "measure_paths", lambda model, prompts:
+    monkeypatch.setattr(cpu_kernels, "_CHOSEN", {})
+    monkeypatch.setattr(cpu_kernels, "candidate_kernels", lambda model: ["default", "onednn"])
+    monkeypatch.setattr(cpu_kernels, "measure_kernels", lambda model, prompts, pad:
                         {"default": {"seconds": 1.0}, "onednn": {"seconds": 0.5, "same_tokens": True}})
-    generate.answer_path(tiny_model, [[5, 6, 7]])  # no max_new_tokens: as benchmarks/bench.py asks
-    assert generate.chosen_path(tiny_model)["path"] == "onednn"
+    cpu_kernels.fastest_linears(tiny_model, [[5, 6, 7]], pad=left_pad)  # no max_new_tokens: as bench.py asks
+    assert cpu_kernels.chosen_kernels(tiny_model)["kernels"] == "onednn"
 
 
 def test_bf16_answers_are_never_chosen_by_a_timing(tiny_model, monkeypatch):
     """bf16 changes answers, and the notebook and `python -m medqa.ask` must answer alike: only fp32 ways compete,
     even on a CPU that computes bf16 natively (where bf16 is fastest)."""
-    from medqa import device, generate
+    from medqa import device
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # what torch says about this CPU
         monkeypatch.setattr(torch.cpu, name, lambda: True)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    assert set(generate.candidate_paths(tiny_model)) <= {"default", "onednn"}
+    assert set(cpu_kernels.candidate_kernels(tiny_model)) <= {"default", "onednn"}
     probed = []
-    monkeypatch.setattr(generate, "_probe", lambda model, path, ids, mask: probed.append(path) or (0.1, [[1]]))
-    monkeypatch.setattr(generate, "_CHOSEN", {})
-    generate.answer_path(tiny_model, [[5, 6, 7]] * 4)
-    assert "bf16" not in probed and generate.chosen_path(tiny_model)["path"] != "bf16"
+    monkeypatch.setattr(cpu_kernels, "_probe", lambda model, kernels, ids, mask: probed.append(kernels) or
+                        (0.1, [[1]]))
+    monkeypatch.setattr(cpu_kernels, "_CHOSEN", {})
+    cpu_kernels.fastest_linears(tiny_model, [[5, 6, 7]] * 4, pad=left_pad)
+    assert "bf16" not in probed and cpu_kernels.chosen_kernels(tiny_model)["kernels"] != "bf16"
