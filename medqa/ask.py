@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                                        finite and s.REPETITION_PENALTY >= 1, "a finite number, 1.0 or above")):
             if not ok:
                 raise MedQAError(f"{flag} {value}: must be {rule}.")
-        from medqa.batches import get_tokenizer
+        from medqa.gpt2_tokenizer import get_tokenizer
         from medqa.model import load_model, pick_device
 
         model = load_model(str(folder), pick_device())
