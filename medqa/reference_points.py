@@ -33,8 +33,8 @@ def random_answers(train_answers: list[str], n: int, seed: int) -> list[str]:
 def nearest_question_answers(train_questions: list[str], train_answers: list[str],
                              test_questions: list[str]) -> list[str]:
     """For each test question, the answer of the most similar training question: TF-IDF vectors fitted on the
-    training questions (scikit-learn's defaults: lower case, words of two or more characters, smoothed idf, unit
-    length), cosine similarity; a tie goes to the first such training question."""
+    training questions (scikit-learn's defaults: lower case, words of two or more characters, smoothed idf,
+    unit length), cosine similarity; a tie goes to the first such training question."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer()
@@ -52,9 +52,10 @@ def swap_name(answer: str, old: str, new: str) -> str:
 
 
 def same_template_answers(train_rows: list[dict], test_rows: list[dict], seed: int) -> list[str]:
-    """For each test row, a random training answer to a question of the same template (evaluate.question_type),
-    with the training row's focus_area replaced by the test row's; a random training answer where no training
-    question has that template. Rows are dicts with `instruction`, `output` and `focus_area`."""
+    """For each test row, a random training answer to a question of the same template
+    (evaluate.question_type), with the training row's focus_area replaced by the test row's; a random training
+    answer where no training question has that template. Rows are dicts with `instruction`, `output` and
+    `focus_area`."""
     rng = random.Random(seed)
     by_type: dict[str, list[dict]] = {}
     for row in train_rows:
@@ -106,6 +107,6 @@ def card_table(points: dict | None) -> str:
         return "Reference points: not measured."
     rows = [f"| {name} | {p['rougeL']['mean']:.4g} | {p['rouge1']['mean']:.4g} | {p['bleu']:.4g} |"
             for name, p in points.items()]
-    return "\n".join(["Reference points on the same test questions (answers that need no model, cut to the same "
-                      "length):", "", "| reference point | ROUGE-L F1 | ROUGE-1 F1 | BLEU |", "|---|---|---|---|",
-                      *rows, "", MEANING])
+    title = "Reference points on the same test questions (answers that need no model, cut to the same length):"
+    header = ["| reference point | ROUGE-L F1 | ROUGE-1 F1 | BLEU |", "|---|---|---|---|"]
+    return "\n".join([title, "", *header, *rows, "", MEANING])

@@ -22,7 +22,8 @@ def same_text_key(text: str) -> str:
 
 
 def related_groups(df: pd.DataFrame) -> tuple[list[int], dict]:
-    """A group id per row: rows that share a question or an answer (same_text_key), directly or through others.
+    """A group id per row: rows that share a question or an answer (same_text_key), directly or through
+    others.
 
     MedQuAD reuses boilerplate answers across questions and spells some questions two ways; a split that kept
     only identical questions together would test on answers the model was trained on. Returns the ids and what
@@ -58,9 +59,9 @@ GROUP_SHARE = 0.05
 def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, log=print):
     """Shuffle with `seed` and cut into train / val / test so that no question and no answer is in two splits.
 
-    Whole groups of related rows (related_groups) move together, so the test set never asks something the model
-    was trained on, nor expects an answer it was trained to write. In a seeded order, a group goes to test, then
-    validation, while it fits their share; the rest train. A group larger than GROUP_SHARE of a split's share
+    Whole groups of related rows (related_groups) move together, so the test set never asks something the
+    model was trained on, nor expects an answer it was trained to write. In a seeded order, a group goes to test
+    then validation, while it fits their share; the rest train. A group larger than GROUP_SHARE of a split's share
     stays in training, so that one boilerplate answer (MedQuAD's largest group has 377 rows) cannot fill it.
     """
     groups, stats = related_groups(df)
@@ -81,9 +82,10 @@ def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: floa
     short = {p: len(part) for p, part in splits.items() if len(part) < MIN_PER_SPLIT}
     if short:  # data.check_enough counted rows; whole groups can still leave a split with fewer examples
         listing = ", ".join(f"{p} {n}" for p, n in short.items())
-        raise MedQAError(f"The split leaves too few examples ({listing}; at least {MIN_PER_SPLIT} each) from {len(df)} "
-                         f"examples in {stats['groups']} groups of related questions, VAL_FRACTION={val_fraction}, "
-                         f"TEST_FRACTION={test_fraction}: use more examples (N_SAMPLES) or adjust the fractions.")
+        raise MedQAError(f"The split leaves too few examples ({listing}; at least {MIN_PER_SPLIT} each) from "
+                         f"{len(df)} examples in {stats['groups']} groups of related questions, "
+                         f"VAL_FRACTION={val_fraction}, TEST_FRACTION={test_fraction}: use more examples "
+                         f"(N_SAMPLES) or adjust the fractions.")
     log(f"{stats['rows']:,} rows in {stats['groups']:,} groups that share a question or an answer; "
         f"{stats['rows joined']:,} rows joined a group with another question (largest group: "
         f"{stats['largest group']:,} rows)")

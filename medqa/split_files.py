@@ -12,7 +12,8 @@ SPLIT_COLUMNS = ["instruction", "input", "output", "source", "focus_area"]
 
 
 def save_splits(folder, **splits: pd.DataFrame) -> Path:
-    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus MedQuAD's source and focus_area)."""
+    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus MedQuAD's source and
+    focus_area)."""
     target = Path(folder) / "splits"
     target.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
