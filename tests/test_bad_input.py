@@ -110,7 +110,7 @@ def resolve(**params):
 
 
 def test_unknown_profile_lists_the_valid_ones(project):
-    fails(lambda: resolve(PROFILE="fast"), "PROFILE='fast'", "['cpu', 'full', 'smoke']")
+    fails(lambda: resolve(PROFILE="fast"), "PROFILE='fast'", "['cpu', 'demo', 'full', 'smoke']")
 
 
 def test_unknown_model_lists_the_valid_ones(project):
