@@ -44,7 +44,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from transformers import LogitsProcessor  # noqa: E402
 
-from medqa import batches, cpu_kernels, data, device as hw, generate, prompts, train  # noqa: E402
+from medqa import batches, cpu_kernels, data, device as hw, generate, gpt2_tokenizer, split, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
 from medqa.generate import Decoding, generate_ids  # noqa: E402
 from medqa.model import ACTIVATION  # noqa: E402
@@ -59,8 +59,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=64)
 def load_splits(seed: int = 123):
     """MedQuAD, cleaned, formatted, tokenized and split exactly as the notebook does."""
     df, _ = data.clean(data.read_table(data.locate_data(os.environ.get("MEDQA_DATA_PATH"), ROOT / "data")))
-    df = batches.encode_examples(df, batches.get_tokenizer())
-    return prompts.split_by_question(df, 0.10, 0.05, seed)
+    df = batches.encode_examples(df, gpt2_tokenizer.get_tokenizer())
+    return split.split_by_question(df, 0.10, 0.05, seed)
 
 
 def textbook_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:

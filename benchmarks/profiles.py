@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench import isolated, stop_where_reference_ends  # noqa: E402
-from medqa import batches, cpu_kernels, data, generate, model as gpt, prompts, settings, train  # noqa: E402
+from medqa import batches, cpu_kernels, data, generate, gpt2_tokenizer, model as gpt, settings, split, train  # noqa: E402
 from medqa import device as hw  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -54,8 +54,8 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     s = replace(s, OUTPUT_DIR=tempfile.mkdtemp(prefix="medqa-profile-"))
     clean, _ = data.clean(data.read_table(data.locate_data(s.DATA_PATH or os.environ.get("MEDQA_DATA_PATH"),
                                                            ROOT / "data")))
-    df = batches.encode_examples(data.sample_rows(clean, s.N_SAMPLES, s.SEED), batches.get_tokenizer())
-    train_df, val_df, test_df = prompts.split_by_question(df, s.VAL_FRACTION, s.TEST_FRACTION, s.SEED)
+    df = batches.encode_examples(data.sample_rows(clean, s.N_SAMPLES, s.SEED), gpt2_tokenizer.get_tokenizer())
+    train_df, val_df, test_df = split.split_by_question(df, s.VAL_FRACTION, s.TEST_FRACTION, s.SEED)
     train_set, val_set, test_set = (batches.QADataset(d, s.MAX_LENGTH) for d in (train_df, val_df, test_df))
     loader = batches.make_loader(train_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=True, seed=s.SEED)
     val_loader = batches.make_loader(val_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=False)

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         folder = check_model_folder(args.model)
         questions = read_questions(args.questions, args.file)
         decoding = decoding_from_flags(args, decoding_defaults(folder))
-        from medqa.batches import get_tokenizer
+        from medqa.gpt2_tokenizer import get_tokenizer
         from medqa.model import load_model, pick_device
 
         model = load_model(str(folder), pick_device())

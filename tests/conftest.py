@@ -2,12 +2,12 @@ import pandas as pd
 import pytest
 import torch
 
-from medqa import batches, model as gpt
+from medqa import gpt2_tokenizer, model as gpt
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return batches.get_tokenizer()
+    return gpt2_tokenizer.get_tokenizer()
 
 
 @pytest.fixture(scope="session")

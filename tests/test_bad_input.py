@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medqa import batches, data, prompts, settings
+from medqa import batches, data, settings, split
 from medqa.errors import MedQAError
 from tests.sample_data import write_sample_csv
 
@@ -110,7 +110,7 @@ def resolve(**params):
 
 
 def test_unknown_profile_lists_the_valid_ones(project):
-    fails(lambda: resolve(PROFILE="fast"), "PROFILE='fast'", "['cpu', 'full', 'smoke']")
+    fails(lambda: resolve(PROFILE="fast"), "PROFILE='fast'", "['cpu', 'demo', 'full', 'smoke']")
 
 
 def test_unknown_model_lists_the_valid_ones(project):
@@ -139,7 +139,7 @@ def test_split_that_leaves_validation_or_test_empty(project):
     fails(lambda: resolve(VAL_FRACTION=0.0), "VAL_FRACTION=0.0")
     fails(lambda: resolve(VAL_FRACTION=0.6, TEST_FRACTION=0.5), "leaves no training data")
     two = pd.DataFrame({"instruction": ["q1", "q2"], "input": "", "output": "a"})
-    fails(lambda: prompts.split_by_question(two, 0.1, 0.05, 0), "too few examples", "N_SAMPLES")
+    fails(lambda: split.split_by_question(two, 0.1, 0.05, 0), "too few examples", "N_SAMPLES")
 
 
 def test_too_many_samples_uses_all_with_a_note(project):

@@ -114,3 +114,24 @@ def test_one_real_row_gives_the_recipes_prompt_ids_and_targets(tokenizer, tmp_pa
     assert (len(labels), labels[:6], labels[-6:]) == (81, [318, 281, 12064, 326, 8477, 257],
                                                       [428, 3265, 389, 5676, 13, EOT])
     assert b["labels"][0].tolist() == prompt[1:] + answer + [EOT]  # unmasked: the prompt is learned too
+
+
+def test_collates_docstring_examples_hold():
+    import doctest
+
+    from medqa import batches
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(batches.collate, "collate", globs={"collate": batches.collate}) if t.examples]
+    for test in tests:
+        runner.run(test)
+    assert tests and runner.summarize(verbose=False).attempted >= 4
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_example_lengths_count_prompt_answer_and_end_of_text_and_the_dataset_cuts_them():
+    from medqa.batches import example_lengths
+
+    df = pd.DataFrame({"prompt_ids": [[1] * 3, [1] * 5], "answer_ids": [[2] * 50, [2] * 2]})
+    assert example_lengths(df) == [54, 8]
+    assert QADataset(df, max_length=10).lengths == [10, 7]  # rows cut to MAX_LENGTH + 1, then shifted

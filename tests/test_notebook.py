@@ -38,7 +38,25 @@ def test_committed_notebook_is_one_complete_run(committed):
     assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
     text = json.dumps(committed)
     assert not re.search(r"/work/|/root/|/home/|/tmp/[A-Za-z0-9_]|[A-Z]:\\\\", text), "machine paths in outputs"
-    assert "PROFILE            = 'smoke'" in text  # the stored outputs say which settings produced them
+    assert "PROFILE            = 'smoke'" in text or "PROFILE            = 'demo'" in text
+
+
+def test_the_top_says_which_profile_produced_the_stored_outputs(committed):
+    """The sentence at the top names the profile whose settings section 1 printed (the stored run is not GPT-2's
+    unless that profile loads GPT-2)."""
+    printed = re.search(r"PROFILE += '(\w+)'", json.dumps(committed)).group(1)
+    top = "".join(committed["cells"][0]["source"])
+    stored = re.search(r"\*\*The stored run\.\*\* The outputs below come from the `(\w+)` profile", top)
+    assert stored and stored.group(1) == printed
+    assert "not GPT-2" in top
+
+
+def test_the_notebook_shows_the_packages_own_collate_and_training_step_on_a_toy_batch(committed):
+    sources = ["".join(c["source"]) for c in _code_cells(committed)]
+    assert "show_code(batches.collate)" in sources and "show_code(train.train_step)" in sources
+    toy = next(s for s in sources if s.startswith("toy = "))
+    assert "batches.collate(toy" in toy and "mask_prompt=True" in toy
+    assert not re.search(r"^from medqa import .*\bas\b", "\n".join(sources), flags=re.M)  # `model` is the network
 
 
 def test_stored_progress_bars_hold_only_their_final_state(committed):
@@ -71,6 +89,13 @@ def test_notebook_runs_headless_on_alpaca_json_with_papermill(tmp_path):
     responses = json.loads((out / "test_responses.json").read_text())
     assert responses and all({"instruction", "input", "output", "model_response"} <= set(r) for r in responses)
     metrics = json.loads((out / "metrics.json").read_text())
+    points = metrics["evaluation"]["reference_points"]
+    assert set(points) == {"random answer", "nearest question", "same template"}
+    assert all(0 <= p["rougeL"]["mean"] <= 1 and p["rougeL"]["n"] == len(responses) for p in points.values())
+    rows = metrics["breakdown"]
+    assert {r["by"] for r in rows} == {"source", "question type"}
+    assert all("ROUGE-L nearest question" in r and "ROUGE-L before" in r for r in rows)
+    assert sum(r["answers"] for r in rows if r["by"] == "question type") == len(responses)
     assert metrics["settings"]["N_SAMPLES"] == 150 and metrics["settings"]["DATA_PATH"] == str(data)
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]

@@ -2,8 +2,10 @@ import json
 
 import pandas as pd
 
-from medqa import data, prompts
-from medqa.prompts import PREAMBLE, draw_alpaca_figure, format_prompt, split_by_question
+from medqa import data, split, split_files
+from medqa.prompt_figure import draw_alpaca_figure
+from medqa.prompts import PREAMBLE, format_prompt
+from medqa.split import split_by_question
 from tests.conftest import table
 
 
@@ -44,16 +46,16 @@ def _related_data(n=400):
 def test_split_never_puts_one_question_or_one_answer_in_two_splits():
     df = _related_data()
     for seed in range(5):
-        parts = prompts.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
+        parts = split.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
         for column in ("instruction", "output"):
-            keys = [set(p[column].map(prompts.same_text_key)) for p in parts]
+            keys = [set(p[column].map(split.same_text_key)) for p in parts]
             assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2]), (seed, column)
 
 
 def test_related_groups_join_through_shared_questions_and_answers_and_count_the_rows_joined():
     df = table([("Is Stiff-Person inherited ?", "No."), ("is stiff person inherited?", "Not usually."),
                 ("What causes gout ?", "Not usually."), ("What is gout ?", "Arthritis."), ("Why ?", "No!")])
-    groups, stats = prompts.related_groups(df)
+    groups, stats = split.related_groups(df)
     assert groups[0] == groups[1] == groups[2] == groups[4] != groups[3]  # through the question, then the answers
     assert stats == {"rows": 5, "groups": 2, "rows joined": 4, "largest group": 4}
 
@@ -63,21 +65,21 @@ def test_a_group_too_large_for_the_test_share_stays_in_training():
                + [(f"Is condition {i} inherited ?", "It is inherited in an autosomal recessive pattern.")
                   for i in range(15)])
     for seed in range(10):
-        train, _, _ = prompts.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
+        train, _, _ = split.split_by_question(df, 0.10, 0.05, seed=seed, log=lambda *_: None)
         assert train["instruction"].str.startswith("Is condition").sum() == 15
 
 
 def test_the_split_says_how_many_rows_the_grouping_joined():
     lines = []
-    prompts.split_by_question(_related_data(), 0.10, 0.05, seed=0, log=lines.append)
+    split.split_by_question(_related_data(), 0.10, 0.05, seed=0, log=lines.append)
     assert lines == ["500 rows in 421 groups that share a question or an answer; 60 rows joined a group with "
                      "another question (largest group: 60 rows)"]
 
 
 def test_splits_are_written_as_alpaca_json_that_reads_back(tmp_path):
     df = _related_data().assign(source="GHR", focus_area="Gout", prompt_ids=[[1]] * 500)
-    parts = dict(zip(("train", "val", "test"), prompts.split_by_question(df, 0.1, 0.05, 0, log=lambda *_: None)))
-    folder = prompts.save_splits(tmp_path, **parts)
+    parts = dict(zip(("train", "val", "test"), split.split_by_question(df, 0.1, 0.05, 0, log=lambda *_: None)))
+    folder = split_files.save_splits(tmp_path, **parts)
     for name, part in parts.items():
         records = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
         assert list(records[0]) == ["instruction", "input", "output", "source", "focus_area"]
@@ -110,4 +112,4 @@ def test_a_split_that_grouping_leaves_with_too_few_examples_is_refused():
     rows = [(f"What causes condition {i} ?", f"Shared answer {i // 2}.") for i in range(94)]
     rows += [(f"What is disease {i} ?", f"Own answer {i}.") for i in range(6)]
     with pytest.raises(MedQAError, match=f"too few examples.*at least {MIN_PER_SPLIT} each"):
-        prompts.split_by_question(table(rows), 0.10, 0.05, seed=0, log=lambda *_: None)
+        split.split_by_question(table(rows), 0.10, 0.05, seed=0, log=lambda *_: None)

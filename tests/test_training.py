@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from medqa import batches, data, model as gpt, prompts, settings, train
+from medqa import batches, data, model as gpt, settings, split, train
 from medqa.errors import MedQAError
 from tests.sample_data import write_sample_csv
 
@@ -18,7 +18,7 @@ def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("train")
     df, _ = data.clean(data.read_table(write_sample_csv(root / "m.csv")))
     df = batches.encode_examples(data.sample_rows(df, 120, 0), tokenizer)
-    tr, va, _ = prompts.split_by_question(df, 0.1, 0.05, 0)
+    tr, va, _ = split.split_by_question(df, 0.1, 0.05, 0)
     s = settings.resolve({"PROFILE": "smoke", "MAX_LENGTH": 96, "BATCH_SIZE": 4, "GRAD_ACCUM": 2, "EPOCHS": 2,
                           "EVAL_EVERY": 3, "EVAL_BATCHES": 2, "CHECKPOINT_EVERY": 4, "WARMUP_STEPS": 2,
                           "DROPOUT": 0.1}, env={})  # dropout on: resuming must restore the random state too

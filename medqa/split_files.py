@@ -1,0 +1,21 @@
+"""The split written as Alpaca JSON files, for checking it, reusing it with other tools, or comparing runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from medqa.store import write_json_atomic
+
+SPLIT_COLUMNS = ["instruction", "input", "output", "source", "focus_area"]
+
+
+def save_splits(folder, **splits: pd.DataFrame) -> Path:
+    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus MedQuAD's source and
+    focus_area)."""
+    target = Path(folder) / "splits"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, frame in splits.items():
+        write_json_atomic(target / f"{name}.json", frame[SPLIT_COLUMNS].to_dict(orient="records"))
+    return target
