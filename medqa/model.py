@@ -1,4 +1,4 @@
-"""Step 7: GPT-2, loaded with `from_pretrained` from the Hugging Face hub or a local folder."""
+"""GPT-2, loaded with `from_pretrained` from the Hugging Face hub or a local folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Step 1: resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
+"""Resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
 
 Precedence, highest first: a value set in the parameters cell (or injected by papermill), the environment
 variable `MEDQA_<NAME>`, the profile's default. `None` in the parameters cell means "not set here".
