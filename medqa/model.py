@@ -137,7 +137,7 @@ def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, se
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         torch.manual_seed(seed)
-        # peft 0.21 reads a transformers 5 attribute that warns of its own renaming
+        # peft reads `is_gradient_checkpointing`, which transformers warns is renamed: noise for the reader
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
 
