@@ -38,8 +38,8 @@ class QADataset(Dataset):
         self.max_length = max_length
         self.dropped = int((~fits).sum())
         if len(df) and self.frame.empty:
-            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts are "
-                             f"longer. Raise MAX_LENGTH (the profiles use 128 to 1024).")
+            raise MedQAError(f"MAX_LENGTH={max_length} is too short for any prompt: all {len(df)} prompts "
+                             f"are longer. Raise MAX_LENGTH (the profiles use 128 to 1024).")
         self.pairs = list(zip(self.frame["prompt_ids"], self.frame["answer_ids"]))
         # The length a training row has after collate's truncation: what batching groups by.
         self.lengths = [min(n, max_length + 1) - 1 for n in example_lengths(self.frame)]
@@ -133,10 +133,10 @@ def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle
 def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, dict]:
     """A fixed, seeded random sample of `n` examples (all of them when there are no more), and what it is.
 
-    The validation loss is measured on it at every point: the same examples each time, drawn from the whole set,
-    so that the loss speaks for the set (its first batches, sorted by length, would hold only the longest
-    examples). The description is what metrics.json records: how many of how many, and their mean length against
-    the set's.
+    The validation loss is measured on it at every point: the same examples each time, drawn from the whole
+    set, so that the loss speaks for the set (its first batches, sorted by length, would hold only the longest
+    examples). The description is what metrics.json records: how many of how many, and their mean length
+    against the set's.
     """
     sampled = n < len(dataset)
     everything = range(len(dataset))

@@ -29,9 +29,10 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     return round(sacrebleu.corpus_bleu(predictions, [references]).score, 3)
 
 
-def reference_perplexity(model, loader, device, precision: str | None = None, micro_batch: int | None = None) -> dict:
-    """Loss and perplexity of the reference answers (a loader built with the prompt masked), in the memory plan's
-    precision and micro-batches."""
+def reference_perplexity(model, loader, device, precision: str | None = None,
+                         micro_batch: int | None = None) -> dict:
+    """Loss and perplexity of the reference answers (a loader built with the prompt masked), in the memory
+    plan's precision and micro-batches."""
     loss = mean_loss(model, loader, device, precision, micro_batch)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
@@ -107,11 +108,12 @@ def breakdown(records: list[dict], before: list[dict] | None = None, reference_p
     """Mean ROUGE-L after (and before) fine-tuning, of the reference points, and the judge's mean where it
     judged, by source and by question type.
 
-    `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when unjudged);
-    `before` the per-example scores of the model before fine-tuning, in the same order; `reference_points` the
-    per-example scores of each reference point ({name: [...]}, medqa.reference_points), in the same order. One
-    row per source and per question type, with the number of test answers behind it, largest first. The judge's
-    columns (its mean over the answers it scored, and how many) appear when it scored any.
+    `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when
+    unjudged); `before` the per-example scores of the model before fine-tuning, in the same order;
+    `reference_points` the per-example scores of each reference point ({name: [...]},
+    medqa.reference_points), in the same order. One row per source and per question type, with the number of
+    test answers behind it, largest first. The judge's columns (its mean over the answers it scored, and how
+    many) appear when it scored any.
     """
     import pandas as pd
 

@@ -1,4 +1,5 @@
-"""The picture of the prompt layout (images/alpaca-style.png): what the model reads, what it learns to write."""
+"""The picture of the prompt layout (images/alpaca-style.png): what the model reads, what it learns to
+write."""
 
 from __future__ import annotations
 

@@ -24,10 +24,11 @@ PROFILES = {
     # No network: a tiny random GPT-2 and a few hundred examples, to check the whole notebook runs.
     "smoke": dict(MODEL=TINY_MODEL, N_SAMPLES=200, MAX_LENGTH=256, EPOCHS=1, LEARNING_RATE=5e-3,
                   WARMUP_STEPS=2, EVAL_EVERY=5, EVAL_BATCHES=4, MAX_NEW_TOKENS=32, N_BEFORE=3),
-    # No network, about 15 minutes on a 2-core CPU: a small GPT-2 shape trained from random weights, to show learning.
+    # No network: a small GPT-2 shape trained from random weights on a CPU, to show learning.
     # MASK_PROMPT: a model that starts from nothing spends its few steps on the answers, not on the preamble.
     "demo": dict(MODEL="random-gpt2-mini", N_SAMPLES=3000, MAX_LENGTH=128, EPOCHS=2, LEARNING_RATE=2e-3,
-                 WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3, MASK_PROMPT=True),
+                 WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3,
+                 MASK_PROMPT=True),
     # A laptop with a network: GPT-2 124M on about 1,000 examples.
     "cpu": dict(MODEL="gpt2", N_SAMPLES=1000, MAX_LENGTH=512, EPOCHS=2, LEARNING_RATE=5e-5,
                 WARMUP_STEPS=10, EVAL_EVERY=20, EVAL_BATCHES=10, MAX_NEW_TOKENS=200, N_BEFORE=3),
@@ -136,7 +137,8 @@ def _parse_env(name: str, text: str):
 
 def default_profile() -> str:
     """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`
-    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
+    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row
+    at a time.
     When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
     from medqa import device
 
