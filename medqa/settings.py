@@ -160,7 +160,7 @@ def notebook_params(namespace: dict) -> dict:
     resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
     name in other capitals (`learning_rate`) holding a plain value."""
     names = [f.name for f in fields(Settings)]
-    injected = _injected_names(namespace.get("In", []))
+    injected = _injected_names(namespace.get("In", [])) - PAPERMILL_NAMES
     params = {k: v for k, v in namespace.items() if k in names}
     strays = sorted(k for k, v in namespace.items()
                     if k not in names and (k in injected or _looks_like_setting(k, v, names)))
@@ -168,6 +168,10 @@ def notebook_params(namespace: dict) -> dict:
         raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
                          f"{_hints(strays, names)}: the settings are {names}.")
     return params
+
+
+# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
+PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
 
 
 def _injected_names(cells) -> set[str]:
