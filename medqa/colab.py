@@ -1,4 +1,4 @@
-"""Step 0, on Google Colab only: install what the project needs and Colab lacks, and keep what Colab has.
+"""On Google Colab only: install what the project needs and Colab lacks, and keep what Colab has.
 
 The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of
 the project's packages are installed: it uses the standard library only, and never imports the package around

@@ -1,4 +1,4 @@
-"""Step 2 and 3: find MedQuAD (a given file, a local copy, or a download), read it into one table, clean it.
+"""Find MedQuAD (a given file, a local copy, or a download), read it into one table, clean it.
 
 The table always has the columns `instruction`, `input`, `output`, `source`, `focus_area`: MedQuAD CSV
 (`question, answer, source, focus_area`) and Alpaca JSON / JSON Lines (`instruction, input, output`) both map

@@ -77,42 +77,42 @@ SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BL
 CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
 
 
-def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
+def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> str:
     """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
 
     `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
     the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
     "test"}). Whatever is missing reads "not measured".
     """
-    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(s)
-    base = _base_model(s.MODEL)
+    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(cfg)
+    base = _base_model(cfg.MODEL)
     # license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for the attribution the card gives.
     # datasets: lavita/MedQuAD is the Hugging Face hub's copy of the MedQuAD release this project reads.
     front = ["---", "license: mit", "language:", "- en", "library_name: transformers",
              "pipeline_tag: text-generation", "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical",
              "- question-answering", "- medquad"]
-    front += ["- lora"] if s.LORA_R else []
+    front += ["- lora"] if cfg.LORA_R else []
     front += [f"base_model: {base}"] if base else []
     front += ["---"]
     if base:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
-    elif s.MODEL in RANDOM_MODELS + (TINY_MODEL,):
-        shape = RANDOM_SHAPES[s.MODEL]
-        origin = (f"`{s.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width {shape['n_embd']}) "
-                  f"that started from random weights (**not pretrained GPT-2**: it knows only what this "
-                  f"training taught it), trained")
+    elif cfg.MODEL in RANDOM_MODELS + (TINY_MODEL,):
+        shape = RANDOM_SHAPES[cfg.MODEL]
+        origin = (f"`{cfg.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width "
+                  f"{shape['n_embd']}) that started from random weights (**not pretrained GPT-2**: it knows "
+                  f"only what this training taught it), trained")
     else:
-        origin = f"the model in `{s.MODEL}`, fine-tuned"
-    if s.LORA_R:
-        origin += (f" with LoRA (rank {s.LORA_R}, alpha {s.LORA_ALPHA or 2 * s.LORA_R}; the adapters are "
-                   "merged into these weights)")
+        origin = f"the model in `{cfg.MODEL}`, fine-tuned"
+    if cfg.LORA_R:
+        origin += (f" with LoRA (rank {cfg.LORA_R}, alpha {cfg.LORA_ALPHA or 2 * cfg.LORA_R}; the adapters "
+                   "are merged into these weights)")
     after, before = scores.get("after") or {}, scores.get("before") or {}
     judge = (scores.get("judge") or {}).get("test_responses.json")
     rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
     judged = "not measured" if not judge or judge.get("mean") is None else (
         f"{judge['mean']} (judge `{judge.get('model')}`, {judge.get('scored')} answers scored, "
         f"{judge.get('unscored')} unscored)")
-    settings = "\n".join(f"| `{name}` | `{getattr(s, name)!r}` |" for name in CARD_SETTINGS)
+    settings = "\n".join(f"| `{name}` | `{getattr(cfg, name)!r}` |" for name in CARD_SETTINGS)
     parts = " / ".join(f"{split.get(k, 'not recorded')}" for k in ("train", "validation", "test"))
     example = format_prompt("What are the symptoms of glaucoma?")
     return "\n".join(front) + f"""
@@ -127,8 +127,8 @@ def model_card(s, scores: dict | None = None, split: dict | None = None) -> str:
   rows with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach
   to Question Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed
   under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
-- **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {s.SEED}, validation
-  {s.VAL_FRACTION:.0%} and test {s.TEST_FRACTION:.0%}; rows that share a question or an answer (case,
+- **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {cfg.SEED}, validation
+  {cfg.VAL_FRACTION:.0%} and test {cfg.TEST_FRACTION:.0%}; rows that share a question or an answer (case,
   punctuation, hyphens and spaces aside) stay in one part, so the test set neither asks what training saw nor
   expects an answer training taught.
 
@@ -173,7 +173,7 @@ print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=T
 ```
 
 `generation_config.json` holds the notebook's decoding: {describe_decoding(decoding)}, at most
-{s.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
+{cfg.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """
@@ -196,11 +196,11 @@ class _Folder:
         (Path(path) / "README.md").write_text(self.card, encoding="utf-8")
 
 
-def save_model_folder(model, folder, s, scores: dict | None = None, split: dict | None = None) -> Path:
+def save_model_folder(model, folder, cfg, scores: dict | None = None, split: dict | None = None) -> Path:
     """Write `folder` (OUTPUT_DIR/model) atomically: the weights (LoRA adapters merged into a copy, so the
     folder loads like any GPT-2 and `model` keeps its adapters), tokenizer, generation config and model
     card."""
     plain = merge_lora(model)
     bundle = _Folder(plain, gpt2_tokenizer(plain.config.n_positions),
-                     generation_config(Decoding.from_settings(s)), model_card(s, scores, split))
+                     generation_config(Decoding.from_settings(cfg)), model_card(cfg, scores, split))
     return save_model_atomic(bundle, folder)

@@ -1,4 +1,4 @@
-"""Step 1: resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
+"""Resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
 
 Precedence, highest first: a value set in the parameters cell (or injected by papermill), the environment
 variable `MEDQA_<NAME>`, the profile's default. `None` in the parameters cell means "not set here".
@@ -342,63 +342,64 @@ def _check_model(model: str, output_dir: str) -> None:
            f"into the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
 
 
-def validate(s: Settings) -> None:
+def validate(cfg: Settings) -> None:
     """Reject values out of range before anything is read, trained or written."""
-    _check_types(asdict(s))
+    _check_types(asdict(cfg))
     for f in fields(Settings):
-        value = getattr(s, f.name)
+        value = getattr(cfg, f.name)
         _check(not (f.type.startswith("float") and value is not None and not math.isfinite(value)),
                f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
     for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
-        _check(getattr(s, name).strip() not in ("", "http://"),
-               f"{name}={getattr(s, name)!r} is empty: set it to a value like {_example(name)!r}, or None "
+        _check(getattr(cfg, name).strip() not in ("", "http://"),
+               f"{name}={getattr(cfg, name)!r} is empty: set it to a value like {_example(name)!r}, or None "
                "for the default.")
-    _check(0 <= s.SEED < 2**32, f"SEED={s.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. "
+    _check(0 <= cfg.SEED < 2**32, f"SEED={cfg.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. "
                                 "123.")
-    _check_output_dir(s.OUTPUT_DIR)
-    _check_model(s.MODEL, s.OUTPUT_DIR)
+    _check_output_dir(cfg.OUTPUT_DIR)
+    _check_model(cfg.MODEL, cfg.OUTPUT_DIR)
     for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
                  "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
-        value = getattr(s, name)
+        value = getattr(cfg, name)
         _check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive whole number.")
     for name in ("N_SAMPLES", "MAX_STEPS"):
-        value = getattr(s, name)
+        value = getattr(cfg, name)
         _check(value is None or (isinstance(value, int) and value > 0),
                f"{name}={value!r} must be a positive whole number, or None for all.")
-    _check(isinstance(s.MAX_LENGTH, int) and s.MAX_LENGTH >= 64,
-           f"MAX_LENGTH={s.MAX_LENGTH!r} is too short for any prompt: the Alpaca preamble alone takes about "
-           f"40 tokens; use at least 64 (the profiles use 256 to 1024).")
-    _check(s.LEARNING_RATE > 0, f"LEARNING_RATE={s.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
-    _check(0 <= s.DROPOUT < 1, f"DROPOUT={s.DROPOUT!r} must lie in [0, 1) (0 = off).")
-    _check(s.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={s.WEIGHT_DECAY!r} must be zero or positive.")
-    _check(isinstance(s.WARMUP_STEPS, int) and s.WARMUP_STEPS >= 0, f"WARMUP_STEPS={s.WARMUP_STEPS!r} must "
-                                                                    "be >= 0.")
+    _check(isinstance(cfg.MAX_LENGTH, int) and cfg.MAX_LENGTH >= 64,
+           f"MAX_LENGTH={cfg.MAX_LENGTH!r} is too short for any prompt: the Alpaca preamble alone takes "
+           f"about 40 tokens; use at least 64 (the profiles use 256 to 1024).")
+    _check(cfg.LEARNING_RATE > 0, f"LEARNING_RATE={cfg.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
+    _check(0 <= cfg.DROPOUT < 1, f"DROPOUT={cfg.DROPOUT!r} must lie in [0, 1) (0 = off).")
+    _check(cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={cfg.WEIGHT_DECAY!r} must be zero or positive.")
+    _check(isinstance(cfg.WARMUP_STEPS, int) and cfg.WARMUP_STEPS >= 0,
+           f"WARMUP_STEPS={cfg.WARMUP_STEPS!r} must be >= 0.")
     for name in ("LORA_R", "LORA_ALPHA"):
-        value = getattr(s, name)
+        value = getattr(cfg, name)
         _check(value is None or (isinstance(value, int) and value > 0),
                f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full "
                "fine-tuning).")
-    _check(s.PRECISION is None or s.PRECISION in PRECISIONS,
-           f"PRECISION={s.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by "
+    _check(cfg.PRECISION is None or cfg.PRECISION in PRECISIONS,
+           f"PRECISION={cfg.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by "
            "hardware.")
-    _check(s.JUDGE_BUDGET_S > 0, f"JUDGE_BUDGET_S={s.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
-    _check(s.TEMPERATURE >= 0, f"TEMPERATURE={s.TEMPERATURE!r} must be >= 0 (0 = greedy).")
-    _check(s.REPETITION_PENALTY >= 1.0, f"REPETITION_PENALTY={s.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = "
-                                        "off).")
-    _check(isinstance(s.N_BEFORE, int) and s.N_BEFORE >= 0, f"N_BEFORE={s.N_BEFORE!r} must be >= 0.")
+    _check(cfg.JUDGE_BUDGET_S > 0,
+           f"JUDGE_BUDGET_S={cfg.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
+    _check(cfg.TEMPERATURE >= 0, f"TEMPERATURE={cfg.TEMPERATURE!r} must be >= 0 (0 = greedy).")
+    _check(cfg.REPETITION_PENALTY >= 1.0,
+           f"REPETITION_PENALTY={cfg.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
+    _check(isinstance(cfg.N_BEFORE, int) and cfg.N_BEFORE >= 0, f"N_BEFORE={cfg.N_BEFORE!r} must be >= 0.")
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        value = getattr(s, name)
+        value = getattr(cfg, name)
         _check(0 < value < 1, f"{name}={value!r} must lie between 0 and 1 so that the split is not empty.")
-    _check(s.VAL_FRACTION + s.TEST_FRACTION < 1,
-           f"VAL_FRACTION + TEST_FRACTION = {s.VAL_FRACTION + s.TEST_FRACTION} leaves no training data: "
+    _check(cfg.VAL_FRACTION + cfg.TEST_FRACTION < 1,
+           f"VAL_FRACTION + TEST_FRACTION = {cfg.VAL_FRACTION + cfg.TEST_FRACTION} leaves no training data: "
            f"keep their sum below 1 (default 0.10 + 0.05).")
 
 
-def run_signature(s: Settings) -> dict:
-    return {name: getattr(s, name) for name in RUN_DEFINING}
+def run_signature(cfg: Settings) -> dict:
+    return {name: getattr(cfg, name) for name in RUN_DEFINING}
 
 
-def claim_output_dir(s: Settings, data_file=None, model_source=None) -> Path:
+def claim_output_dir(cfg: Settings, data_file=None, model_source=None) -> Path:
     """Make OUTPUT_DIR this run's (see run_folder.claim): the last step before the run writes its first file
     there, after the data is read and the model loaded."""
-    return run_folder.claim(s.OUTPUT_DIR, run_signature(s), s.OVERWRITE, data_file, model_source)
+    return run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)

@@ -133,7 +133,7 @@ def test_the_model_card_says_what_the_run_was():
 def test_the_card_of_a_random_model_claims_no_base_model():
     card = export.model_card(smoke())
     assert "base_model" not in front_matter(card) and "not pretrained GPT-2" in card
-    assert card.count("not measured") == 11  # five scores before and after, and the judge
+    assert card.count("not measured") == 12  # five scores before and after, the reference points, the judge
 
 
 def test_an_interrupted_save_keeps_the_folder_that_was_there(ending_model, tmp_path, monkeypatch):
