@@ -17,8 +17,8 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     out = []
     for pred, ref in zip(predictions, references, strict=True):
-        s = scorer.score(ref, pred)
-        out.append({"rouge1": round(s["rouge1"].fmeasure, 4), "rougeL": round(s["rougeL"].fmeasure, 4)})
+        score = scorer.score(ref, pred)
+        out.append({name: round(score[name].fmeasure, 4) for name in ("rouge1", "rougeL")})
     return out
 
 

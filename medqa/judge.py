@@ -405,13 +405,13 @@ def describe(summary: dict) -> str:
     about = f" on {summary['answers']}" if summary.get("answers") else ""
     if summary["sanity"] is None:
         return f"LLM judge ({summary['model']}){about}: not run, so its mean and sanity anchors are null."
-    s = summary["sanity"]
+    sanity = summary["sanity"]
     empty = summary["empty_answers"]
     empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
     lines = [f"LLM judge ({summary['model']}){about}: mean {summary['mean']} over {summary['scored']} of "
              f"{summary['n']} answers{empty}",
-             f"  sanity on {s['n']} test items: reference judged against itself {s['self']}, against another "
-             f"question's reference {s['other']}"]
+             f"  sanity on {sanity['n']} test items: reference judged against itself {sanity['self']}, "
+             f"against another question's reference {sanity['other']}"]
     if summary.get("reused"):
         lines.append(f"  {summary['reused']} replies kept from an earlier, unfinished judging")
     if summary["unscored"]:
