@@ -166,7 +166,9 @@ def notebook_params(namespace: dict) -> dict:
                     if k not in names and (k in injected or _looks_like_setting(k, v, names)))
     if strays:
         raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
-                         f"{_hints(strays, names)}: the settings are {names}.")
+                         f"{_hints(strays, names)}: the settings are {names}. A name stays defined in "
+                         f"the kernel after it is corrected in the cell: run `del {', '.join(strays)}` (or "
+                         f"restart the kernel) once the cell is right.")
     return params
 
 

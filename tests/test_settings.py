@@ -169,3 +169,10 @@ def test_papermills_own_path_parameters_pass():
     assert settings.notebook_params(kernel_globals(cell))["EPOCHS"] == 1
     with pytest.raises(MedQAError, match=r"\['PAPERMILL_SEED'\]"):  # only papermill's own names
         settings.notebook_params(kernel_globals(papermill_cell(PAPERMILL_SEED=1)))
+
+
+def test_a_typo_fixed_in_the_cell_but_left_in_the_kernel_says_how_to_drop_it():
+    """A mistyped name stays in the kernel's globals after the user corrects the cell and runs it again:
+    the refusal says how to get rid of it, since the cell no longer shows it."""
+    with pytest.raises(MedQAError, match=r"del EPOCH.*restart the kernel"):
+        settings.notebook_params(kernel_globals(EPOCH=3, EPOCHS=3))
