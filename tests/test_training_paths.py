@@ -124,7 +124,7 @@ class KernelDied(Exception):
 def sample_an_answer(model, die_after=None):
     """What the notebook does between epochs: a sampled answer (it seeds the global generator)."""
     def on_epoch_end(epoch):
-        generate.generate_ids(model(), [[464, 3290, 318]], 4, temperature=0.9, seed=5)
+        generate.generate_ids(model(), [[464, 3290, 318]], generate.Decoding(4, temperature=0.9, seed=5))
         if epoch == die_after:
             raise KernelDied
     return on_epoch_end
