@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench import isolated, stop_where_reference_ends  # noqa: E402
 from medqa import batches, cpu_kernels, data, generate, gpt2_tokenizer, model as gpt, settings, split, train  # noqa: E402
-from medqa import device as hardware  # noqa: E402
+from medqa import device as devices  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RECIPES = {
@@ -59,7 +59,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     train_set, val_set, test_set = (batches.QADataset(d, s.MAX_LENGTH) for d in (train_df, val_df, test_df))
     loader = batches.make_loader(train_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=True, seed=s.SEED)
     val_loader = batches.make_loader(val_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=False)
-    device = hardware.pick_device()
+    device = devices.pick_device()
     model = gpt.load_model(gpt.model_source(s.MODEL, s.SEED), device, s.DROPOUT)
     plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
     opt = train.make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY, device)
@@ -124,7 +124,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = HERE / "profiles.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["hardware"] = {"cpu": hardware.cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
+    results["hardware"] = {"cpu": devices.cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
     for name in [args.only] if args.only else RECIPES:
         t = time.perf_counter()
         results[name] = isolated(measure, RECIPES[name], args.steps, args.prompts)

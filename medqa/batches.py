@@ -110,8 +110,8 @@ class LengthGroupedBatches:
         rng.shuffle(idx)
         span = self.batch_size * self.window
         out = []
-        for s in range(0, len(idx), span):
-            chunk = sorted(idx[s: s + span], key=key)
+        for start in range(0, len(idx), span):
+            chunk = sorted(idx[start: start + span], key=key)
             out += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(out)
         return out

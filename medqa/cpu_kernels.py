@@ -7,9 +7,8 @@ few greedy steps of each candidate on this machine and keeps the fastest for the
 (benchmarks/bench.py reports the figures, with the CPU's name). Candidates:
 
 - "default": PyTorch's own layers;
-- "onednn": oneDNN's fp32 kernels on a copy of the weights packed once in oneDNN's blocked layout (the same
-fp32
-  arithmetic up to rounding);
+- "onednn": oneDNN's fp32 kernels on a copy of the weights packed once in oneDNN's blocked layout (the
+  same fp32 arithmetic up to rounding);
 - "bf16": bf16 copies of the weights, for CPUs that compute bf16 natively; it changes answers, so only
   FORCED_KERNELS (the benchmarks) selects it.
 """

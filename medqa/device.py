@@ -98,10 +98,10 @@ def decide_precision(caps: Capabilities, requested: str | None = None) -> tuple[
     """The precision to train in, and why, in words.
 
     bf16 autocast where bf16 is computed natively: CUDA compute capability 8 and later, CPUs with AVX-512 BF16
-    or AMX (about 2x a fp32 step there). fp16 autocast with a gradient scaler on Volta and Turing (T4, V100),
-    whose tensor cores compute fp16 but not bf16. fp32 on Pascal and older (compute capability below 7), where
-    fp16 runs at a small fraction of fp32 speed; on MPS (not measured there, so the safe choice); on CPUs that
-    would only emulate bf16.
+    or AMX (faster there than fp32: benchmarks/profiles.py). fp16 autocast with a gradient scaler on Volta
+    and Turing (T4, V100), whose tensor cores compute fp16 but not bf16. fp32 on Pascal and older (compute
+    capability below 7), where fp16 runs at a small fraction of fp32 speed; on MPS (not measured there, so the
+    safe choice); on CPUs that would only emulate bf16.
     """
     if requested is not None:
         return requested, "PRECISION is set"

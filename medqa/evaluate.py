@@ -17,8 +17,8 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     out = []
     for pred, ref in zip(predictions, references, strict=True):
-        s = scorer.score(ref, pred)
-        out.append({"rouge1": round(s["rouge1"].fmeasure, 4), "rougeL": round(s["rougeL"].fmeasure, 4)})
+        score = scorer.score(ref, pred)
+        out.append({name: round(score[name].fmeasure, 4) for name in ("rouge1", "rougeL")})
     return out
 
 
@@ -110,10 +110,10 @@ def breakdown(records: list[dict], before: list[dict] | None = None, reference_p
 
     `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when
     unjudged); `before` the per-example scores of the model before fine-tuning, in the same order;
-    `reference_points` the per-example scores of each reference point ({name: [...]}, medqa.reference_points),
-    in the same order. One row per source and per question type, with the number of test answers behind it,
-    largest first. The judge's columns (its mean over the answers it scored, and how many) appear when it
-    scored any.
+    `reference_points` the per-example scores of each reference point ({name: [...]},
+    medqa.reference_points), in the same order. One row per source and per question type, with the number of
+    test answers behind it, largest first. The judge's columns (its mean over the answers it scored, and how
+    many) appear when it scored any.
     """
     import pandas as pd
 

@@ -26,10 +26,11 @@ import sys
 import time
 import urllib.parse
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from medqa.errors import MedQAError, retry
-from medqa.store import read_json, update_json, write_json_atomic
+from medqa.store import change_json, read_json, write_json_atomic
 
 JUDGE_PROMPT = (
     "Given the input `{question}` and correct output `{reference}`, score the model response "
@@ -404,13 +405,13 @@ def describe(summary: dict) -> str:
     about = f" on {summary['answers']}" if summary.get("answers") else ""
     if summary["sanity"] is None:
         return f"LLM judge ({summary['model']}){about}: not run, so its mean and sanity anchors are null."
-    s = summary["sanity"]
+    sanity = summary["sanity"]
     empty = summary["empty_answers"]
     empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
     lines = [f"LLM judge ({summary['model']}){about}: mean {summary['mean']} over {summary['scored']} of "
              f"{summary['n']} answers{empty}",
-             f"  sanity on {s['n']} test items: reference judged against itself {s['self']}, against another "
-             f"question's reference {s['other']}"]
+             f"  sanity on {sanity['n']} test items: reference judged against itself {sanity['self']}, "
+             f"against another question's reference {sanity['other']}"]
     if summary.get("reused"):
         lines.append(f"  {summary['reused']} replies kept from an earlier, unfinished judging")
     if summary["unscored"]:
@@ -487,6 +488,13 @@ def _results_by_file(evaluation: dict) -> dict:
     return {UNRECORDED: judged} if "model" in judged and "mean" in judged else dict(judged)
 
 
+def _record_result(metrics: dict, name: str, summary: dict) -> None:
+    """The judge's result for the answers file `name` into metrics.json's evaluation.judge; the rest stays."""
+    evaluation = metrics.get("evaluation")
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
+    metrics["evaluation"] = {**evaluation, "judge": {**_results_by_file(evaluation), name: summary}}
+
+
 def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
                   seed: int = DEFAULT_SEED, log=print, **options) -> tuple[dict, list]:
     """judge_file's work; a MedQAError says what is wrong with the files (the command line exits 2 on it)."""
@@ -510,10 +518,7 @@ def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDG
     for record, score in zip(records, scores):
         record["judge_score"] = score
     write_json_atomic(path, records)
-    # update_json merges at the top level only: merge into "evaluation" here, so "after" and "before" stay.
-    evaluation = _read_metrics(metrics_path).get("evaluation", {})
-    results = {**_results_by_file(evaluation), path.name: summary}
-    update_json(metrics_path, evaluation={**evaluation, "judge": results})
+    change_json(metrics_path, partial(_record_result, name=path.name, summary=summary))
     if summary["requests_left"] == 0 and kept_path.exists():  # every reply is in the files: nothing to resume
         kept_path.unlink()
     return summary, scores

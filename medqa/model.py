@@ -9,7 +9,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from medqa.device import pick_device  # noqa: F401 - the notebook's `gpt.pick_device()`
 from medqa.errors import MedQAError
 from medqa.model_folder import HUB_IDS, RANDOM_SHAPES, TINY_MODEL  # noqa: F401 - model.HUB_IDS too
 from medqa.store import save_model_atomic
@@ -51,8 +50,8 @@ def model_source(model: str, seed: int, cache_dir=None) -> str:
 # GPT-2's GELU as one fused op. `gelu_new`, its config's default, is the same tanh approximation written out
 # in Python: it keeps three more 4 * n_embd tensors per layer for the backward pass (112 instead of 64 bytes
 # per token, layer and n_embd in fp32, 60 instead of 36 under 16-bit autocast: medqa.device.ACTIVATION_BYTES)
-# and runs slower. PyTorch's gelu(approximate="tanh") gives the same values to rounding
-# (tests/test_memory_plan.py).
+# and runs slower.
+# PyTorch's gelu(approximate="tanh") gives the same values to rounding (tests/test_memory_plan.py).
 ACTIVATION = "gelu_pytorch_tanh"
 FUSABLE = ("gelu_new",)  # only GPT-2's own GELU is swapped: a folder saved with another activation keeps it
 
@@ -122,10 +121,10 @@ def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, se
     """The model wrapped with trainable low-rank adapters (peft); every original weight is frozen.
 
     `alpha` None means 2 * r. GPT-2 keeps its projection weights as (in, out), hence fan_in_fan_out. The
-    adapters' random start depends on `seed` alone (not on whatever drew random numbers before), so that a run
-    started again starts alike. Only the adapters require gradients, so train.make_optimizer builds AdamW over
-    them alone, and the training checkpoint (the wrapper's state_dict, frozen weights included) resumes as
-    full fine-tuning does.
+    adapters' random start depends on `seed` alone (not on whatever drew random numbers before), so that a
+    run started again starts alike. Only the adapters require gradients, so train.make_optimizer builds AdamW
+    over them alone, and the training checkpoint (the wrapper's state_dict, frozen weights included) resumes
+    as full fine-tuning does.
     """
     import warnings
 
@@ -137,14 +136,15 @@ def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, se
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         torch.manual_seed(seed)
-        # peft reads `is_gradient_checkpointing`, which transformers warns is renamed: noise for the reader
+        # peft reads `is_gradient_checkpointing`, which transformers marks as renamed: a warning about peft's
+        # code, with nothing for the user to change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
 
 
 def merge_lora(model):
-    """A plain GPT2LMHeadModel with the adapters added into a copy of its weights; a model without adapters as
-    it is.
+    """A plain GPT2LMHeadModel with the adapters added into a copy of its weights; a model without adapters
+    as it is.
 
     A copy, so that the model keeps its adapters: a re-run training cell resumes from a LoRA checkpoint into
     it.

@@ -32,9 +32,10 @@ def random_answers(train_answers: list[str], n: int, seed: int) -> list[str]:
 
 def nearest_question_answers(train_questions: list[str], train_answers: list[str],
                              test_questions: list[str]) -> list[str]:
-    """For each test question, the answer of the most similar training question: TF-IDF vectors of words and
-    word pairs fitted on the training questions (otherwise scikit-learn's defaults: lower case, words of two
-    or more characters, smoothed idf, unit length), cosine similarity; a tie goes to the first such question.
+    """For each test question, the answer of the most similar training question: TF-IDF vectors of words
+    and word pairs fitted on the training questions (otherwise scikit-learn's defaults: lower case, words of
+    two or more characters, smoothed idf, unit length), cosine similarity; a tie goes to the first such
+    question.
 
     Word pairs keep some of the word order ("symptoms of" against "of symptoms"): the answers they find are
     closer to the expected ones than with single words, so the reference point is the stronger one.

@@ -22,7 +22,8 @@ HOLDER_NAME = ".medqa-run-holder.json"  # which process that is, for the message
 # What claim records beside the settings: what the data file and the model source were.
 FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
 
-_held: dict[Path, object] = {}  # folder -> its lock: one per folder and process, as flock is per open file
+# folder -> (its lock, the lock file's identity): one per folder and process, as flock is per open file
+_held: dict[Path, tuple] = {}
 
 
 def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_source=None) -> Path:
@@ -143,7 +144,9 @@ def hold(out_dir) -> None:
 
     out = Path(out_dir)
     if out.resolve() in _held:
-        return
+        if _held[out.resolve()][1] == _identity(out / LOCK_NAME):
+            return
+        release(out)  # the folder was deleted (or its lock file): the lock held went with it
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
@@ -157,14 +160,22 @@ def hold(out_dir) -> None:
         if store.is_storage_error(err):
             raise store.write_error(out / LOCK_NAME, err) from err
         raise
-    _held[out.resolve()] = lock
+    _held[out.resolve()] = (lock, _identity(out / LOCK_NAME))
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def release(out_dir, remove: bool = False) -> None:
     """Free `out_dir` for other processes (the lock also goes when the process ends); `remove` deletes the
     lock file too, for a claim that failed in a folder that had none (a process that opened it meanwhile
     notices)."""
-    lock = _held.pop(Path(out_dir).resolve(), None)
+    lock, _ = _held.pop(Path(out_dir).resolve(), (None, None))
     if lock is not None:
         if remove:
             Path(out_dir, LOCK_NAME).unlink(missing_ok=True)

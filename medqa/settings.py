@@ -24,8 +24,7 @@ PROFILES = {
     # No network: a tiny random GPT-2 and a few hundred examples, to check the whole notebook runs.
     "smoke": dict(MODEL=TINY_MODEL, N_SAMPLES=200, MAX_LENGTH=256, EPOCHS=1, LEARNING_RATE=5e-3,
                   WARMUP_STEPS=2, EVAL_EVERY=5, EVAL_BATCHES=4, MAX_NEW_TOKENS=32, N_BEFORE=3),
-    # No network, about 10 minutes on a 2-core CPU: a small GPT-2 shape trained from random weights, to show
-    # learning.
+    # No network: a small GPT-2 shape trained from random weights on a CPU, to show learning.
     # MASK_PROMPT: a model that starts from nothing spends its few steps on the answers, not on the preamble.
     "demo": dict(MODEL="random-gpt2-mini", N_SAMPLES=3000, MAX_LENGTH=128, EPOCHS=2, LEARNING_RATE=2e-3,
                  WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3,
@@ -138,8 +137,9 @@ def _parse_env(name: str, text: str):
 
 def default_profile() -> str:
     """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`
-    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at
-    a time. When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
+    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row
+    at a time.
+    When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
     from medqa import device
 
     where = device.pick_device()
@@ -160,14 +160,20 @@ def notebook_params(namespace: dict) -> dict:
     resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
     name in other capitals (`learning_rate`) holding a plain value."""
     names = [f.name for f in fields(Settings)]
-    injected = _injected_names(namespace.get("In", []))
+    injected = _injected_names(namespace.get("In", [])) - PAPERMILL_NAMES
     params = {k: v for k, v in namespace.items() if k in names}
     strays = sorted(k for k, v in namespace.items()
                     if k not in names and (k in injected or _looks_like_setting(k, v, names)))
     if strays:
         raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
-                         f"{_hints(strays, names)}: the settings are {names}.")
+                         f"{_hints(strays, names)}: the settings are {names}. A name stays defined in "
+                         f"the kernel after it is corrected in the cell: run `del {', '.join(strays)}` (or "
+                         f"restart the kernel) once the cell is right.")
     return params
+
+
+# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
+PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
 
 
 def _injected_names(cells) -> set[str]:

@@ -182,17 +182,24 @@ def read_json(path, fix: str):
 
 
 def update_json(path, **parts) -> dict:
-    """Merge `parts` into the JSON object at `path` (created if missing).
+    """Merge `parts` into the JSON object at `path` (created if missing), at its top level.
 
     The read, merge and write hold a lock beside the file, so that two processes that record results at once
     (the notebook's kernel and `python -m medqa.judge`) both keep their parts."""
+    return change_json(path, lambda obj: obj.update(parts))
+
+
+def change_json(path, change) -> dict:
+    """`change(obj)` on the JSON object at `path` (created if missing), written back; read, change and write
+    under update_json's lock, so that a change deeper than the top level is made to what the file holds
+    then, not to an earlier read of it."""
     path = Path(path)
     fix = "Delete it to start it afresh, or run again with OVERWRITE=True."
     with _merge_lock(path):
         obj = read_json(path, fix) if path.exists() else {}
         if not isinstance(obj, dict):
             raise MedQAError(f"{path} holds a JSON {type(obj).__name__}, not an object. {fix}")
-        obj.update(parts)
+        change(obj)
         write_json_atomic(path, obj)
     return obj
 

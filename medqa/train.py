@@ -278,7 +278,9 @@ def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epo
     started = run.lap_started - run.state.seconds
     try:
         while run.state.epoch < config.epochs:
-            begin_schedule(run, log)
+            # a checkpoint never holds a new schedule's record beside the old schedule's state
+            with interrupts_after_the_block():
+                begin_schedule(run, log)
             batches = sampler.batches(run.state.epoch)
             while run.state.pos < len(batches):
                 if config.max_steps is not None and run.state.step >= config.max_steps:

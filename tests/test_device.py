@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from medqa import batches, device as hw, model as gpt, store, train
+from medqa import batches, device as devices, model as gpt, store, train
 from medqa.errors import MedQAError
 
-GB = hw.GB
+GB = devices.GB
 
 
 def shape(name):
@@ -30,7 +30,7 @@ MEDIUM_BYTES = MEDIUM[1] * 4  # gpt2-medium's fp32 weights: on the device alread
 
 def loaded(kind, name, native_bf16, free_at_start):
     """What plan_run sees: the memory still free once gpt2-medium sits on the device."""
-    return hw.Capabilities(kind, name, native_bf16, int(free_at_start - MEDIUM_BYTES))
+    return devices.Capabilities(kind, name, native_bf16, int(free_at_start - MEDIUM_BYTES))
 
 
 # free memory on a fresh device: torch.cuda.mem_get_info after CUDA's own context (a Colab T4 has 14.7 GiB in all,
@@ -39,8 +39,8 @@ T4 = loaded("cuda", "Tesla T4", False, 14.6 * GB)
 L4 = loaded("cuda", "NVIDIA L4", True, 22.0 * GB)
 H100 = loaded("cuda", "NVIDIA H100 80GB HBM3", True, 78.5 * GB)
 MAC16 = loaded("mps", "Apple silicon (MPS)", False, 10.67 * GB)
-CPU_BF16 = hw.Capabilities("cpu", "AMD EPYC", native_bf16=True, free_bytes=22 * GB)
-CPU_OLD = hw.Capabilities("cpu", "Intel Core i5", native_bf16=False, free_bytes=8 * GB)
+CPU_BF16 = devices.Capabilities("cpu", "AMD EPYC", native_bf16=True, free_bytes=22 * GB)
+CPU_OLD = devices.Capabilities("cpu", "Intel Core i5", native_bf16=False, free_bytes=8 * GB)
 
 
 def test_the_random_models_have_gpt2s_sizes():
@@ -51,16 +51,16 @@ def test_the_random_models_have_gpt2s_sizes():
 @pytest.mark.parametrize("caps, expected", [(T4, "fp16"), (L4, "bf16"), (H100, "bf16"), (MAC16, "fp32"),
                                             (CPU_BF16, "bf16"), (CPU_OLD, "fp32")])
 def test_precision_follows_what_the_hardware_computes_natively(caps, expected):
-    assert hw.choose_precision(caps) == expected
-    assert hw.choose_precision(caps, "fp32") == "fp32"  # PRECISION, when set, wins
+    assert devices.choose_precision(caps) == expected
+    assert devices.choose_precision(caps, "fp32") == "fp32"  # PRECISION, when set, wins
 
 
 def full_profile_plan(caps):
     """The full profile's plan (gpt2-medium, batches of 8 x 1024 tokens) as plan_run makes it on `caps`."""
     config, n = MEDIUM
-    plan = hw.plan_memory(caps, n, n, config, batch_size=8, max_length=1024, precision=hw.choose_precision(caps),
+    plan = devices.plan_memory(caps, n, n, config, batch_size=8, max_length=1024, precision=devices.choose_precision(caps),
                           resident_bytes=MEDIUM_BYTES)
-    print(f"{caps.name}, {hw.choose_precision(caps)}: {plan.describe(8)}")
+    print(f"{caps.name}, {devices.choose_precision(caps)}: {plan.describe(8)}")
     assert plan.budget_bytes == int((caps.free_bytes + MEDIUM_BYTES) * 0.85)  # the weights are counted once
     assert plan.peak_bytes <= plan.budget_bytes
     return plan
@@ -68,7 +68,7 @@ def full_profile_plan(caps):
 
 def test_the_full_profile_does_not_fit_a_t4_in_one_pass_and_the_plan_makes_it_fit():
     config, n = MEDIUM
-    whole = hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 8, 1024,
+    whole = devices.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 8, 1024,
                                    "fp16")
     assert whole > T4.free_bytes + MEDIUM_BYTES  # the fp32 logits alone are 8 x 1024 x 50257 x 4 bytes, 1.6 GB
     assert whole > n * 16 + 8 * 1024 * 50257 * 4  # weights, grads, AdamW's moments, fp32 logits at least
@@ -91,26 +91,26 @@ def test_a_16gb_mac_fits_the_full_profile_too():
     full_profile_plan(MAC16)  # unified memory: Metal's share of it, less what it holds
     # MPS keeps the attention matrix: the same plan on CUDA would be smaller
     config, n = MEDIUM
-    assert hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1, 1024,
+    assert devices.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1, 1024,
                                   "fp32", attention_matrix=True) > \
-        hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1, 1024, "fp32")
+        devices.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1, 1024, "fp32")
 
 
 def test_checkpointing_comes_in_when_no_micro_batch_fits_and_an_impossible_fit_says_what_to_lower():
     config, n = MEDIUM
-    one_row = hw.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1,
+    one_row = devices.estimate_peak_bytes(n, n, config.n_layer, config.n_embd, config.n_head, config.vocab_size, 1,
                                      1024, "fp16")
     tight = replace(T4, free_bytes=int(one_row / 0.85) - 1)
-    plan = hw.plan_memory(tight, n, n, config, 8, 1024, "fp16")
+    plan = devices.plan_memory(tight, n, n, config, 8, 1024, "fp16")
     assert plan.checkpointing
     with pytest.raises(MedQAError, match="MAX_LENGTH.*MODEL.*LORA_R"):
-        hw.plan_memory(replace(T4, free_bytes=4 * GB), n, n, config, 8, 1024, "fp16")
+        devices.plan_memory(replace(T4, free_bytes=4 * GB), n, n, config, 8, 1024, "fp16")
 
 
 def test_a_cpu_plans_with_its_available_memory():
     plan = full_profile_plan(CPU_BF16)
     assert plan.peak_bytes <= 0.85 * CPU_BF16.free_bytes
-    caps = hw.capabilities(torch.device("cpu"))
+    caps = devices.capabilities(torch.device("cpu"))
     assert caps.kind == "cpu" and caps.free_bytes > 0
 
 
@@ -118,7 +118,7 @@ def test_plan_run_records_precision_and_plan(tiny_model, monkeypatch):
     from medqa import settings
 
     s = settings.resolve({"PROFILE": "smoke"}, env={})
-    monkeypatch.setattr(hw, "capabilities", lambda device: T4)
+    monkeypatch.setattr(devices, "capabilities", lambda device: T4)
     plan = train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
     assert plan.precision == "fp16" and plan.micro_batch == 8 and "Tesla T4" in plan.device
     assert train.plan_run(tiny_model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").precision == "fp32"
@@ -132,10 +132,10 @@ def test_plan_run_counts_the_loaded_models_weights_once(tiny_model, monkeypatch)
     model = fresh(tiny_model)
     s = settings.resolve({"PROFILE": "smoke"}, env={})
     c, n = model.config, gpt.count_parameters(model)
-    whole = hw.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, s.BATCH_SIZE, s.MAX_LENGTH,
+    whole = devices.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, s.BATCH_SIZE, s.MAX_LENGTH,
                                    "fp16")
     free = int(whole / 0.85) - n * 4 + 1024  # what is left with the model loaded, when the whole batch just fits
-    monkeypatch.setattr(hw, "capabilities", lambda device: replace(T4, free_bytes=free))
+    monkeypatch.setattr(devices, "capabilities", lambda device: replace(T4, free_bytes=free))
     plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION).record()
     assert plan["micro_batch"] == s.BATCH_SIZE and not plan["gradient_checkpointing"]
     assert plan["budget_gb"] == round(int((free + n * 4) * 0.85) / GB, 2)
@@ -162,10 +162,10 @@ def mock_cuda(monkeypatch, name, capability, free):
                                                          ("NVIDIA H100 80GB HBM3", (9, 0), "bf16")])
 def test_cuda_capabilities_count_only_native_bf16(monkeypatch, name, capability, precision):
     mock_cuda(monkeypatch, name, capability, 13 * GB)
-    caps = hw.capabilities(torch.device("cuda"))
+    caps = devices.capabilities(torch.device("cuda"))
     assert (caps.kind, caps.name, caps.free_bytes) == ("cuda", name, 13 * GB)
     assert caps.native_bf16 == (capability >= (8, 0))  # not a T4's emulated bf16
-    assert hw.choose_precision(caps) == precision
+    assert devices.choose_precision(caps) == precision
 
 
 
@@ -175,25 +175,25 @@ def test_memory_pytorch_caches_counts_as_free_to_a_rerun(monkeypatch):
     mock_cuda(monkeypatch, "Tesla T4", (7, 5), 9 * GB)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GB)
-    assert hw.capabilities(torch.device("cuda")).free_bytes == 13 * GB
+    assert devices.capabilities(torch.device("cuda")).free_bytes == 13 * GB
 
 def test_mps_capabilities_take_metals_share_less_what_it_holds(monkeypatch):
     monkeypatch.setattr(torch.mps, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: int(10.67 * GB))
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: int(1.5 * GB))
-    caps = hw.capabilities(torch.device("mps"))
+    caps = devices.capabilities(torch.device("mps"))
     assert (caps.kind, caps.native_bf16, caps.free_bytes) == ("mps", False, int(10.67 * GB) - int(1.5 * GB))
-    assert hw.choose_precision(caps) == "fp32"
+    assert devices.choose_precision(caps) == "fp32"
 
 
 def test_out_of_memory_is_recognised_on_cuda_and_mps_only():
-    assert hw.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.53 GiB"))
-    assert hw.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.02 GB, other "
+    assert devices.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.53 GiB"))
+    assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.02 GB, other "
                                             "allocations: 1.20 GB, max allowed: 10.67 GB)."))
-    assert hw.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+    assert devices.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
                                             "`cublasCreate(handle)`"))
-    assert not hw.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not hw.is_out_of_memory(ValueError("out of memory"))
+    assert not devices.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not devices.is_out_of_memory(ValueError("out of memory"))
 
 
 # ---------------------------------------------------------------- the training step on the CPU
@@ -296,35 +296,35 @@ def test_train_uses_the_loader_it_is_given_and_refuses_one_that_cannot_resume(ti
 # ---------------------------------------------------------------- choices from the capability and the free memory
 
 def test_pascal_trains_in_fp32_and_says_why():
-    p100 = hw.Capabilities("cuda", "Tesla P100-PCIE-16GB", False, 15 * GB, (6, 0))
-    precision, reason = hw.decide_precision(p100)
+    p100 = devices.Capabilities("cuda", "Tesla P100-PCIE-16GB", False, 15 * GB, (6, 0))
+    precision, reason = devices.decide_precision(p100)
     assert precision == "fp32" and "compute capability 6.0" in reason and "slower" in reason
-    assert hw.decide_precision(replace(p100, compute_capability=(7, 5)))[0] == "fp16"  # a T4
-    assert hw.decide_precision(p100, "fp16") == ("fp16", "PRECISION is set")
+    assert devices.decide_precision(replace(p100, compute_capability=(7, 5)))[0] == "fp16"  # a T4
+    assert devices.decide_precision(p100, "fp16") == ("fp16", "PRECISION is set")
 
 
 def test_plan_run_reads_the_capability_of_a_mocked_pascal_gpu(monkeypatch):
     mock_cuda(monkeypatch, "Tesla P4", (6, 1), 7 * GB)
-    caps = hw.capabilities(torch.device("cuda"))
-    assert caps.compute_capability == (6, 1) and hw.choose_precision(caps) == "fp32"
+    caps = devices.capabilities(torch.device("cuda"))
+    assert caps.compute_capability == (6, 1) and devices.choose_precision(caps) == "fp32"
 
 
 @pytest.mark.parametrize("free, profile", [(7.2 * GB, "cpu"), (14.6 * GB, "full"), (78.5 * GB, "full")])
 def test_full_is_the_default_only_where_gpt2_medium_fits(free, profile):
     """An 8 GB card (7.2 GiB free after CUDA's context): the full profile's fixed part alone (weights, gradients,
     AdamW's moments, about 6 GiB) leaves no room for a batch row."""
-    caps = hw.Capabilities("cuda", "NVIDIA GPU", False, int(free), (7, 5))
-    chosen, reason = hw.choose_profile(caps)
+    caps = devices.Capabilities("cuda", "NVIDIA GPU", False, int(free), (7, 5))
+    chosen, reason = devices.choose_profile(caps)
     print(chosen, reason)
     assert chosen == profile and caps.name in reason
-    assert hw.choose_profile(MAC16)[0] == "cpu"
+    assert devices.choose_profile(MAC16)[0] == "cpu"
 
 
 def test_the_default_profile_on_a_mocked_8gb_card_is_cpu(monkeypatch):
     from medqa import settings
 
     mock_cuda(monkeypatch, "NVIDIA GeForce RTX 3070", (8, 6), int(7.2 * GB))
-    monkeypatch.setattr(hw, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(devices, "pick_device", lambda: torch.device("cuda"))
     assert settings.default_profile() == "cpu"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(22 * GB), 24 * GB))
     assert settings.default_profile() == "full"
@@ -335,7 +335,7 @@ def test_mps_free_memory_does_not_count_the_allocators_cache(monkeypatch):
     monkeypatch.setattr(torch.mps, "empty_cache", lambda: held.update(bytes=2 * GB))
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 16 * GB)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: held["bytes"])
-    assert hw.capabilities(torch.device("mps")).free_bytes == 14 * GB
+    assert devices.capabilities(torch.device("mps")).free_bytes == 14 * GB
 
 
 def test_mps_work_is_waited_for_before_a_clock_is_read(monkeypatch):
@@ -343,7 +343,7 @@ def test_mps_work_is_waited_for_before_a_clock_is_read(monkeypatch):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append("cuda"))
     for kind in ("mps", "cuda", "cpu"):
-        hw.synchronize(torch.device(kind))
+        devices.synchronize(torch.device(kind))
     assert waited == ["mps", "cuda"]
 
 
@@ -359,11 +359,11 @@ def test_cuda_random_states_saved_on_more_gpus_restore_on_the_gpus_present(monke
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     state = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([1], dtype=torch.uint8),
                                                       torch.tensor([2], dtype=torch.uint8)]}
-    hw.set_rng_state(state, torch.device("cuda"))
+    devices.set_rng_state(state, torch.device("cuda"))
     assert restored == [(1, 0)]
 
 
 def test_the_default_precision_of_validation_on_pascal_is_fp32_too(monkeypatch):
     mock_cuda(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15 * GB)
-    monkeypatch.setattr(hw, "_CAPS", {})
-    assert hw.default_precision(torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(devices, "_CAPS", {})
+    assert devices.default_precision(torch.device("cuda")) == "fp32"

@@ -607,3 +607,26 @@ def test_the_judges_defaults_are_the_settings_defaults():
         (COMMON["JUDGE_MODEL"], COMMON["OLLAMA_HOST"], COMMON["JUDGE_BUDGET_S"], COMMON["SEED"])
     imports = [line for line in open(judge.__file__, encoding="utf-8") if line.startswith(("import ", "from "))]
     assert not [line for line in imports if "settings" in line]
+
+
+def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, monkeypatch):
+    """The merge into evaluation.judge reads metrics.json under the folder lock: what another judge (or the
+    notebook) records just after this judge read metrics.json is kept."""
+    from medqa import store
+
+    reads, others = judge.read_json, []
+
+    def read_then_another_process_records(path, fix):
+        content = reads(path, fix)
+        if path.name == "metrics.json":  # another judge records its result right after each read
+            others.append(f"other_{len(others)}.json")
+            evaluation = store.read_json(path, fix)["evaluation"]
+            judged = {**evaluation.get("judge", {}), others[-1]: {"model": "llama3", "mean": 20}}
+            store.update_json(path, evaluation={**evaluation, "judge": judged})
+        return content
+
+    monkeypatch.setattr(judge, "read_json", read_then_another_process_records)
+    assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
+    evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
+    assert evaluation["after"] == {"bleu": 3.0} and others
+    assert sorted(evaluation["judge"]) == sorted(others + ["test_responses.json"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
-from medqa import device as hw, model as gpt, train
+from medqa import device as devices, model as gpt, train
 from medqa.store import save_model_atomic
 
 ROWS, LENGTH = 3, 100  # 300 tokens: no weight has a dimension of 300, so a weight is never taken for an activation
@@ -50,7 +50,7 @@ def measured_saved_bytes(model, precision: str) -> int:
 
 def estimated_saved_bytes(model, precision: str, checkpointing: bool = False) -> int:
     c = model.config
-    return hw.saved_bytes(c.n_layer, c.n_embd, c.n_head, c.vocab_size, ROWS, LENGTH, precision, checkpointing)
+    return devices.saved_bytes(c.n_layer, c.n_embd, c.n_head, c.vocab_size, ROWS, LENGTH, precision, checkpointing)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_the_per_layer_constant_is_the_measured_one_plus_a_small_margin(models, 
     """Two models that differ only in their number of layers: the difference is what one layer keeps."""
     per_layer = measured_saved_bytes(models[4], precision) - measured_saved_bytes(models[2], precision)
     per_token = per_layer / 2 / (ROWS * LENGTH) / models[2].config.n_embd
-    constant = hw.ACTIVATION_BYTES["fp32" if precision == "fp32" else "half"]
+    constant = devices.ACTIVATION_BYTES["fp32" if precision == "fp32" else "half"]
     print(f"{precision}: {per_token:.2f} bytes per token, layer and n_embd measured; the plan counts {constant}")
     assert per_token <= constant <= 1.15 * per_token
 
@@ -84,7 +84,7 @@ def test_with_checkpointing_each_layer_keeps_only_its_input(models, tmp_path):
     measured = measured_saved_bytes(model, "bf16")
     assert measured < measured_saved_bytes(models[4], "bf16") / 2
     c = model.config  # what the backward pass recomputes, one layer at a time, comes on top in the estimate
-    one_layer = hw.ACTIVATION_BYTES["half"] * c.n_embd * ROWS * LENGTH
+    one_layer = devices.ACTIVATION_BYTES["half"] * c.n_embd * ROWS * LENGTH
     assert measured <= estimated_saved_bytes(model, "bf16", checkpointing=True) - one_layer <= 1.5 * measured
 
 
@@ -139,9 +139,9 @@ def test_checkpointing_comes_on_without_a_deprecation_warning_non_reentrant_and_
     s = settings.resolve({"PROFILE": "smoke"}, env={})
     model = copy.deepcopy(tiny_model)
     c, n = model.config, gpt.count_parameters(model)
-    one_row = hw.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, 1, s.MAX_LENGTH, "fp32")
+    one_row = devices.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, 1, s.MAX_LENGTH, "fp32")
     free = int(one_row / 0.85) - n * 4 - 1024  # one row fits only with checkpointing
-    monkeypatch.setattr(hw, "capabilities", lambda device: hw.Capabilities("cuda", "Tesla T4", False, free))
+    monkeypatch.setattr(devices, "capabilities", lambda device: devices.Capabilities("cuda", "Tesla T4", False, free))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates gradient_checkpointing_enable
         plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").record()

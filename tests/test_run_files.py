@@ -471,3 +471,23 @@ def test_an_unreadable_json_carries_its_parts(tmp_path):
     assert err.value.problem == f"{path} is not valid JSON (Expecting value at line 1, column 7)"
     assert str(err.value) == f"{err.value.problem}: it was damaged (e.g. by a full disk or an editor). Fix: delete it."
     assert isinstance(err.value, MedQAError)
+
+
+def test_a_folder_deleted_while_held_is_locked_again_when_claimed_again(tmp_path):
+    """The user deletes OUTPUT_DIR (to start afresh) while the kernel that ran there lives: the lock it held
+    went with the folder, so claiming the folder again takes a new one, and a second process is refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run_folder.claim(out, {"SEED": 1}, overwrite=False)
+    try:
+        shutil.rmtree(out)
+        run_folder.claim(out, {"SEED": 1}, overwrite=False)
+        assert (out / run_folder.LOCK_NAME).exists()
+        other = subprocess.run([sys.executable, "-c", HOLDER, str(out), "1", "0"], input="", text=True,
+                               capture_output=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+        assert other.returncode != 0 and "in use by another run" in other.stderr, other.stdout
+    finally:
+        run_folder.release(out)

@@ -160,3 +160,19 @@ def test_an_output_dir_that_is_a_url_is_refused_before_a_local_folder_is_made_of
     with pytest.raises(MedQAError, match=f"OUTPUT_DIR={url!r} is a URL.*local folder"):
         settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": url}, env={})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_papermills_own_path_parameters_pass():
+    """`papermill --inject-paths` puts PAPERMILL_INPUT_PATH and PAPERMILL_OUTPUT_PATH into its cell: papermill's
+    names, not a mistyped setting."""
+    cell = papermill_cell(PAPERMILL_INPUT_PATH="llm.ipynb", PAPERMILL_OUTPUT_PATH="out.ipynb", EPOCHS=1)
+    assert settings.notebook_params(kernel_globals(cell))["EPOCHS"] == 1
+    with pytest.raises(MedQAError, match=r"\['PAPERMILL_SEED'\]"):  # only papermill's own names
+        settings.notebook_params(kernel_globals(papermill_cell(PAPERMILL_SEED=1)))
+
+
+def test_a_typo_fixed_in_the_cell_but_left_in_the_kernel_says_how_to_drop_it():
+    """A mistyped name stays in the kernel's globals after the user corrects the cell and runs it again:
+    the refusal says how to get rid of it, since the cell no longer shows it."""
+    with pytest.raises(MedQAError, match=r"del EPOCH.*restart the kernel"):
+        settings.notebook_params(kernel_globals(EPOCH=3, EPOCHS=3))

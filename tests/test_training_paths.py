@@ -223,6 +223,24 @@ def test_a_finished_run_continues_for_more_epochs_with_a_new_schedule(small, tmp
     assert_same((resumed, history), run(small, tmp_path / "straight", EPOCHS=3))  # the stop changed nothing
 
 
+def test_ctrl_c_as_a_new_schedule_begins_leaves_a_checkpoint_that_continues_exactly(small, tmp_path, monkeypatch):
+    run(small, tmp_path / "one", EPOCHS=1)
+    real, calls = train.make_schedule, []
+
+    def signalled(run_):
+        calls.append(1)
+        if len(calls) == 2:  # resume's, then begin_schedule's for the added epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(run_)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "make_schedule", signalled)
+        with pytest.raises(KeyboardInterrupt, match="Interrupted at step 5 of 10"):
+            run(small, tmp_path / "one", EPOCHS=2)
+    run(small, tmp_path / "straight", EPOCHS=1)
+    assert_same(run(small, tmp_path / "straight", EPOCHS=2), run(small, tmp_path / "one", EPOCHS=2))
+
+
 # ---------------------------------------------------------------- the disk
 
 def test_the_checkpoint_estimate_is_what_is_written(small, tmp_path):
