@@ -136,20 +136,24 @@ def _parse_env(name: str, text: str):
 
 
 def default_profile() -> str:
-    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`
-    (medqa.device.choose_profile says why). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row
-    at a time.
+    """The profile for PROFILE=None on this machine (profile_choice says why)."""
+    return profile_choice()[0]
+
+
+def profile_choice() -> tuple[str, str]:
+    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`, and why in words
+    (medqa.device.choose_profile). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
     When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
     from medqa import device
 
     where = device.pick_device()
     if where.type != "cuda":
-        return "cpu"
+        return "cpu", f"no CUDA GPU ({where.type}): GPT-2 124M on 1,000 examples"
     try:
         caps = device.capabilities(where)
     except (RuntimeError, AssertionError):  # a driver that cannot report its memory
-        return "full"
-    return device.choose_profile(caps)[0]
+        return "full", "a CUDA GPU whose free memory cannot be read: train() plans micro-batches to fit"
+    return device.choose_profile(caps)
 
 
 def notebook_params(namespace: dict) -> dict:
@@ -233,7 +237,7 @@ def _refuse_unknown(params: dict, env, names: list[str]) -> None:
                          f"one of {names} (in capitals, as written here).")
 
 
-def resolve(params: dict, env: dict | None = None) -> Settings:
+def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
     env = os.environ if env is None else env
     names = [f.name for f in fields(Settings)]
@@ -247,7 +251,9 @@ def resolve(params: dict, env: dict | None = None) -> Settings:
         return False, None
 
     has_profile, profile = given("PROFILE")
-    profile = profile if has_profile and profile is not None else default_profile()
+    if not has_profile or profile is None:
+        profile, why = profile_choice()
+        log(f"PROFILE not set: {profile!r} for this machine ({why}).")
     if not isinstance(profile, str) or profile not in PROFILES:
         close = _closest(profile, PROFILES)
         raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "

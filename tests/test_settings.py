@@ -176,3 +176,17 @@ def test_a_typo_fixed_in_the_cell_but_left_in_the_kernel_says_how_to_drop_it():
     the refusal says how to get rid of it, since the cell no longer shows it."""
     with pytest.raises(MedQAError, match=r"del EPOCH.*restart the kernel"):
         settings.notebook_params(kernel_globals(EPOCH=3, EPOCHS=3))
+
+
+def test_a_profile_chosen_by_the_hardware_says_which_and_why(monkeypatch):
+    import torch
+
+    from medqa import device
+
+    monkeypatch.setattr(device, "pick_device", lambda: torch.device("cpu"))
+    lines = []
+    settings.resolve({}, env={}, log=lines.append)
+    assert lines == ["PROFILE not set: 'cpu' for this machine (no CUDA GPU (cpu): GPT-2 124M on 1,000 examples)."]
+    lines.clear()
+    settings.resolve({"PROFILE": "smoke"}, env={}, log=lines.append)
+    assert lines == []  # a profile the user chose needs no reason
