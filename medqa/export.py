@@ -99,8 +99,8 @@ def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> st
     elif cfg.MODEL in RANDOM_MODELS + (TINY_MODEL,):
         shape = RANDOM_SHAPES[cfg.MODEL]
         origin = (f"`{cfg.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width "
-                  f"{shape['n_embd']}) that started from random weights (**not pretrained GPT-2**: it knows only "
-                  f"what this training taught it), trained")
+                  f"{shape['n_embd']}) that started from random weights (**not pretrained GPT-2**: it knows "
+                  f"only what this training taught it), trained")
     else:
         origin = f"the model in `{cfg.MODEL}`, fine-tuned"
     if cfg.LORA_R:
