@@ -113,10 +113,12 @@ def check_room(tokenizer, questions: list[str], prompts: list[list[int]], contex
         if left >= max_new_tokens:
             continue
         most = context - max_new_tokens - (len(prompt) - len(tokenizer.encode_ordinary(question)))
-        lower = f", or lower --max-new-tokens to {left}" if left > 0 else ""
+        # when no question fits beside so long an answer, shortening this one cannot help
+        fix = (f"Lower --max-new-tokens to {left} or less" if most <= 0 else
+               f"Shorten it{f', or lower --max-new-tokens to {left}' if left > 0 else ''}")
         problems.append(f"question {n} has {len(prompt)} tokens with the prompt around it, and the model "
                         f"reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a question "
-                        f"can have at most {max(most, 0)} tokens. Shorten it{lower}.")
+                        f"can have at most {max(most, 0)} tokens. {fix}.")
     if problems:
         raise MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
                                                    if len(problems) > 3 else ""))

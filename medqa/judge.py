@@ -62,8 +62,8 @@ def check_ollama_host(value, name: str = "OLLAMA_HOST") -> str:
 
     A bare host or host:port gets http:// (and port 11434 when it names none), as Ollama itself reads it; a
     URL keeps its scheme, port and path. Refused: an empty value, blanks, a scheme other than http(s), no
-    host, a port that is not a number from 1 to 65535, a user name, query or fragment.
-    """
+    host, a port that is not a number from 1 to 65535, a user name, query or fragment, a path ending in the
+    API's own (/api, /api/generate)."""
     def bad(problem: str) -> MedQAError:
         return MedQAError(f"{name}={value!r} {problem}: set it to where Ollama runs, e.g. {DEFAULT_HOST!r}"
                           + (" (or None for the default)." if name == "OLLAMA_HOST" else "."))
@@ -95,6 +95,11 @@ def check_ollama_host(value, name: str = "OLLAMA_HOST") -> str:
         raise bad("has port 0, which no server listens on")
     if parts.username is not None or parts.query or parts.fragment or "?" in rest or "#" in rest:
         raise bad("holds more than a host, a port and a path")
+    # The client adds /api/<endpoint> itself: "http://localhost:11434/api/generate", copied from Ollama's
+    # docs, would ask /api/api/generate/api/show, whose 404 reads as a model that is not pulled.
+    if re.search(r"(^|/)api(/[^/]*)?$", parts.path.rstrip("/"), re.I):
+        raise bad(f"ends in Ollama's API path {parts.path!r}, which the judge adds itself; give only the "
+                  "server's address")
     netloc = parts.netloc + (f":{OLLAMA_PORT}" if not sep and port is None else "")
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 

@@ -116,3 +116,10 @@ def test_a_question_that_leaves_less_than_the_answers_room_says_which_fix_helps(
     assert rc == 0 and out.startswith("Q: eye eye")
     rc, _, err = asked(capsys, "--model", folder, "How is gout treated?", "--max-new-tokens", 5000)
     assert rc == 2 and "--max-new-tokens 5000 a question can have at most 0 tokens" in err
+
+
+def test_an_answer_longer_than_the_context_names_the_only_fix(folder, tokenizer, capsys):
+    """--max-new-tokens 5000 on a 1024-token model: no question fits, so "Shorten it" would mislead."""
+    left = 1024 - len(tokenizer.encode_ordinary(prompts.format_prompt("How is gout treated?")))
+    rc, _, err = asked(capsys, "--model", folder, "How is gout treated?", "--max-new-tokens", 5000)
+    assert rc == 2 and "Shorten" not in err and f"Lower --max-new-tokens to {left} or less" in err

@@ -442,7 +442,8 @@ def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
     ("ftp://127.0.0.1:11434", "scheme 'ftp://'"), ("http://:11434", "names no host"), (":11434", "names no host"),
     ("http:/localhost:11434", "two slashes"), ("local host:11434", "space"), ("localhost:11434\n", "blank"),
     ("", "is empty"), ("http://[::1:11434", "bracket"), ("http://user@box:11434", "more than a host"),
-    ("http://box:11434/?x=1", "more than a host")])
+    ("http://box:11434/?x=1", "more than a host"), ("http://localhost:11434/api", "API path '/api'"),
+    ("localhost:11434/api/generate", "API path '/api/generate'"), ("http://box/ollama/api/chat/", "API path")])
 def test_a_bad_ollama_address_is_refused_naming_the_setting_and_the_fix(value, words):
     with pytest.raises(MedQAError, match=re.escape(words)) as refused:
         judge.check_ollama_host(value)
