@@ -321,6 +321,11 @@ def _training_batches(data, config: TrainingConfig):
     return data, sampler, partial(collate, max_length=config.max_length, mask_prompt=config.mask_prompt)
 
 
+def check_length(config: TrainingConfig, train_loader) -> None:
+    """check_max_steps for the training loader, before the run claims its folder and writes anything."""
+    check_max_steps(config, math.ceil(len(train_loader.batch_sampler) / config.grad_accum))
+
+
 def check_max_steps(config: TrainingConfig, steps_per_epoch: int) -> None:
     """MAX_STEPS stops a run early; it never makes one longer than its EPOCHS."""
     total = config.epochs * steps_per_epoch

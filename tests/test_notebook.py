@@ -100,3 +100,11 @@ def test_notebook_runs_headless_on_alpaca_json_with_papermill(tmp_path):
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
     assert (out / "loss.png").stat().st_size > 0 and (out / "model" / "config.json").exists()
+
+
+def test_the_scores_cell_merges_into_evaluation_and_keeps_the_judges_results(committed):
+    """update_json replaces a top-level key whole: `evaluation=` there would drop evaluation.judge (results of
+    `python -m medqa.judge` recorded before a re-run)."""
+    sources = "\n".join("".join(c["source"]) for c in _code_cells(committed))
+    assert not re.search(r"update_json\([^)]*evaluation=", sources)
+    assert 'setdefault("evaluation", {}).update(' in sources

@@ -265,3 +265,23 @@ def test_a_disk_too_small_stops_the_run_before_training_with_the_figures_and_the
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage(10 * need, 0, 2 * need))
     plan = train.plan_run(tiny_model, 8, 64, "fp32", out)
     assert "memory plan:" in plan.summary() and "disk: the run writes up to" in plan.summary()
+
+
+def test_max_steps_past_epochs_is_refused_before_the_run_claims_its_folder():
+    """The notebook checks the run's length before claim_output_dir writes run.json, the splits and the answers
+    before fine-tuning: a refused MAX_STEPS leaves the folder as it was."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from medqa import settings
+
+    cfg = settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 11}, env={})
+    loader = SimpleNamespace(batch_sampler=list(range(10)))  # 10 batches an epoch, 1 epoch
+    with pytest.raises(MedQAError, match="MAX_STEPS=11 goes past the 10 optimizer steps"):
+        train.check_length(train.TrainingConfig.from_settings(cfg), loader)
+    train.check_length(train.TrainingConfig.from_settings(settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 10},
+                                                                            env={})), loader)
+    notebook = json.loads((Path(__file__).resolve().parent.parent / "llm.ipynb").read_text())
+    source = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert -1 < source.index("train.check_length(") < source.index("settings.claim_output_dir(")
