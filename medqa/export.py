@@ -77,23 +77,20 @@ SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BL
 CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
 
 
-def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> str:
-    """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
-
-    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
-    the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
-    "test"}). Whatever is missing reads "not measured".
-    """
-    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(cfg)
-    base = _base_model(cfg.MODEL)
-    # license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for the attribution the card gives.
-    # datasets: lavita/MedQuAD is the Hugging Face hub's copy of the MedQuAD release this project reads.
+def _front_matter(lora_r, base: str | None) -> list[str]:
+    """The card's YAML front matter. license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for
+    the attribution the card gives. datasets: lavita/MedQuAD is the hub's copy of the release this project
+    reads."""
     front = ["---", "license: mit", "language:", "- en", "library_name: transformers",
              "pipeline_tag: text-generation", "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical",
              "- question-answering", "- medquad"]
-    front += ["- lora"] if cfg.LORA_R else []
+    front += ["- lora"] if lora_r else []
     front += [f"base_model: {base}"] if base else []
-    front += ["---"]
+    return front + ["---"]
+
+
+def _origin(cfg, base: str | None) -> str:
+    """Where the weights came from, in words: a hub model, a random-weight shape, or a folder."""
     if base:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
     elif cfg.MODEL in RANDOM_MODELS + (TINY_MODEL,):
@@ -106,12 +103,29 @@ def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> st
     if cfg.LORA_R:
         origin += (f" with LoRA (rank {cfg.LORA_R}, alpha {cfg.LORA_ALPHA or 2 * cfg.LORA_R}; the adapters "
                    "are merged into these weights)")
+    return origin
+
+
+def _judged(judge: dict | None) -> str:
+    if not judge or judge.get("mean") is None:
+        return "not measured"
+    return (f"{judge['mean']} (judge `{judge.get('model')}`, {judge.get('scored')} answers scored, "
+            f"{judge.get('unscored')} unscored)")
+
+
+def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> str:
+    """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
+
+    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
+    the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
+    "test"}). Whatever is missing reads "not measured". Most of it is the card's Markdown template.
+    """
+    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(cfg)
+    base = _base_model(cfg.MODEL)
+    front, origin = _front_matter(cfg.LORA_R, base), _origin(cfg, base)
     after, before = scores.get("after") or {}, scores.get("before") or {}
-    judge = (scores.get("judge") or {}).get("test_responses.json")
     rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
-    judged = "not measured" if not judge or judge.get("mean") is None else (
-        f"{judge['mean']} (judge `{judge.get('model')}`, {judge.get('scored')} answers scored, "
-        f"{judge.get('unscored')} unscored)")
+    judged = _judged((scores.get("judge") or {}).get("test_responses.json"))
     settings = "\n".join(f"| `{name}` | `{getattr(cfg, name)!r}` |" for name in CARD_SETTINGS)
     parts = " / ".join(f"{split.get(k, 'not recorded')}" for k in ("train", "validation", "test"))
     example = format_prompt("What are the symptoms of glaucoma?")
