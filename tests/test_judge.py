@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medqa import judge
+from medqa import judge, judge_files, ollama_api
 from medqa.errors import MedQAError, StorageError
 
 HANG = object()
@@ -166,13 +166,13 @@ def closed_port_host():
     (None, (None, "empty reply")),
 ])
 def test_read_score(reply, expected):
-    assert judge.read_score(reply) == expected
+    assert ollama_api.read_score(reply) == expected
 
 
 def test_num_ctx_fits_the_longest_prompt_within_the_models_context():
-    assert judge.context_size(["x" * 300], 8192) == 2048
-    assert judge.context_size(["x" * 300, "x" * 30_000], 32768) == 16384  # 10,000 + 128 tokens
-    assert judge.context_size(["x" * 30_000], 8192) == 8192
+    assert ollama_api.context_size(["x" * 300], 8192) == 2048
+    assert ollama_api.context_size(["x" * 300, "x" * 30_000], 32768) == 16384  # 10,000 + 128 tokens
+    assert ollama_api.context_size(["x" * 30_000], 8192) == 8192
 
 
 # ---------------------------------------------------------------- asking the stand-in
@@ -182,8 +182,8 @@ def test_structured_replies_are_read_and_the_request_asks_for_them(ollama):
     assert scores == [85, 40] and lines == []
     assert (summary.mean, summary.scored, summary.unscored, summary.read_from_text) == (62.5, 2, 0, 0)
     body = ollama.chats[-1]
-    assert body["format"] == judge.SCORE_SCHEMA and body["stream"] is False
-    assert body["options"] == {"temperature": 0, "seed": 7, "num_ctx": 2048, "num_predict": judge.REPLY_TOKENS}
+    assert body["format"] == ollama_api.SCORE_SCHEMA and body["stream"] is False
+    assert body["options"] == {"temperature": 0, "seed": 7, "num_ctx": 2048, "num_predict": ollama_api.REPLY_TOKENS}
     assert "think" not in body  # Ollama refuses `think` for models that cannot think
 
 
@@ -278,7 +278,7 @@ def test_server_errors_stop_the_judge_after_a_few_in_a_row(ollama):
     assert len(ollama.chats) == judge.MAX_FAILURES_IN_ROW * judge.TRIES
     assert summary.unscored_by_reason == {"HTTP 500": 3, "not asked": 2}
     assert len(lines) == 1 and "3 requests in a row failed (last: HTTP 500)" in lines[0]
-    assert judge.RERUN in lines[0] and summary.stopped
+    assert judge_files.RERUN in lines[0] and summary.stopped
 
 
 def test_replies_that_are_not_ollamas_are_counted_not_raised(ollama):
@@ -300,14 +300,14 @@ def test_a_server_that_never_answers_costs_a_few_timeouts_then_stops(ollama):
     summary, scores, lines = run(ollama, answers(*["80"] * 6), timeout_s=0.2)
     assert scores == [None] * 6 and len(ollama.chats) == judge.MAX_FAILURES_IN_ROW  # timeouts are not retried
     assert summary.unscored_by_reason == {"timeout": 3, "not asked": 3}
-    assert len(lines) == 1 and "(last: timeout)" in lines[0] and judge.RERUN in lines[0]
+    assert len(lines) == 1 and "(last: timeout)" in lines[0] and judge_files.RERUN in lines[0]
 
 
 def test_a_host_that_never_answers_is_found_before_judging(ollama):
     ollama.show_hangs = True
     summary, scores, lines = run(ollama, answers("80"), timeout_s=0.2)
     assert scores == [None] and ollama.chats == []
-    assert len(lines) == 1 and "did not answer within 0.2 s" in lines[0] and judge.RERUN in lines[0]
+    assert len(lines) == 1 and "did not answer within 0.2 s" in lines[0] and judge_files.RERUN in lines[0]
     assert summary.sanity is None and summary.mean is None
 
 
@@ -323,14 +323,14 @@ def test_the_budget_stops_the_judge(ollama, hooks):
     summary, scores, lines = run(ollama, answers(*['{"score": 50}'] * 5), budget_s=100)
     assert scores == [50, 50, 50, None, None]
     assert summary.unscored_by_reason == {"not asked": 2}
-    assert len(lines) == 1 and "time budget of 100 s" in lines[0] and judge.RERUN in lines[0]
+    assert len(lines) == 1 and "time budget of 100 s" in lines[0] and judge_files.RERUN in lines[0]
 
 
 def test_a_model_that_is_not_pulled_says_how_to_pull_it(ollama):
     summary, scores, lines = run(ollama, answers("80"), model="mistral")
     assert scores == [None] and ollama.chats == []
     assert lines == [f"LLM judge skipped: Ollama at {ollama.host} has no model 'mistral': run `ollama pull "
-                     f"mistral` (or check that OLLAMA_HOST points at Ollama). Judge later with `{judge.RERUN}`."]
+                     f"mistral` (or check that OLLAMA_HOST points at Ollama). Judge later with `{judge_files.RERUN}`."]
     assert summary.sanity is None and summary.unscored_by_reason == {"not asked": 1}
 
 
@@ -443,7 +443,7 @@ def test_the_command_has_help(capsys):
     ("https://ollama.example.org/", "https://ollama.example.org"), ("[::1]:8080", "http://[::1]:8080"),
     ("HTTP://Box:1/ollama", "http://Box:1/ollama")])
 def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
-    assert judge.check_ollama_host(value) == url
+    assert ollama_api.check_ollama_host(value) == url
 
 
 @pytest.mark.parametrize("value, words", [
@@ -456,7 +456,7 @@ def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
     ("localhost:11434/api/generate", "API path '/api/generate'"), ("http://box/ollama/api/chat/", "API path")])
 def test_a_bad_ollama_address_is_refused_naming_the_setting_and_the_fix(value, words):
     with pytest.raises(MedQAError, match=re.escape(words)) as refused:
-        judge.check_ollama_host(value)
+        ollama_api.check_ollama_host(value)
     assert str(refused.value).startswith(f"OLLAMA_HOST={value!r}") and "http://localhost:11434" in str(refused.value)
 
 
@@ -528,12 +528,12 @@ def test_a_result_not_keyed_by_an_answers_file_is_kept(ollama, run_dir):
     (run_dir / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
     results = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]
-    assert results[judge.UNRECORDED]["mean"] == 42.0 and results["test_responses.json"]["mean"] == 70
+    assert results[judge_files.UNRECORDED]["mean"] == 42.0 and results["test_responses.json"]["mean"] == 70
 
 
 def interrupted_at(monkeypatch, n):
     """Ctrl-C while the n-th request is under way."""
-    real, calls = judge._ask, []
+    real, calls = ollama_api.ask, []
 
     def ask(*args):
         calls.append(1)
@@ -541,7 +541,7 @@ def interrupted_at(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(judge, "_ask", ask)
+    monkeypatch.setattr(ollama_api, "ask", ask)
 
 
 def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, run_dir, monkeypatch, capsys):
@@ -552,7 +552,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, r
     said = [line for line in out.split("\n") if line and not line.startswith("\rjudging with")]  # the bar aside
     assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0] and "Traceback" not in err
     assert len(ollama.chats) == 4
-    kept = json.loads(judge.progress_path(path).read_text())["replies"]
+    kept = json.loads(judge_files.progress_path(path).read_text())["replies"]
     assert len(kept) == 4
     monkeypatch.undo()
     ollama.chats.clear()
@@ -561,7 +561,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, r
     assert [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
     result = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]["test_responses.json"]
     assert result["reused"] == 4 and result["sanity"] == {"self": 95, "other": 5, "n": 3}
-    assert not judge.progress_path(path).exists()  # every reply is in the files now
+    assert not judge_files.progress_path(path).exists()  # every reply is in the files now
     assert "4 replies kept" in capsys.readouterr().out
 
 
@@ -584,7 +584,7 @@ def test_a_killed_judge_loses_no_reply(ollama, run_dir):
     finally:
         command.kill()
         command.wait()
-    assert len(json.loads(judge.progress_path(path).read_text())["replies"]) == 6
+    assert len(json.loads(judge_files.progress_path(path).read_text())["replies"]) == 6
     ollama.chat, ollama.chats[:] = comparing_judge, []
     assert judge.main([str(path), "--host", ollama.host]) == 0
     assert len(ollama.chats) == 3 and [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
@@ -616,7 +616,8 @@ def test_the_judges_defaults_are_the_settings_defaults():
 
     assert (judge.DEFAULT_MODEL, judge.DEFAULT_HOST, judge.DEFAULT_BUDGET_S, judge.DEFAULT_SEED) == \
         (COMMON["JUDGE_MODEL"], COMMON["OLLAMA_HOST"], COMMON["JUDGE_BUDGET_S"], COMMON["SEED"])
-    imports = [line for line in open(judge.__file__, encoding="utf-8") if line.startswith(("import ", "from "))]
+    imports = [line for module in (judge, judge_files, ollama_api) for line in open(module.__file__, encoding="utf-8")
+               if line.startswith(("import ", "from "))]
     assert not [line for line in imports if "settings" in line]
 
 
@@ -625,7 +626,7 @@ def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, mon
     notebook) records just after this judge read metrics.json is kept."""
     from medqa import store
 
-    reads, others = judge.read_json, []
+    reads, others = judge_files.read_json, []
 
     def read_then_another_process_records(path, fix):
         content = reads(path, fix)
@@ -636,7 +637,7 @@ def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, mon
             store.update_json(path, evaluation={**evaluation, "judge": judged})
         return content
 
-    monkeypatch.setattr(judge, "read_json", read_then_another_process_records)
+    monkeypatch.setattr(judge_files, "read_json", read_then_another_process_records)
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
     evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
     assert evaluation["after"] == {"bleu": 3.0} and others
