@@ -158,6 +158,7 @@ def ollama_package():
 
 
 def client(host: str, timeout_s: float):
+    """An ollama client for `host` whose requests time out after `timeout_s`."""
     return ollama_package().Client(host=host, timeout=timeout_s)
 
 

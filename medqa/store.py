@@ -61,15 +61,16 @@ def url_scheme(text) -> str | None:
 
 
 def storage_errno(err: BaseException) -> int | None:
-    """The errno of a failure of the file system behind `err`, or None: an OSError's own, or one that a
-    library's error carries as its cause or context (torch's zip writer) or in its message (safetensors)."""
+    """The errno of a failure of the file system behind `err`, or None: an OSError's own, or one that another
+    library's error carries as its cause or context (torch's zip writer) or in its message (safetensors).
+    An OSError without one of those errnos (a download's URLError, say) is not a failure of the disk."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         found = _RUST_OS_ERROR.search(str(err))
         code = err.errno if isinstance(err, OSError) else int(found.group(1)) if found else None
-        if code in _FIXES:
-            return code
+        if code in _FIXES or isinstance(err, OSError):
+            return code if code in _FIXES else None
         err = err.__cause__ or err.__context__
     return None
 

@@ -592,3 +592,43 @@ def test_a_read_only_mount_is_told_to_choose_another_output_dir(tmp_path, monkey
         store.write_json_atomic(out / "metrics.json", {"a": 1})
     assert "chmod u+w" not in str(err.value)
     assert list(out.iterdir()) == []
+
+
+def test_a_real_read_only_mount_is_told_to_choose_another_output_dir(tmp_path):
+    """Where this process may mount (root with CAP_SYS_ADMIN), a tmpfs remounted read-only: the claim and a
+    write both say to choose another OUTPUT_DIR, and neither suggests chmod."""
+    import subprocess
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this process cannot mount a file system")
+    try:
+        (mount / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        for write in (lambda: run_folder.claim(mount / "run", {"SEED": 1}, overwrite=False),
+                      lambda: store.update_json(mount / "run" / "metrics.json", a=1)):
+            with pytest.raises(StorageError, match="read-only file system.*choose another OUTPUT_DIR") as err:
+                write()
+            assert "chmod u+w" not in str(err.value)
+    finally:
+        run_folder.release(mount / "run")
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_downloads_own_error_is_not_taken_for_a_failure_of_the_disk(tmp_path):
+    """urllib's URLError is an OSError that holds a FileNotFoundError: it stays a download's error, retried and
+    reported as such, while a library's error that holds a full disk is one."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.URLError) as err:
+        urllib.request.urlopen((tmp_path / "missing.csv").as_uri())
+    assert not store.is_storage_error(err.value)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as wrapped:
+        assert store.storage_errno(wrapped) == errno.ENOSPC
