@@ -225,7 +225,7 @@ def ask(connection, host: str, model: str, prompt: str, options: dict, think) ->
             raise JudgeUnavailable(f"Ollama at {host} no longer has model {model!r}: run "
                                    f"`ollama pull {model}`") from None
         # A timeout is not tried again: a server that hangs once mostly hangs again.
-        worth_a_retry = reason in ("HTTP 429", *(f"HTTP {n}" for n in range(500, 600))) \
-            or reason.startswith("connection failed")
+        worth_a_retry = reason.startswith("connection failed") or reason.startswith("HTTP") and (
+            reason == "HTTP 429" or int(reason.split()[1]) >= 500)
         raise (Transient if worth_a_retry else Unscored)(reason) from None
     return read_score(reply.message.content)

@@ -137,8 +137,7 @@ def atomic_write(path, folder: bool = False):
                 os.close(made[0])
             tmp = Path(made if folder else made[1])
             yield tmp
-            _give_umask_modes(tmp)
-            _fsync(tmp)
+            _settle(tmp)
             _replace(tmp, path)
             tmp = None
     finally:
@@ -162,16 +161,20 @@ def _replace(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _give_umask_modes(path: Path) -> None:
-    """The modes the user's umask gives, for a temporary file or folder and what a writer put into it:
-    tempfile (and save_pretrained's own temporary files) make them private (0600 / 0700), and renamed into
-    place they would keep that mode, so that nobody else on a shared machine or Drive could read the run."""
+def _settle(path: Path) -> None:
+    """A temporary file or folder, and what a writer put into it, given the modes the user's umask gives and
+    flushed to disk. tempfile (and save_pretrained's own temporary files) make them private (0600 / 0700),
+    and renamed into place they would keep that mode, so that nobody else on a shared machine or Drive could
+    read the run."""
     mask = _umask()
     for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
         if p.is_symlink():
             continue
         executable = p.is_dir() or p.stat().st_mode & 0o100
         os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _umask() -> int:
@@ -183,13 +186,6 @@ def _umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
-
-
-def _fsync(path: Path) -> None:
-    for p in (sorted(path.rglob("*")) if path.is_dir() else [path]):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _remove(path: Path) -> None:
