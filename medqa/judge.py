@@ -20,253 +20,96 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import sys
 import time
-import urllib.parse
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from medqa import ollama_api
 from medqa.errors import MedQAError, retry
-from medqa.store import change_json, read_json, write_json_atomic
+from medqa.judge_files import Progress, load_answers, read_metrics, record_result
+from medqa.ollama_api import (REPLY_TOKENS, JudgeUnavailable, Transient, Unscored, check_ollama_host,
+                              context_size, tokens_needed)
+from medqa.store import update_json, write_json_atomic
 
 JUDGE_PROMPT = (
     "Given the input `{question}` and correct output `{reference}`, score the model response "
     "`{response}` on a scale from 0 to 100, where 100 is the best score. "
     'Respond with JSON only, in the form {{"score": <integer from 0 to 100>}}.'
 )
-# Ollama constrains the reply to this schema (structured outputs); read_score still parses free text, for
-# servers or models that ignore it.
-SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-                "required": ["score"]}
-FIELDS = ("instruction", "output", "model_response")
 # The project's defaults (settings.COMMON holds the same values for the notebook).
-DEFAULT_MODEL, DEFAULT_HOST, DEFAULT_BUDGET_S, DEFAULT_SEED = "llama3", "http://localhost:11434", 3600.0, 123
-OLLAMA_PORT = 11434          # the port Ollama listens on when an address names none
+DEFAULT_MODEL, DEFAULT_HOST, DEFAULT_BUDGET_S, DEFAULT_SEED = "llama3", ollama_api.DEFAULT_HOST, 3600.0, 123
 N_ANCHORS = 5                # test items judged twice more (reference against itself / another reference)
 MAX_FAILURES_IN_ROW = 3      # requests that failed one after another before the judge stops asking
 TRIES = 3                    # per request, for server errors and dropped connections only
 CHECK_TIMEOUT_S = 10.0       # /api/show answers at once, so a host that never answers is found in seconds
-REPLY_TOKENS = 128           # room for the chat template and the reply (num_predict caps the reply)
-DEFAULT_CONTEXT = 8192       # when the server does not say the model's context length (llama3's)
-RERUN = "python -m medqa.judge OUTPUT_DIR/test_responses.json"
 INTERRUPTED = "interrupted (Ctrl-C)"
-UNRECORDED = "answers file not recorded"  # where a result from before results were kept per file goes
+UNRECORDED = "answers file not recorded"  # the key of a result under evaluation.judge that names no file
 
-
-def check_ollama_host(value, name: str = "OLLAMA_HOST") -> str:
-    """Where Ollama runs, as the URL the judge connects to; a MedQAError names `name`, the problem and the
-    fix.
-
-    A bare host or host:port gets http:// (and port 11434 when it names none), as Ollama itself reads it; a
-    URL keeps its scheme, port and path. Refused: an empty value, blanks, a scheme other than http(s), no
-    host, a port that is not a number from 1 to 65535, a user name, query or fragment, a path ending in the
-    API's own (/api, /api/generate)."""
-    def bad(problem: str) -> MedQAError:
-        return MedQAError(f"{name}={value!r} {problem}: set it to where Ollama runs, e.g. {DEFAULT_HOST!r}"
-                          + (" (or None for the default)." if name == "OLLAMA_HOST" else "."))
-
-    if not isinstance(value, str):
-        raise bad("is not text")
-    if not value.strip():
-        raise bad("is empty")
-    if any(c.isspace() for c in value):
-        raise bad("holds a space or another blank")
-    scheme, sep, rest = value.partition("://")
-    if not sep:
-        if re.match(r"^https?:/", value, re.I):
-            raise bad("lacks the two slashes after its scheme")
-        scheme, rest = "http", value
-    if scheme.lower() not in ("http", "https"):
-        raise bad(f"uses the scheme {scheme + '://'!r}, and Ollama speaks http:// or https://")
-    try:
-        parts = urllib.parse.urlsplit(f"{scheme.lower()}://{rest}")
-    except ValueError:  # "Invalid IPv6 URL"
-        raise bad("opens a bracket that does not close") from None
-    try:
-        port = parts.port
-    except ValueError:  # "Port could not be cast to integer value", "Port out of range 0-65535"
-        raise bad("has a port that is not a number from 1 to 65535") from None
-    if not parts.hostname:
-        raise bad("names no host")
-    if port == 0:
-        raise bad("has port 0, which no server listens on")
-    if parts.username is not None or parts.query or parts.fragment or "?" in rest or "#" in rest:
-        raise bad("holds more than a host, a port and a path")
-    # The client adds /api/<endpoint> itself: "http://localhost:11434/api/generate", copied from Ollama's
-    # docs, would ask /api/api/generate/api/show, whose 404 reads as a model that is not pulled.
-    if re.search(r"(^|/)api(/[^/]*)?$", parts.path.rstrip("/"), re.I):
-        raise bad(f"ends in Ollama's API path {parts.path!r}, which the judge adds itself; give only the "
-                  "server's address")
-    netloc = parts.netloc + (f":{OLLAMA_PORT}" if not sep and port is None else "")
-    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
-
-
-class JudgeUnavailable(Exception):
-    """Ollama cannot judge at all (not reachable, model not pulled); the message says how to fix it."""
-
-
-class Unscored(Exception):
-    """One request gave no score; the message is the reason it is counted under."""
-
-
-class Transient(Unscored):
-    """A failure worth another try (a server error, a dropped connection)."""
-
-
-# ---------------------------------------------------------------- reading a reply
-
-# "0-100", "(0 - 100)", "from 0 to 100", "between 0 and 100": the scale, not the score.
-_SCALE = re.compile(r"\(?\s*(?:from\s+|between\s+)?\b0\s*(?:-|–|to|and)\s*100\b\s*\)?", re.I)
-_FRACTION = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)\s*(?:/|out of)\s*(\d+)(?![\w.]?\d)", re.I)
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)")
-
-
-def read_score(content) -> tuple[int | None, str]:
-    """The judge's score and how it was read ("json" or "text"), or None and why not.
-
-    JSON `{"score": n}` first (what structured output returns); otherwise free text, carefully: the scale
-    ("0-100", "from 0 to 100") is not a score, "75/100" and "75 out of 100" are, a lone number is. A score on
-    another scale ("8/10") is refused rather than rescaled (the judge was asked for 0-100, and a rescaled
-    guess would sit between real scores unseen), and so is a reply with two different candidate scores.
-    """
-    text = (content or "").strip()
-    if not text:
-        return None, "empty reply"
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        obj = None
-    if isinstance(obj, dict) and "score" in obj:
-        value = obj["score"]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _in_range(value, "json")
-        text = str(value)
-    return _from_text(text)
-
-
-def _from_text(text: str) -> tuple[int | None, str]:
-    text = _SCALE.sub(" ", text)
-    fractions = _FRACTION.findall(text)
-    if any(float(denominator) != 100 for _, denominator in fractions):
-        return None, "score on another scale"
-    candidates = {float(n) for n, _ in fractions} or {float(n) for n in _NUMBER.findall(text)}
-    if not candidates:
-        return None, "no score in reply"
-    if len(candidates) > 1:
-        return None, "ambiguous reply"
-    return _in_range(candidates.pop(), "text")
-
-
-def _in_range(value: float, how: str) -> tuple[int | None, str]:
-    if not float(value).is_integer():
-        return None, "score not a whole number"
-    if not 0 <= value <= 100:
-        return None, "score out of range"
-    return int(value), how
-
-
-# ---------------------------------------------------------------- asking Ollama
 
 def judge_prompt(record: dict, response: str) -> str:
+    """The judge's question about `response` to `record`'s question, against its reference answer."""
     question = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     return JUDGE_PROMPT.format(question=question, reference=record["output"], response=response)
 
 
-def tokens_needed(prompt: str) -> int:
-    """The context a request needs: about 3 characters a token (on the safe side for English), plus the
-    reply."""
-    return len(prompt) // 3 + REPLY_TOKENS
-
-
-def context_size(prompts: list[str], limit: int) -> int:
-    """num_ctx for the whole run: what the longest prompt needs, as a power of two from 2048, at most `limit`.
-    One size for all requests, because Ollama reloads the model whenever num_ctx changes; without it the
-    server's default context (2048 or 4096) cuts long references silently."""
-    needed = max((tokens_needed(p) for p in prompts), default=REPLY_TOKENS)
-    return min(max(2048, 1 << (needed - 1).bit_length()), limit)
-
-
-def _ollama():
-    """The ollama package. Importing it builds a default client from $OLLAMA_HOST, which raises a bare
-    ValueError on a bad value, even when the judge is given a good host: check the variable first, to say what
-    to fix."""
-    if os.environ.get("OLLAMA_HOST"):
-        check_ollama_host(os.environ["OLLAMA_HOST"], "OLLAMA_HOST (an environment variable)")
-    import ollama
-
-    return ollama
-
-
-def _client(host: str, timeout_s: float):
-    return _ollama().Client(host=host, timeout=timeout_s)
-
-
-def _check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
-    """Fail fast, before the progress bar: is Ollama there, does it have the model? Returns the model's
-    context length and whether it thinks before answering."""
-    import httpx
-
-    try:
-        ollama = _ollama()
-    except MedQAError as err:
-        raise JudgeUnavailable(str(err).rstrip(".")) from None
-    try:
-        with _client(host, timeout_s) as client:
-            shown = client.show(model)
-    except ConnectionError:
-        raise JudgeUnavailable(f"Ollama is not reachable at {host}: start it with `ollama serve` (and "
-                               f"`ollama pull {model}`), or set OLLAMA_HOST to where it runs") from None
-    except ollama.ResponseError as err:
-        if err.status_code == 404:
-            raise JudgeUnavailable(f"Ollama at {host} has no model {model!r}: run `ollama pull {model}` "
-                                   f"(or check that OLLAMA_HOST points at Ollama)") from None
-        raise JudgeUnavailable(f"Ollama at {host} answered HTTP {err.status_code} ({err.error}) when asked "
-                               f"about model {model!r}") from None
-    except httpx.TimeoutException:
-        raise JudgeUnavailable(f"{host} accepted the connection but did not answer within {timeout_s:g} s: "
-                               f"is Ollama running there, and not stuck?") from None
-    except Exception as err:  # noqa: BLE001 -- whatever else the host does, the run must go on
-        raise JudgeUnavailable(f"{host} did not answer like Ollama ({type(err).__name__}: {err})") from None
-    lengths = [v for k, v in (shown.modelinfo or {}).items()
-               if k.endswith(".context_length") and isinstance(v, int)]
-    return (lengths[0] if lengths else DEFAULT_CONTEXT), "thinking" in (shown.capabilities or [])
-
-
-def _ask(client, host: str, model: str, prompt: str, options: dict, think) -> tuple[int | None, str]:
-    """One chat request, its failures sorted into reasons; a score (or None) and how it was read."""
-    import httpx
-    import ollama
-    import pydantic
-
-    try:
-        reply = client.chat(model, messages=[{"role": "user", "content": prompt}], format=SCORE_SCHEMA,
-                            options=options, think=think)
-    except ConnectionError:
-        raise JudgeUnavailable(f"Ollama stopped answering at {host} (connection refused): start it again "
-                               f"with `ollama serve`") from None
-    except ollama.ResponseError as err:
-        if err.status_code == 404:
-            raise JudgeUnavailable(f"Ollama at {host} no longer has model {model!r}: run "
-                                   f"`ollama pull {model}`") from None
-        kind = Transient if err.status_code >= 500 or err.status_code == 429 else Unscored
-        raise kind(f"HTTP {err.status_code}") from None
-    except httpx.TimeoutException:
-        raise Unscored("timeout") from None  # not retried: a server that hangs once mostly hangs again
-    except httpx.TransportError as err:
-        raise Transient(f"connection failed ({type(err).__name__})") from None
-    except json.JSONDecodeError:
-        raise Unscored("reply not JSON") from None
-    except (pydantic.ValidationError, TypeError):
-        raise Unscored("unexpected reply shape") from None
-    except Exception as err:  # noqa: BLE001 -- the judge is optional: count it, never raise into the run
-        raise Unscored(f"unexpected error ({type(err).__name__})") from None
-    return read_score(reply.message.content)
-
-
 # ---------------------------------------------------------------- judging a list of answers
+
+@dataclass
+class Hooks:
+    """What tests set instead of the clock, the wait between tries, the progress bar and the sanity items."""
+
+    clock: Callable[[], float] = time.monotonic
+    retry_wait_s: float = 1.0
+    show_bar: bool = True
+    n_anchors: int = N_ANCHORS
+
+
+HOOKS = Hooks()
+
+
+@dataclass
+class Summary:
+    """What a judging found: metrics.json records it (`asdict`) under evaluation.judge[answers]."""
+
+    answers: str | None = None     # the answers file's name
+    model: str = DEFAULT_MODEL
+    mean: float | None = None
+    median: float | None = None
+    n: int = 0                     # answers
+    scored: int = 0
+    unscored: int | None = None
+    unscored_by_reason: dict = field(default_factory=dict)
+    empty_answers: int = 0         # scored 0 without asking
+    read_from_text: int = 0        # scores read from a reply that was not the JSON asked for
+    num_ctx: int | None = None
+    too_long_for_context: int = 0
+    sanity: dict | None = None     # {"self", "other", "n"}: the anchors' means; None: not judged
+    stopped: str | None = None     # why the judge stopped early
+    reused: int = 0                # replies taken from the progress file
+    requests_left: int | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class Budget:
+    """The judge's time: requests stop once `seconds` have passed since it began."""
+
+    seconds: float
+    start: float = field(default_factory=lambda: HOOKS.clock())
+
+    def elapsed(self) -> float:
+        """Seconds since the judging began."""
+        return HOOKS.clock() - self.start
+
+    def spent(self) -> bool:
+        """Whether the budget is used up, checked before each request."""
+        return self.elapsed() >= self.seconds
+
 
 def _tasks(records: list[dict], n_anchors: int, seed: int) -> tuple[list, list[int]]:
     """(what, index, prompt) for every request, anchors first so that a reader can weigh the mean even if the
@@ -292,18 +135,16 @@ def reply_key(model: str, options: dict, think, prompt: str) -> str:
     return hashlib.sha256(asked.encode()).hexdigest()[:32]
 
 
-def _ask_all(client, host: str, model: str, requests: list, budget_s: float, start: float, clock, bar, keep,
-             retry_wait_s) -> tuple[dict, str | None]:
-    """Ask each (key, prompt, options, think) until done, the budget or MAX_FAILURES_IN_ROW failures in a row;
-    `keep(key, reply)` stores each reply as it comes. Returns {key: (score, how)} (how: the reason when score
-    is None) and why it stopped early, if it did."""
+def _ask_all(ask, requests: list, budget: Budget, bar, progress: Progress) -> tuple[dict, str | None]:
+    """`ask(prompt)` for each (key, prompt) until done, the budget or MAX_FAILURES_IN_ROW failures in a row;
+    each reply is kept in `progress` as it comes. Returns {key: (score, how)} (how: the reason when score is
+    None) and why it stopped early, if it did."""
     replies, failures_in_row = {}, 0
-    for key, prompt, options, think in requests:
-        if clock() - start >= budget_s:
-            return replies, f"the time budget of {budget_s:g} s (JUDGE_BUDGET_S) ran out"
+    for key, prompt in requests:
+        if budget.spent():
+            return replies, f"the time budget of {budget.seconds:g} s (JUDGE_BUDGET_S) ran out"
         try:
-            reply = retry(lambda: _ask(client, host, model, prompt, options, think), tries=TRIES,
-                          backoff=retry_wait_s, retry_on=(Transient,))
+            reply = retry(lambda: ask(prompt), tries=TRIES, backoff=HOOKS.retry_wait_s, retry_on=(Transient,))
             failures_in_row = 0
         except JudgeUnavailable as err:
             return replies, str(err)
@@ -314,7 +155,7 @@ def _ask_all(client, host: str, model: str, requests: list, budget_s: float, sta
         bar.update()
         if failures_in_row == 0:
             try:
-                keep(key, reply)
+                progress.keep(key, reply)
             except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
                 return replies, f"replies could not be kept ({err})"
         if failures_in_row >= MAX_FAILURES_IN_ROW:
@@ -322,7 +163,7 @@ def _ask_all(client, host: str, model: str, requests: list, budget_s: float, sta
     return replies, None
 
 
-def _summarise(summary: dict, records: list, tasks: list, replies: dict, keys: list, anchors: list) -> list:
+def _summarise(summary: Summary, records: list, tasks: list, replies: dict, keys: list, anchors: list):
     """Fill in the summary from the replies; the per-answer scores (empty answers 0, unasked None)."""
     scores: list[int | None] = [0 if not r["model_response"].strip() else None for r in records]
     reasons, sanity = Counter(), {"self": [], "other": []}
@@ -330,222 +171,136 @@ def _summarise(summary: dict, records: list, tasks: list, replies: dict, keys: l
         score, how = replies.get(key, (None, "not asked"))
         if what == "answer":
             scores[i] = score
-            summary["read_from_text"] += how == "text"
+            summary.read_from_text += how == "text"
             reasons[how] += score is None
         elif score is not None:
             sanity[what].append(score)
     scored = [s for s in scores if s is not None]
     mean = {k: round(statistics.fmean(v), 2) if v else None for k, v in sanity.items()}
-    summary.update(mean=round(statistics.fmean(scored), 2) if scored else None,
-                   median=statistics.median(scored) if scored else None, scored=len(scored),
-                   unscored=len(records) - len(scored),
-                   unscored_by_reason={k: n for k, n in reasons.items() if n},
-                   sanity={**mean, "n": len(anchors)})
+    summary.mean = round(statistics.fmean(scored), 2) if scored else None
+    summary.median = statistics.median(scored) if scored else None
+    summary.scored, summary.unscored = len(scored), len(records) - len(scored)
+    summary.unscored_by_reason = {k: n for k, n in reasons.items() if n}
+    summary.sanity = {**mean, "n": len(anchors)}
     return scores
 
 
 def judge(records: list[dict], host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
-          seed: int = DEFAULT_SEED, timeout_s: float = 120.0, n_anchors: int = N_ANCHORS, retry_wait_s=1.0,
-          rerun: str = RERUN, log=print, clock=time.monotonic, progress: bool = True,
-          known: dict | None = None, keep=lambda key, reply: None) -> tuple[dict, list]:
+          seed: int = DEFAULT_SEED, timeout_s: float = 120.0, log=print,
+          progress: Progress | None = None) -> tuple[Summary, list]:
     """Score each `{instruction, input, output, model_response}` 0-100; (summary, per-answer scores or None).
 
-    First `n_anchors` seeded test items are judged twice more, as anchors: the reference answer against itself
+    First N_ANCHORS seeded test items are judged twice more, as anchors: the reference answer against itself
     (a judge that can judge scores it high) and against another question's reference (it should score low).
-    Empty answers score 0 without asking. Replies in `known` ({reply_key: (score, how)}) are not asked again;
-    `keep(key, reply)` gets each new one. Requests stop when `budget_s` has passed, after MAX_FAILURES_IN_ROW
-    failed requests in a row, or on Ctrl-C; one line then says why and how to judge again (`rerun`).
+    Empty answers score 0 without asking. Replies kept in `progress` are not asked again, and each new one is
+    kept there. Requests stop when `budget_s` has passed, after MAX_FAILURES_IN_ROW failed requests in a row,
+    or on Ctrl-C; one line then says why and how to judge again.
     """
-    # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook, which GitHub cannot
-    # show
-    from tqdm.std import tqdm
-
-    start, known = clock(), dict(known or {})
-    summary = {"model": model, "mean": None, "median": None, "n": len(records), "scored": 0,
-               "unscored": len(records), "unscored_by_reason": {}, "empty_answers": 0, "read_from_text": 0,
-               "num_ctx": None, "too_long_for_context": 0, "sanity": None, "stopped": None, "reused": 0,
-               "requests_left": None, "seconds": None}
-    tasks, anchors = _tasks(records, n_anchors, seed)
-    summary["empty_answers"] = sum(not r["model_response"].strip() for r in records)
+    budget, progress = Budget(budget_s), progress or Progress()
+    summary = Summary(model=model, n=len(records), unscored=len(records))
+    tasks, anchors = _tasks(records, HOOKS.n_anchors, seed)
     try:
         host = check_ollama_host(host)
-        limit, thinks = _check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
+        limit, thinks = ollama_api.check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
     except (MedQAError, JudgeUnavailable) as err:
-        log(f"LLM judge skipped: {str(err).rstrip('.')}. Judge later with `{rerun}`.")
-        summary.update(stopped=str(err), unscored_by_reason={"not asked": len(records)}, empty_answers=0,
-                       requests_left=None, seconds=round(clock() - start, 1))
+        log(f"LLM judge skipped: {str(err).rstrip('.')}. Judge later with `{progress.rerun}`.")
+        summary.stopped, summary.unscored_by_reason = str(err), {"not asked": len(records)}
+        summary.seconds = round(budget.elapsed(), 1)
         return summary, [None] * len(records)
-    num_ctx = context_size([p for _, _, p in tasks], limit)
-    options = {"temperature": 0, "seed": seed, "num_ctx": num_ctx, "num_predict": REPLY_TOKENS}
+    summary.empty_answers = sum(not r["model_response"].strip() for r in records)
+    summary.num_ctx = context_size([p for _, _, p in tasks], limit)
+    options = {"temperature": 0, "seed": seed, "num_ctx": summary.num_ctx, "num_predict": REPLY_TOKENS}
     # A thinking model would spend num_predict on its thoughts and leave the score empty; `think` is sent only
     # to models that can think, because Ollama refuses it (HTTP 400) for the others.
     think = False if thinks else None
     keys = [reply_key(model, options, think, p) for _, _, p in tasks]
-    requests = [(k, p, options, think) for k, (_, _, p) in zip(keys, tasks) if k not in known]
-    summary.update(num_ctx=num_ctx, too_long_for_context=sum(tokens_needed(p) > num_ctx for _, _, p in tasks),
-                   reused=len(tasks) - len(requests))
+    requests = [(k, p) for k, (_, _, p) in zip(keys, tasks) if k not in progress.replies]
+    summary.too_long_for_context = sum(tokens_needed(p) > summary.num_ctx for _, _, p in tasks)
+    summary.reused = len(tasks) - len(requests)
+    # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook, which GitHub cannot
+    # show
+    from tqdm.std import tqdm
+
     stopped, replies = None, {}
-    with _client(host, timeout_s) as client, \
+    with ollama_api.client(host, timeout_s) as client, \
             tqdm(total=len(requests), desc=f"judging with {model}", unit="request", file=sys.stdout,
-                 disable=not progress) as bar:
+                 disable=not HOOKS.show_bar) as bar:
         try:
-            replies, stopped = _ask_all(client, host, model, requests, budget_s, start, clock, bar,
-                                        lambda key, reply: (known.__setitem__(key, reply), keep(key, reply)),
-                                        retry_wait_s)
+            ask = lambda prompt: ollama_api.ask(client, host, model, prompt, options, think)  # noqa: E731
+            replies, stopped = _ask_all(ask, requests, budget, bar, progress)
         except KeyboardInterrupt:
             stopped = INTERRUPTED
-    scores = _summarise(summary, records, tasks, {**known, **replies}, keys, anchors)
-    asked = sum(key in known or key in replies for key, *_ in requests)
+    scores = _summarise(summary, records, tasks, {**progress.replies, **replies}, keys, anchors)
     if stopped:
-        not_asked = summary["unscored_by_reason"].get("not asked", 0)
+        asked = sum(key in progress.replies or key in replies for key, _ in requests)
+        not_asked = summary.unscored_by_reason.get("not asked", 0)
         log(f"LLM judge stopped after {asked} of {len(requests)} requests: {stopped}. {not_asked} answers "
-            f"were not judged; judge them later with `{rerun}`.")
-    summary.update(stopped=stopped, requests_left=sum(key not in known for key in keys),
-                   seconds=round(clock() - start, 1))
+            f"were not judged; judge them later with `{progress.rerun}`.")
+    summary.stopped, summary.requests_left = stopped, sum(key not in progress.replies for key in keys)
+    summary.seconds = round(budget.elapsed(), 1)
     return summary, scores
 
 
-def describe(summary: dict) -> str:
+def describe(summary: Summary) -> str:
     """The summary in words, for the notebook and the command line."""
-    about = f" on {summary['answers']}" if summary.get("answers") else ""
-    if summary["sanity"] is None:
-        return f"LLM judge ({summary['model']}){about}: not run, so its mean and sanity anchors are null."
-    sanity = summary["sanity"]
-    empty = summary["empty_answers"]
+    about = f" on {summary.answers}" if summary.answers else ""
+    if summary.sanity is None:
+        return f"LLM judge ({summary.model}){about}: not run, so its mean and sanity anchors are null."
+    sanity, empty = summary.sanity, summary.empty_answers
     empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
-    lines = [f"LLM judge ({summary['model']}){about}: mean {summary['mean']} over {summary['scored']} of "
-             f"{summary['n']} answers{empty}",
+    lines = [f"LLM judge ({summary.model}){about}: mean {summary.mean} over {summary.scored} of "
+             f"{summary.n} answers{empty}",
              f"  sanity on {sanity['n']} test items: reference judged against itself {sanity['self']}, "
              f"against another question's reference {sanity['other']}"]
-    if summary.get("reused"):
-        lines.append(f"  {summary['reused']} replies kept from an earlier, unfinished judging")
-    if summary["unscored"]:
-        lines.append(f"  unscored: {summary['unscored_by_reason']}")
-    if summary["too_long_for_context"]:
-        lines.append(f"  {summary['too_long_for_context']} prompts longer than num_ctx={summary['num_ctx']} "
+    if summary.reused:
+        lines.append(f"  {summary.reused} replies kept from an earlier, unfinished judging")
+    if summary.unscored:
+        lines.append(f"  unscored: {summary.unscored_by_reason}")
+    if summary.too_long_for_context:
+        lines.append(f"  {summary.too_long_for_context} prompts longer than num_ctx={summary.num_ctx} "
                      f"(cut by the server)")
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the answers file
-
-def load_answers(path) -> list[dict]:
-    """The records of an answers file (`test_responses.json`), checked; a MedQAError names what is wrong."""
-    path = Path(path)
-    hint = "pass the answers file the notebook writes, OUTPUT_DIR/test_responses.json"
-    if path.is_dir():
-        inside = path / "test_responses.json"
-        raise MedQAError(f"{path} is a folder: " + (f"pass the answers file in it, {inside}."
-                                                    if inside.exists() else f"{hint}."))
-    if not path.exists():
-        raise MedQAError(f"{path} does not exist: {hint}.")
-    records = read_json(path, f"Fix: {hint}.")
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
-        raise MedQAError(f"{path} is not a list of answers (JSON objects with fields {list(FIELDS)}): "
-                         f"{hint}.")
-    for n, record in enumerate(records):
-        bad = [f for f in FIELDS if not isinstance(record.get(f), str)]
-        if bad or not isinstance(record.get("input", ""), str):
-            raise MedQAError(f"{path}: answer {n} lacks text field(s) {bad or ['input']} (each answer needs "
-                             f"{list(FIELDS)} as text): {hint}.")
-    return records
-
-
-def _read_metrics(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        metrics = read_json(path, "")
-    except MedQAError as err:  # not JSON, not text, a folder by that name, no permission, ...
-        raise MedQAError(f"{path} is damaged or unreadable ({err.problem}): move it away (a new one is "
-                         f"written) or restore it.") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("evaluation", {}), dict):
-        raise MedQAError(f"{path} is not a metrics file of this project: move it away or restore it.")
-    return metrics
-
-
-def progress_path(path: Path) -> Path:
-    """Where the replies to the judge's requests about the answers in `path` are kept until all have come."""
-    return path.with_name(f"{path.stem}.judge-progress.json")
-
-
-def _read_progress(path: Path, log) -> dict:
-    """The kept replies ({key: (score, how)}); a damaged progress file only costs asking again."""
-    if not path.exists():
-        return {}
-    try:
-        kept = {k: (score, how) for k, (score, how) in read_json(path, "")["replies"].items()}
-        if all((score is None or type(score) is int) and isinstance(how, str)
-               for score, how in kept.values()):
-            return kept
-    except (MedQAError, KeyError, TypeError, ValueError, AttributeError):
-        pass
-    log(f"note: {path.name} is damaged; the judge asks again for every reply it held.")
-    return {}
-
-
-def _results_by_file(evaluation: dict) -> dict:
-    """evaluation.judge as {answers file name: result}; a single result from before results were kept per file
-    is kept under UNRECORDED."""
-    judged = evaluation.get("judge")
-    if not isinstance(judged, dict):
-        return {}
-    return {UNRECORDED: judged} if "model" in judged and "mean" in judged else dict(judged)
-
-
-def _record_result(metrics: dict, name: str, summary: dict) -> None:
-    """The judge's result for the answers file `name` into metrics.json's evaluation.judge; the rest stays."""
-    evaluation = metrics.get("evaluation")
-    evaluation = evaluation if isinstance(evaluation, dict) else {}
-    metrics["evaluation"] = {**evaluation, "judge": {**_results_by_file(evaluation), name: summary}}
-
-
 def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
-                  seed: int = DEFAULT_SEED, log=print, **options) -> tuple[dict, list]:
+                  seed: int = DEFAULT_SEED, timeout_s: float = 120.0, log=print) -> tuple[Summary, list]:
     """judge_file's work; a MedQAError says what is wrong with the files (the command line exits 2 on it)."""
     path = Path(path)
     records = load_answers(path)
-    metrics_path, kept_path = path.with_name("metrics.json"), progress_path(path)
-    _read_metrics(metrics_path)
-    kept = _read_progress(kept_path, log)
-
-    def keep(key, reply):
-        kept[key] = reply
-        write_json_atomic(kept_path, {"answers": path.name, "replies": kept})
-
-    summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed, log=log, known=kept,
-                            keep=keep, rerun=f"python -m medqa.judge {path}", **options)
-    summary = {"answers": path.name, **summary}
+    metrics_path = path.with_name("metrics.json")
+    read_metrics(metrics_path)
+    progress = Progress(path, log)
+    summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed, timeout_s=timeout_s, log=log,
+                            progress=progress)
+    summary.answers = path.name
     earlier = any(r.get("judge_score") is not None for r in records)
-    if summary["scored"] - summary["empty_answers"] == 0 and earlier:
+    if summary.scored - summary.empty_answers == 0 and earlier:
         log(f"Kept the earlier judge scores in {path} and {metrics_path.name}.")
         return summary, scores
     for record, score in zip(records, scores):
         record["judge_score"] = score
     write_json_atomic(path, records)
-    change_json(metrics_path, partial(_record_result, name=path.name, summary=summary))
-    if summary["requests_left"] == 0 and kept_path.exists():  # every reply is in the files: nothing to resume
-        kept_path.unlink()
+    update_json(metrics_path, partial(record_result, summary=asdict(summary)))
+    if summary.requests_left == 0:  # every reply is in the files: nothing to resume
+        progress.finish()
     return summary, scores
 
 
 def judge_file(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S, seed: int = DEFAULT_SEED,
-               log=print, **options) -> tuple[dict, list]:
+               timeout_s: float = 120.0, log=print) -> tuple[Summary, list]:
     """Judge the answers in `path` and write the scores back: `judge_score` into each answer of `path`, the
     summary into `metrics.json` beside it under `evaluation.judge[<file name>]` (the rest is kept).
 
     Both files are checked before any request and written atomically afterwards; replies are kept as they come
-    (progress_path). A judging that scored nothing never replaces earlier judge scores. Never raises: whatever
-    goes wrong is one line and a summary that says so. Returns (summary, per-answer scores); `options` go to
-    `judge`.
+    (Progress). A judging that scored nothing never replaces earlier judge scores. Never raises: whatever goes
+    wrong is one line and a summary that says so. Returns (summary, per-answer scores).
     """
     try:
-        return judge_answers(path, host, model, budget_s=budget_s, seed=seed, log=log, **options)
+        return judge_answers(path, host, model, budget_s=budget_s, seed=seed, timeout_s=timeout_s, log=log)
     except Exception as err:  # noqa: BLE001 -- the judge is optional: a finished run never fails in it
         reason = str(err) if isinstance(err, MedQAError) else f"{type(err).__name__}: {err}"
         log(f"LLM judge skipped: {reason}")
-        return {"answers": Path(path).name, "model": model, "mean": None, "scored": 0, "empty_answers": 0,
-                "unscored": None, "sanity": None, "stopped": reason}, []
+        return Summary(answers=Path(path).name, model=model, stopped=reason), []
 
 
 def _host(given: str | None) -> str:
@@ -558,6 +313,7 @@ def _host(given: str | None) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m medqa.judge`: judge an answers file; the exit status says how it went (docs/judge.md)."""
     parser = argparse.ArgumentParser(
         prog="python -m medqa.judge",
         description="Score the answers of a finished run with an LLM judge served by Ollama, and write the "
@@ -581,7 +337,7 @@ def main(argv=None) -> int:
     path = Path(args.answers)
     try:
         host = _host(args.host)
-        run = (_read_metrics(path.with_name("metrics.json")) if path.is_file() else {}).get("settings")
+        run = (read_metrics(path.with_name("metrics.json")) if path.is_file() else {}).get("settings")
         run = run if isinstance(run, dict) else {}
         summary, _ = judge_answers(path, host, args.model or run.get("JUDGE_MODEL") or DEFAULT_MODEL,
                                    budget_s=args.budget_s, seed=args.seed if args.seed is not None else
@@ -592,10 +348,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # outside the requests (reading or writing the files): nothing was half-written
         print("stopped (Ctrl-C): the files are as they were before this step.", file=sys.stderr)
         return 130
-    if summary["stopped"] == INTERRUPTED:
+    if summary.stopped == INTERRUPTED:
         return 130  # the judge's one line said what was kept and how to go on
     print(describe(summary))
-    return 1 if summary["stopped"] else 0
+    return 1 if summary.stopped else 0
 
 
 if __name__ == "__main__":

@@ -148,18 +148,15 @@ def hold(out_dir) -> None:
             return
         release(out)  # the folder was deleted (or its lock file): the lock held went with it
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
-        lock.acquire()
+        with store.storage_errors(out / LOCK_NAME):
+            out.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
+            lock.acquire()
     except filelock.Timeout:
         raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({holder(out)}), and two runs "
                          "in one folder would overwrite each other's files: wait until it ends (a "
                          "notebook's kernel holds the folder until it is shut down), or set OUTPUT_DIR to "
                          "another folder.") from None
-    except OSError as err:
-        if store.is_storage_error(err):
-            raise store.write_error(out / LOCK_NAME, err) from err
-        raise
     _held[out.resolve()] = (lock, _identity(out / LOCK_NAME))
 
 

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medqa import judge
+from medqa import judge, judge_files, ollama_api
 from medqa.errors import MedQAError, StorageError
 
 HANG = object()
@@ -117,9 +117,18 @@ def answers(*replies):
              "model_response": f"REPLY:{r}"} for i, r in enumerate(replies)]
 
 
-def run(stand_in, records, **kw):
+@pytest.fixture(autouse=True)
+def hooks(monkeypatch):
+    """No wait between tries and no progress bar; each test sets the clock or the anchors it needs."""
+    hooks = judge.Hooks(retry_wait_s=0, show_bar=False)
+    monkeypatch.setattr(judge, "HOOKS", hooks)
+    return hooks
+
+
+def run(stand_in, records, n_anchors=0, **kw):
     lines = []
-    kw = {"n_anchors": 0, "retry_wait_s": 0, "progress": False, "log": lines.append, **kw}
+    judge.HOOKS.n_anchors = n_anchors
+    kw = {"log": lines.append, **kw}
     summary, scores = judge.judge(records, stand_in.host, kw.pop("model", "llama3"), **kw)
     return summary, scores, lines
 
@@ -157,13 +166,13 @@ def closed_port_host():
     (None, (None, "empty reply")),
 ])
 def test_read_score(reply, expected):
-    assert judge.read_score(reply) == expected
+    assert ollama_api.read_score(reply) == expected
 
 
 def test_num_ctx_fits_the_longest_prompt_within_the_models_context():
-    assert judge.context_size(["x" * 300], 8192) == 2048
-    assert judge.context_size(["x" * 300, "x" * 30_000], 32768) == 16384  # 10,000 + 128 tokens
-    assert judge.context_size(["x" * 30_000], 8192) == 8192
+    assert ollama_api.context_size(["x" * 300], 8192) == 2048
+    assert ollama_api.context_size(["x" * 300, "x" * 30_000], 32768) == 16384  # 10,000 + 128 tokens
+    assert ollama_api.context_size(["x" * 30_000], 8192) == 8192
 
 
 # ---------------------------------------------------------------- asking the stand-in
@@ -171,10 +180,10 @@ def test_num_ctx_fits_the_longest_prompt_within_the_models_context():
 def test_structured_replies_are_read_and_the_request_asks_for_them(ollama):
     summary, scores, lines = run(ollama, answers('{"score": 85}', '{"score": 40}'), seed=7)
     assert scores == [85, 40] and lines == []
-    assert (summary["mean"], summary["scored"], summary["unscored"], summary["read_from_text"]) == (62.5, 2, 0, 0)
+    assert (summary.mean, summary.scored, summary.unscored, summary.read_from_text) == (62.5, 2, 0, 0)
     body = ollama.chats[-1]
-    assert body["format"] == judge.SCORE_SCHEMA and body["stream"] is False
-    assert body["options"] == {"temperature": 0, "seed": 7, "num_ctx": 2048, "num_predict": judge.REPLY_TOKENS}
+    assert body["format"] == ollama_api.SCORE_SCHEMA and body["stream"] is False
+    assert body["options"] == {"temperature": 0, "seed": 7, "num_ctx": 2048, "num_predict": ollama_api.REPLY_TOKENS}
     assert "think" not in body  # Ollama refuses `think` for models that cannot think
 
 
@@ -187,15 +196,15 @@ def test_a_thinking_model_is_asked_not_to_think(ollama):
 def test_free_text_replies_are_read_carefully_and_counted(ollama):
     summary, scores, _ = run(ollama, answers("On a scale from 0 to 100, I would give it 75.", "Score (0-100): 80",
                                              "75/100"))
-    assert scores == [75, 80, 75] and summary["read_from_text"] == 3
+    assert scores == [75, 80, 75] and summary.read_from_text == 3
 
 
 def test_unreadable_replies_are_unscored_and_counted_by_reason(ollama):
     summary, scores, lines = run(ollama, answers("150", "a fine answer", "I'd rate it 8/10", "90"))
     assert scores == [None, None, None, 90] and lines == []
-    assert summary["unscored_by_reason"] == {"score out of range": 1, "no score in reply": 1,
+    assert summary.unscored_by_reason == {"score out of range": 1, "no score in reply": 1,
                                              "score on another scale": 1}
-    assert (summary["scored"], summary["unscored"], summary["mean"], summary["stopped"]) == (1, 3, 90, None)
+    assert (summary.scored, summary.unscored, summary.mean, summary.stopped) == (1, 3, 90, None)
 
 
 def test_a_long_reference_gets_a_context_that_holds_it(ollama):
@@ -204,7 +213,7 @@ def test_a_long_reference_gets_a_context_that_holds_it(ollama):
     records[0]["output"] = "word " * 6000  # 30,000 characters: cut by a default 2048- or 4096-token context
     summary, _, _ = run(ollama, records)
     assert ollama.chats[-1]["options"]["num_ctx"] == 16384
-    assert (summary["num_ctx"], summary["too_long_for_context"]) == (16384, 0)
+    assert (summary.num_ctx, summary.too_long_for_context) == (16384, 0)
 
 
 def test_a_prompt_longer_than_the_models_context_is_counted(ollama):
@@ -212,7 +221,7 @@ def test_a_prompt_longer_than_the_models_context_is_counted(ollama):
     records[0]["output"] = "word " * 6000
     summary, scores, _ = run(ollama, records)
     assert ollama.chats[-1]["options"]["num_ctx"] == 8192  # the model's own context length, from /api/show
-    assert summary["too_long_for_context"] == 1 and scores == [50, 60]
+    assert summary.too_long_for_context == 1 and scores == [50, 60]
 
 
 def test_empty_answers_score_zero_without_asking(ollama):
@@ -220,13 +229,13 @@ def test_empty_answers_score_zero_without_asking(ollama):
     records[1]["model_response"], records[2]["model_response"] = "", "  \n"
     summary, scores, _ = run(ollama, records)
     assert scores == [70, 0, 0] and len(ollama.chats) == 1
-    assert (summary["empty_answers"], summary["mean"]) == (2, round(70 / 3, 2))
+    assert (summary.empty_answers, summary.mean) == (2, round(70 / 3, 2))
 
 
 def test_sanity_anchors_judge_references_against_themselves_and_against_others(ollama):
     records = answers(*['{"score": 30}'] * 7)
     summary, scores, _ = run(ollama, records, n_anchors=5, seed=11)
-    assert summary["sanity"] == {"self": 95, "other": 5, "n": 5} and scores == [30] * 7
+    assert summary.sanity == {"self": 95, "other": 5, "n": 5} and scores == [30] * 7
     anchors = [judged_parts(b) for b in ollama.chats if not judged_parts(b)[1].startswith("REPLY:")]
     assert len(anchors) == 10 and sum(ref == resp for ref, resp in anchors) == 5
     first = [b["messages"] for b in ollama.chats]
@@ -243,9 +252,10 @@ def test_the_progress_bar_is_text_on_stdout_as_trainings_is(ollama, capsys, monk
         raise AssertionError("the judge asked tqdm.auto for its bar: in a notebook that is a widget")
 
     monkeypatch.setattr(tqdm.auto, "tqdm", widget)
-    summary, _, _ = run(ollama, answers('{"score": 60}', '{"score": 80}'), progress=True)
+    judge.HOOKS.show_bar = True
+    summary, _, _ = run(ollama, answers('{"score": 60}', '{"score": 80}'))
     out, err = capsys.readouterr()
-    assert summary["scored"] == 2 and "judging with llama3" in out and "2/2" in out and "judging" not in err
+    assert summary.scored == 2 and "judging with llama3" in out and "2/2" in out and "judging" not in err
 
 
 def test_a_server_error_is_retried(ollama):
@@ -266,9 +276,9 @@ def test_server_errors_stop_the_judge_after_a_few_in_a_row(ollama):
     summary, scores, lines = run(ollama, answers(*["80"] * 5))
     assert scores == [None] * 5
     assert len(ollama.chats) == judge.MAX_FAILURES_IN_ROW * judge.TRIES
-    assert summary["unscored_by_reason"] == {"HTTP 500": 3, "not asked": 2}
+    assert summary.unscored_by_reason == {"HTTP 500": 3, "not asked": 2}
     assert len(lines) == 1 and "3 requests in a row failed (last: HTTP 500)" in lines[0]
-    assert judge.RERUN in lines[0] and summary["stopped"]
+    assert judge_files.RERUN in lines[0] and summary.stopped
 
 
 def test_replies_that_are_not_ollamas_are_counted_not_raised(ollama):
@@ -281,7 +291,7 @@ def test_replies_that_are_not_ollamas_are_counted_not_raised(ollama):
     ollama.chat = replies
     summary, scores, lines = run(ollama, answers("10", "20", "30", "40"))
     assert scores == [None, None, 30, None] and lines == []
-    assert summary["unscored_by_reason"] == {"reply not JSON": 1, "unexpected reply shape": 2}
+    assert summary.unscored_by_reason == {"reply not JSON": 1, "unexpected reply shape": 2}
     assert len(ollama.chats) == 4  # not retried
 
 
@@ -289,19 +299,19 @@ def test_a_server_that_never_answers_costs_a_few_timeouts_then_stops(ollama):
     ollama.chat = lambda body: HANG
     summary, scores, lines = run(ollama, answers(*["80"] * 6), timeout_s=0.2)
     assert scores == [None] * 6 and len(ollama.chats) == judge.MAX_FAILURES_IN_ROW  # timeouts are not retried
-    assert summary["unscored_by_reason"] == {"timeout": 3, "not asked": 3}
-    assert len(lines) == 1 and "(last: timeout)" in lines[0] and judge.RERUN in lines[0]
+    assert summary.unscored_by_reason == {"timeout": 3, "not asked": 3}
+    assert len(lines) == 1 and "(last: timeout)" in lines[0] and judge_files.RERUN in lines[0]
 
 
 def test_a_host_that_never_answers_is_found_before_judging(ollama):
     ollama.show_hangs = True
     summary, scores, lines = run(ollama, answers("80"), timeout_s=0.2)
     assert scores == [None] and ollama.chats == []
-    assert len(lines) == 1 and "did not answer within 0.2 s" in lines[0] and judge.RERUN in lines[0]
-    assert summary["sanity"] is None and summary["mean"] is None
+    assert len(lines) == 1 and "did not answer within 0.2 s" in lines[0] and judge_files.RERUN in lines[0]
+    assert summary.sanity is None and summary.mean is None
 
 
-def test_the_budget_stops_the_judge(ollama):
+def test_the_budget_stops_the_judge(ollama, hooks):
     now = [0.0]
 
     def costly(body):
@@ -309,25 +319,25 @@ def test_the_budget_stops_the_judge(ollama):
         return comparing_judge(body)
 
     ollama.chat = costly
-    summary, scores, lines = run(ollama, answers(*['{"score": 50}'] * 5), budget_s=100, clock=lambda: now[0])
+    hooks.clock = lambda: now[0]
+    summary, scores, lines = run(ollama, answers(*['{"score": 50}'] * 5), budget_s=100)
     assert scores == [50, 50, 50, None, None]
-    assert summary["unscored_by_reason"] == {"not asked": 2}
-    assert len(lines) == 1 and "time budget of 100 s" in lines[0] and judge.RERUN in lines[0]
+    assert summary.unscored_by_reason == {"not asked": 2}
+    assert len(lines) == 1 and "time budget of 100 s" in lines[0] and judge_files.RERUN in lines[0]
 
 
 def test_a_model_that_is_not_pulled_says_how_to_pull_it(ollama):
     summary, scores, lines = run(ollama, answers("80"), model="mistral")
     assert scores == [None] and ollama.chats == []
     assert lines == [f"LLM judge skipped: Ollama at {ollama.host} has no model 'mistral': run `ollama pull "
-                     f"mistral` (or check that OLLAMA_HOST points at Ollama). Judge later with `{judge.RERUN}`."]
-    assert summary["sanity"] is None and summary["unscored_by_reason"] == {"not asked": 1}
+                     f"mistral` (or check that OLLAMA_HOST points at Ollama). Judge later with `{judge_files.RERUN}`."]
+    assert summary.sanity is None and summary.unscored_by_reason == {"not asked": 1}
 
 
 def test_no_server_at_all_is_one_clear_line():
     lines = []
-    summary, scores = judge.judge(answers("80"), closed_port_host(), "llama3", timeout_s=5, log=lines.append,
-                                  progress=False)
-    assert scores == [None] and summary["sanity"] is None
+    summary, scores = judge.judge(answers("80"), closed_port_host(), "llama3", timeout_s=5, log=lines.append)
+    assert scores == [None] and summary.sanity is None
     assert len(lines) == 1 and "not reachable" in lines[0] and "ollama serve" in lines[0]
 
 
@@ -360,8 +370,8 @@ def test_the_command_writes_scores_back_and_keeps_the_rest_of_metrics(ollama, ru
 
 def test_the_notebook_without_ollama_records_a_null_judge(run_dir):
     summary, scores = judge.judge_file(run_dir / "test_responses.json", closed_port_host(), "llama3",
-                                       progress=False, log=lambda line: None)
-    assert scores == [None] * 3 and summary["sanity"] is None and summary["mean"] is None
+                                       log=lambda line: None)
+    assert scores == [None] * 3 and summary.sanity is None and summary.mean is None
     records = json.loads((run_dir / "test_responses.json").read_text())
     assert [r["judge_score"] for r in records] == [None] * 3
     evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
@@ -404,9 +414,9 @@ def test_the_command_refuses_bad_files_with_one_line(tmp_path, capsys, content, 
 def test_a_damaged_metrics_file_is_refused_before_judging(ollama, run_dir, capsys):
     (run_dir / "metrics.json").write_text('{"evaluation": ', encoding="utf-8")
     lines = []  # the notebook's call says so in one line and returns: the finished run goes on
-    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False,
+    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3",
                                        log=lines.append)
-    assert len(lines) == 1 and "metrics.json is damaged" in lines[0] and summary["mean"] is None
+    assert len(lines) == 1 and "metrics.json is damaged" in lines[0] and summary.mean is None
     assert ollama.chats == []
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 2
     assert "metrics.json is damaged" in capsys.readouterr().err and ollama.chats == []
@@ -433,7 +443,7 @@ def test_the_command_has_help(capsys):
     ("https://ollama.example.org/", "https://ollama.example.org"), ("[::1]:8080", "http://[::1]:8080"),
     ("HTTP://Box:1/ollama", "http://Box:1/ollama")])
 def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
-    assert judge.check_ollama_host(value) == url
+    assert ollama_api.check_ollama_host(value) == url
 
 
 @pytest.mark.parametrize("value, words", [
@@ -446,7 +456,7 @@ def test_an_ollama_address_is_written_out_as_ollama_reads_it(value, url):
     ("localhost:11434/api/generate", "API path '/api/generate'"), ("http://box/ollama/api/chat/", "API path")])
 def test_a_bad_ollama_address_is_refused_naming_the_setting_and_the_fix(value, words):
     with pytest.raises(MedQAError, match=re.escape(words)) as refused:
-        judge.check_ollama_host(value)
+        ollama_api.check_ollama_host(value)
     assert str(refused.value).startswith(f"OLLAMA_HOST={value!r}") and "http://localhost:11434" in str(refused.value)
 
 
@@ -462,8 +472,8 @@ def test_a_bad_ollama_address_is_refused_when_settings_are_resolved():
 NOTEBOOK_JUDGE = """
 import sys
 from medqa import judge
-summary, scores = judge.judge_file(sys.argv[1], sys.argv[2], "llama3", progress=False)
-print("returned", summary["mean"], scores)
+summary, scores = judge.judge_file(sys.argv[1], sys.argv[2], "llama3")
+print("returned", summary.mean, scores)
 """
 
 
@@ -488,14 +498,14 @@ def test_nothing_the_judge_meets_escapes_from_the_notebooks_call(run_dir, ollama
 
     monkeypatch.setattr(judge, "write_json_atomic", full_disk)
     lines = []
-    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3", progress=False,
+    summary, scores = judge.judge_file(run_dir / "test_responses.json", ollama.host, "llama3",
                                        log=lines.append)
-    assert summary["mean"] is None and "no space left" in summary["stopped"] and scores == []
+    assert summary.mean is None and "no space left" in summary.stopped and scores == []
     assert [line for line in lines if line.startswith("LLM judge skipped")][0].count("\n") == 0
     monkeypatch.undo()
     for host in ("http://127.0.0.1:abc", "", "ftp://x"):
         lines.clear()
-        summary, scores = judge.judge_file(run_dir / "test_responses.json", host, "llama3", progress=False,
+        summary, scores = judge.judge_file(run_dir / "test_responses.json", host, "llama3",
                                            log=lines.append)
         assert scores == [None] * 3 and len(lines) == 1 and "LLM judge skipped" in lines[0]
 
@@ -512,18 +522,18 @@ def test_judging_the_base_answers_keeps_the_test_answers_result(ollama, run_dir)
     assert [results[name]["answers"] for name in sorted(results)] == ["base_responses.json", "test_responses.json"]
 
 
-def test_a_result_from_before_results_were_kept_per_file_is_kept(ollama, run_dir):
+def test_a_result_not_keyed_by_an_answers_file_is_kept(ollama, run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["evaluation"]["judge"] = {"model": "llama3", "mean": 42.0, "scored": 3}
     (run_dir / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
     results = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]
-    assert results[judge.UNRECORDED]["mean"] == 42.0 and results["test_responses.json"]["mean"] == 70
+    assert results[judge_files.UNRECORDED]["mean"] == 42.0 and results["test_responses.json"]["mean"] == 70
 
 
 def interrupted_at(monkeypatch, n):
     """Ctrl-C while the n-th request is under way."""
-    real, calls = judge._ask, []
+    real, calls = ollama_api.ask, []
 
     def ask(*args):
         calls.append(1)
@@ -531,7 +541,7 @@ def interrupted_at(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(judge, "_ask", ask)
+    monkeypatch.setattr(ollama_api, "ask", ask)
 
 
 def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, run_dir, monkeypatch, capsys):
@@ -542,7 +552,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, r
     said = [line for line in out.split("\n") if line and not line.startswith("\rjudging with")]  # the bar aside
     assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0] and "Traceback" not in err
     assert len(ollama.chats) == 4
-    kept = json.loads(judge.progress_path(path).read_text())["replies"]
+    kept = json.loads(judge_files.progress_path(path).read_text())["replies"]
     assert len(kept) == 4
     monkeypatch.undo()
     ollama.chats.clear()
@@ -551,7 +561,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_asks_only_for_the_rest(ollama, r
     assert [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
     result = json.loads((run_dir / "metrics.json").read_text())["evaluation"]["judge"]["test_responses.json"]
     assert result["reused"] == 4 and result["sanity"] == {"self": 95, "other": 5, "n": 3}
-    assert not judge.progress_path(path).exists()  # every reply is in the files now
+    assert not judge_files.progress_path(path).exists()  # every reply is in the files now
     assert "4 replies kept" in capsys.readouterr().out
 
 
@@ -574,7 +584,7 @@ def test_a_killed_judge_loses_no_reply(ollama, run_dir):
     finally:
         command.kill()
         command.wait()
-    assert len(json.loads(judge.progress_path(path).read_text())["replies"]) == 6
+    assert len(json.loads(judge_files.progress_path(path).read_text())["replies"]) == 6
     ollama.chat, ollama.chats[:] = comparing_judge, []
     assert judge.main([str(path), "--host", ollama.host]) == 0
     assert len(ollama.chats) == 3 and [r["judge_score"] for r in json.loads(path.read_text())] == [60, 80, 70]
@@ -583,20 +593,20 @@ def test_a_killed_judge_loses_no_reply(ollama, run_dir):
 def test_kept_replies_are_reused_only_for_the_same_question_to_the_same_judge(ollama, run_dir, monkeypatch):
     path = run_dir / "test_responses.json"
     interrupted_at(monkeypatch, 9)
-    judge.judge_file(path, ollama.host, "llama3", progress=False, log=lambda line: None)
+    judge.judge_file(path, ollama.host, "llama3", log=lambda line: None)
     monkeypatch.undo()
     records = json.loads(path.read_text())
     records[2]["model_response"] = 'REPLY:{"score": 15}'  # another answer: its kept reply (none here) cannot count
     records[0]["model_response"] = 'REPLY:{"score": 25}'  # another answer: its kept reply must not count
     path.write_text(json.dumps(records), encoding="utf-8")
     ollama.chats.clear()
-    summary, scores = judge.judge_file(path, ollama.host, "llama3", progress=False, log=lambda line: None)
+    summary, scores = judge.judge_file(path, ollama.host, "llama3", log=lambda line: None)
     assert scores == [25, 80, 15] and len(ollama.chats) == 2
     ollama.models.add("mistral")
     ollama.chats.clear()
     (run_dir / "test_responses.judge-progress.json").write_text('{"replies": {"x": ["many", 1]}}')
     lines = []
-    judge.judge_file(path, ollama.host, "mistral", progress=False, log=lines.append)
+    judge.judge_file(path, ollama.host, "mistral", log=lines.append)
     assert len(ollama.chats) == 9 and "damaged" in lines[0]  # another judge asks everything again
 
 
@@ -606,7 +616,8 @@ def test_the_judges_defaults_are_the_settings_defaults():
 
     assert (judge.DEFAULT_MODEL, judge.DEFAULT_HOST, judge.DEFAULT_BUDGET_S, judge.DEFAULT_SEED) == \
         (COMMON["JUDGE_MODEL"], COMMON["OLLAMA_HOST"], COMMON["JUDGE_BUDGET_S"], COMMON["SEED"])
-    imports = [line for line in open(judge.__file__, encoding="utf-8") if line.startswith(("import ", "from "))]
+    imports = [line for module in (judge, judge_files, ollama_api) for line in open(module.__file__, encoding="utf-8")
+               if line.startswith(("import ", "from "))]
     assert not [line for line in imports if "settings" in line]
 
 
@@ -615,7 +626,7 @@ def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, mon
     notebook) records just after this judge read metrics.json is kept."""
     from medqa import store
 
-    reads, others = judge.read_json, []
+    reads, others = judge_files.read_json, []
 
     def read_then_another_process_records(path, fix):
         content = reads(path, fix)
@@ -626,7 +637,7 @@ def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, mon
             store.update_json(path, evaluation={**evaluation, "judge": judged})
         return content
 
-    monkeypatch.setattr(judge, "read_json", read_then_another_process_records)
+    monkeypatch.setattr(judge_files, "read_json", read_then_another_process_records)
     assert judge.main([str(run_dir / "test_responses.json"), "--host", ollama.host]) == 0
     evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
     assert evaluation["after"] == {"bleu": 3.0} and others

@@ -491,3 +491,144 @@ def test_a_folder_deleted_while_held_is_locked_again_when_claimed_again(tmp_path
         assert other.returncode != 0 and "in use by another run" in other.stderr, other.stdout
     finally:
         run_folder.release(out)
+
+
+# ---------------------------------------------------------------- a library's write that fails
+
+def test_a_full_disk_in_safetensors_is_the_projects_error_and_keeps_the_old_model(tmp_path, tiny_folder,
+                                                                                monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... No space left on device (os error 28)"), with no
+    errno: it ends as the project's message, naming the folder and the fix, and leaves the old folder."""
+    import safetensors
+    import transformers.modeling_utils
+
+    model = gpt.load_model(str(tiny_folder), torch.device("cpu"))
+    store.save_model_atomic(model, tmp_path / "model")
+    before = snapshot(tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # what it wrote before the disk filled
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                          "error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(StorageError, match=r"model: no space left on device \(SafetensorError\).*free some space"):
+        store.save_model_atomic(model, tmp_path / "model")
+    assert snapshot(tmp_path) == before
+
+
+LIMITED_WRITES = r"""
+import json, resource, sys
+from pathlib import Path
+import torch
+from medqa import export, model as gpt, store
+from medqa.errors import MedQAError
+
+out = Path(sys.argv[1])
+tiny = gpt.load_model(sys.argv[2], torch.device("cpu"))
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots()
+ax.plot(range(1000), [i % 7 for i in range(1000)])
+writes = {
+    "safetensors (save_pretrained)": lambda: store.save_model_atomic(tiny, out / "model"),
+    "the tokenizer's save_pretrained": lambda: store.save_model_atomic(export.gpt2_tokenizer(), out / "model"),
+    "torch.save": lambda: store.save_torch_atomic({"w": torch.zeros(100_000)}, out / "checkpoint.pt"),
+    "matplotlib's savefig": lambda: store.save_figure(fig, out / "loss.png"),
+    "json": lambda: store.write_json_atomic(out / "metrics.json", {"history": list(range(100_000))}),
+}
+for what, write in writes.items():
+    write()  # the previous file of each
+said = {}
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ: EFBIG
+for what, write in writes.items():
+    try:
+        write()
+        said[what] = "written"
+    except MedQAError as err:
+        said[what] = str(err)
+    except Exception as err:
+        said[what] = f"raw {type(err).__name__}: {err}"
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(json.dumps(said))
+"""
+
+
+def test_every_library_that_writes_ends_in_the_projects_error_on_a_real_failure(tmp_path, tiny_folder):
+    """A file-size limit (RLIMIT_FSIZE) makes each library's own write fail as a full disk does, with the error
+    that library really raises; each ends in the project's message, and the files before stay whole."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource")
+    done = subprocess.run([sys.executable, "-c", LIMITED_WRITES, str(tmp_path / "run"), str(tiny_folder)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    for what, message in said.items():
+        assert message.startswith("Could not write ") and "file too large" in message, (what, message)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "loss.png", "metrics.json",
+                                                                    "model"]
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 100_000
+    assert torch.load(tmp_path / "run" / "checkpoint.pt")["w"].shape == (100_000,)
+
+
+def test_a_read_only_mount_is_told_to_choose_another_output_dir(tmp_path, monkeypatch):
+    """A read-only mount (a FUSE drive, say) can answer EACCES as a folder without write permission does; the
+    file system's read-only flag tells them apart, and chmod cannot help there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(store.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", kw["dir"])))
+    monkeypatch.setattr(store.os, "statvfs", ReadOnly)
+    with pytest.raises(StorageError, match="metrics.json: read-only file system.*choose another OUTPUT_DIR") as err:
+        store.write_json_atomic(out / "metrics.json", {"a": 1})
+    assert "chmod u+w" not in str(err.value)
+    assert list(out.iterdir()) == []
+
+
+def test_a_real_read_only_mount_is_told_to_choose_another_output_dir(tmp_path):
+    """Where this process may mount (root with CAP_SYS_ADMIN), a tmpfs remounted read-only: the claim and a
+    write both say to choose another OUTPUT_DIR, and neither suggests chmod."""
+    import subprocess
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this process cannot mount a file system")
+    try:
+        (mount / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        for write in (lambda: run_folder.claim(mount / "run", {"SEED": 1}, overwrite=False),
+                      lambda: store.update_json(mount / "run" / "metrics.json", a=1)):
+            with pytest.raises(StorageError, match="read-only file system.*choose another OUTPUT_DIR") as err:
+                write()
+            assert "chmod u+w" not in str(err.value)
+    finally:
+        run_folder.release(mount / "run")
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_downloads_own_error_is_not_taken_for_a_failure_of_the_disk(tmp_path):
+    """urllib's URLError is an OSError that holds a FileNotFoundError: it stays a download's error, retried and
+    reported as such, while a library's error that holds a full disk is one."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.URLError) as err:
+        urllib.request.urlopen((tmp_path / "missing.csv").as_uri())
+    assert not store.is_storage_error(err.value)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as wrapped:
+        assert store.storage_errno(wrapped) == errno.ENOSPC
