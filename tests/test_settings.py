@@ -190,3 +190,14 @@ def test_a_profile_chosen_by_the_hardware_says_which_and_why(monkeypatch):
     lines.clear()
     settings.resolve({"PROFILE": "smoke"}, env={}, log=lines.append)
     assert lines == []  # a profile the user chose needs no reason
+
+
+@pytest.mark.parametrize("name, given, meant", [("LORA_R", "8", "8"), ("BATCH_SIZE", "16", "16"),
+                                                ("LEARNING_RATE", "1e-4", "0.0001"), ("N_SAMPLES", "200", "200"),
+                                                ("LORA_ALPHA", "sixteen", "32"), ("DROPOUT", "0.1", "0.1")])
+def test_a_number_given_as_text_is_answered_with_its_type_and_the_papermill_flag(name, given, meant):
+    with pytest.raises(MedQAError) as err:
+        settings.resolve({"PROFILE": "smoke", name: given}, env={})
+    message = str(err.value)
+    assert f"{name}={given!r} is text (str)" in message and f"-p {name} {meant}" in message
+    assert "e.g. None" not in message
