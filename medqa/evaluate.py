@@ -22,7 +22,8 @@ _OTHER = rf"[[\p{{L}}\p{{M}}\p{{Nd}}]--\p{{Latin}}--\p{{Common}}--\p{{Inherited}
 # A token, in lower-cased text: one character of a script without spaces; a run of ASCII letters and digits,
 # as rouge-score takes English (accented Latin letters separate words there too, so English scores as it
 # does in rouge-score); a word of another script; one emoji.
-TOKEN = regex.compile(rf"(?V1)[{_UNSPACED}]|[a-z0-9]+|{_OTHER}+|[\p{{Emoji_Presentation}}\p{{Emoji_Modifier}}]")
+_EMOJI = r"[\p{Emoji_Presentation}\p{Emoji_Modifier}]"
+TOKEN = regex.compile(rf"(?V1)[{_UNSPACED}]|[a-z0-9]+|{_OTHER}+|{_EMOJI}")
 SEEN_ENOUGH = 0.5  # below this share of the references' characters, the scores say they see little
 
 
@@ -54,8 +55,9 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
 
 
 def bleu_tokenizer(references: list[str]) -> str:
-    """sacrebleu's tokenizer for the script of `references`: "13a" (its default) for English and text mostly in
-    ASCII letters, "zh" for Chinese, "char" for other scripts written without spaces, "intl" for the rest."""
+    """sacrebleu's tokenizer for the script of `references`: "13a" (its default) for English and text
+    mostly in ASCII letters, "zh" for Chinese, "char" for other scripts written without spaces, "intl" for the
+    rest."""
     text = "".join(references)
     letters = max(len(regex.findall(r"\p{L}", text)), 1)
     unspaced = len(regex.findall(f"[{_UNSPACED}]", text)) / letters
@@ -68,7 +70,8 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     """Corpus-level BLEU (sacrebleu, 0-100), tokenized for the references' script (bleu_tokenizer)."""
     import sacrebleu
 
-    return round(sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenizer(references)).score, 3)
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenizer(references))
+    return round(bleu.score, 3)
 
 
 def text_seen(references: list[str]) -> float:
@@ -82,8 +85,8 @@ def scored_text_note(references: list[str]) -> str | None:
     share = text_seen(references)
     if share >= SEEN_ENOUGH:
         return None
-    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest is punctuation "
-            "or symbols they do not compare, so these scores say little about these answers.")
+    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest is "
+            "punctuation or symbols they do not compare, so these scores say little about these answers.")
 
 
 def reference_perplexity(model, loader, device, precision: str | None = None,
@@ -95,6 +98,7 @@ def reference_perplexity(model, loader, device, precision: str | None = None,
 
 
 def summarise(values: list[float]) -> dict:
+    """Mean, median and number of `values` (None for an empty list), rounded for metrics.json."""
     return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
             "n": len(values)} if values else {"mean": None, "median": None, "n": 0}
 
@@ -123,9 +127,10 @@ def score_answers(model, loader, device, predictions, references, precision: str
 
 def training_started(out) -> bool:
     """Whether a run in `out` has trained: its checkpoint or metrics.json's loss history exists."""
-    metrics = Path(out) / "metrics.json"
-    return (Path(out) / "checkpoint.pt").exists() or (
-        metrics.exists() and "history" in store.read_json(metrics, "Delete it, or choose another OUTPUT_DIR."))
+    metrics, fix = Path(out) / "metrics.json", "Delete it, or choose another OUTPUT_DIR."
+    if (Path(out) / "checkpoint.pt").exists():
+        return True
+    return metrics.exists() and "history" in store.read_json(metrics, fix)
 
 
 def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[dict, list[dict]]:
@@ -141,14 +146,15 @@ def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[d
             "folder) and run the notebook from the top.")
     if not training_started(out):
         store.write_json_atomic(out / "base_responses.json", records)
-        store.change_json(out / "metrics.json", lambda m: m.setdefault("evaluation", {}).update(before=summary))
+        store.change_json(out / "metrics.json",
+                          lambda metrics: metrics.setdefault("evaluation", {}).update(before=summary))
         kept, kept_summary = records, summary
     else:
         kept_summary = store.read_json(out / "metrics.json", "").get("evaluation", {}).get("before") \
             if (out / "metrics.json").exists() else None
         if kept_summary is None or not (out / "base_responses.json").exists():
-            raise MedQAError(f"Training has started in OUTPUT_DIR={str(out)!r}, so this model's answers are not "
-                             f"the untrained model's, and no record from before training is kept there: "
+            raise MedQAError(f"Training has started in OUTPUT_DIR={str(out)!r}, so this model's answers are "
+                             f"not the untrained model's, and no record from before training is kept there: "
                              f"nothing is recorded as 'before fine-tuning'. {redo}")
         kept = store.read_json(out / "base_responses.json", f"Delete it and {redo[0].lower()}{redo[1:]}")
         log("Training has started in OUTPUT_DIR, so the model may hold trained weights: base_responses.json "

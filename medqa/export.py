@@ -17,7 +17,7 @@ from medqa.generate import Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.reference_points import card_table
-from medqa.model_folder import RANDOM_MODELS, RANDOM_SHAPES, TINY_MODEL
+from medqa.model_folder import RANDOM_SHAPES
 from medqa.settings import RUN_DEFINING
 from medqa.store import save_model_atomic
 
@@ -50,9 +50,10 @@ CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PEN
 
 
 def _front_matter(lora_r, base: str | None, medquad: bool) -> list[str]:
-    """The card's YAML front matter. For MedQuAD: license (GPT-2's weights are MIT-licensed; MedQuAD, CC BY
-    4.0, asks for the attribution the card gives), its language and datasets: lavita/MedQuAD, the hub's copy of
-    the release this project reads. For other data no licence or language is claimed: they are the user's."""
+    """The card's YAML front matter. For MedQuAD: license (GPT-2's weights are MIT-licensed; MedQuAD, CC
+    BY 4.0, asks for the attribution the card gives), its language and datasets: lavita/MedQuAD, the hub's
+    copy of the release this project reads. For other data no licence or language is claimed: they are the
+    user's."""
     front = ["---"] + (["license: mit", "language:", "- en"] if medquad else [])
     front += ["library_name: transformers", "pipeline_tag: text-generation"]
     front += ["datasets:", "- lavita/MedQuAD"] if medquad else []
@@ -72,17 +73,18 @@ def _data_line(data: dict | None) -> tuple[str, str]:
         return (f"{data['file']}", f"{read}: the user's own data, not MedQuAD. Its source and licence are "
                                    "whatever its owner states; this card claims none.")
     return "MedQuAD (disease questions and answers)", (
-        f"MedQuAD ({read}), 47,457 question-answer pairs from 12 U.S. National Institutes of Health websites "
-        "(the rows with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, \"A "
+        f"MedQuAD ({read}), 47,457 question-answer pairs from 12 U.S. National Institutes of Health "
+        "websites: Asma Ben Abacha and Dina Demner-Fushman, \"A "
         "Question-Entailment Approach to Question Answering\", *BMC Bioinformatics* 20, 511 (2019), "
-        "https://github.com/abachaa/MedQuAD, licensed under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).")
+        "https://github.com/abachaa/MedQuAD, licensed under "
+        "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).")
 
 
 def _origin(cfg, base: str | None) -> str:
     """Where the weights came from, in words: a hub model, a random-weight shape, or a folder."""
     if base:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
-    elif cfg.MODEL in RANDOM_MODELS + (TINY_MODEL,):
+    elif cfg.MODEL in RANDOM_SHAPES:
         shape = RANDOM_SHAPES[cfg.MODEL]
         origin = (f"`{cfg.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width "
                   f"{shape['n_embd']}) that started from random weights (**not pretrained GPT-2**: it knows "
@@ -202,6 +204,7 @@ class _Folder:
     card: str
 
     def save_pretrained(self, path) -> None:
+        """Write every part into `path`."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.generation.save_pretrained(path)  # replaces the model's own generation_config.json

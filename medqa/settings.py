@@ -12,11 +12,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medqa import run_folder
+from medqa import run_folder, setting_names
 from medqa.errors import MedQAError
 from medqa.store import update_json, url_scheme
-from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
-                                check_model_folder)
+from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -79,6 +78,7 @@ class Settings:
     OVERWRITE: bool
 
     def show(self) -> None:
+        """Print every setting, one a line."""
         width = max(len(f.name) for f in fields(self))
         for name, value in asdict(self).items():
             print(f"{name:<{width}} = {value!r}")
@@ -112,7 +112,8 @@ EXAMPLES = {"LORA_R": 16, "LORA_ALPHA": 32, "MAX_STEPS": 100}
 
 def _example(name: str):
     """A valid value of the setting, for messages."""
-    return next((p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None), EXAMPLES.get(name))
+    given = (p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None)
+    return next(given, EXAMPLES.get(name))
 
 
 def _parse_env(name: str, text: str):
@@ -168,84 +169,15 @@ def notebook_params(namespace: dict) -> dict:
     resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
     name in other capitals (`learning_rate`) holding a plain value."""
     names = [f.name for f in fields(Settings)]
-    injected = _injected_names(namespace.get("In", [])) - PAPERMILL_NAMES
-    params = {k: v for k, v in namespace.items() if k in names}
-    strays = sorted(k for k, v in namespace.items()
-                    if k not in names and (k in injected or _looks_like_setting(k, v, names)))
-    if strays:
-        raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
-                         f"{_hints(strays, names)}: the settings are {names}. A name stays defined in "
-                         f"the kernel after it is corrected in the cell: run `del {', '.join(strays)}` (or "
-                         f"restart the kernel) once the cell is right.")
-    return params
-
-
-# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
-PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
-
-
-def _injected_names(cells) -> set[str]:
-    """The names papermill's injected-parameters cell assigns, from the kernel's input history (`In`)."""
-    import ast
-
-    found = set()
-    for source in cells if isinstance(cells, list) else []:
-        if isinstance(source, str) and source.startswith("# Parameters\n"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                continue
-            found |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-                      for t in node.targets if isinstance(t, ast.Name)}
-    return found
-
-
-def _looks_like_setting(name: str, value, names: list[str]) -> bool:
-    import difflib
-
-    if name.startswith("_") or not (value is None or isinstance(value, (str, bool, numbers.Number))):
-        return False
-    if name.upper() in names:
-        return True
-    return name.isupper() and bool(difflib.get_close_matches(name, names, n=1, cutoff=0.8))
-
-
-def _closest(name, choices) -> str | None:
-    """The one of `choices` that `name` most resembles (capitals ignored), if any is close."""
-    import difflib
-
-    if not isinstance(name, str):
-        return None
-    lower = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6)
-    return lower[close[0]] if close else None
-
-
-def _hints(given: list[str], names: list[str], prefix: str = "") -> str:
-    """' (LEARNIN_RATE: did you mean LEARNING_RATE?)' for each given name close to a setting's name."""
-    pairs = [(g, _closest(g[len(prefix):], names)) for g in given]
-    return "".join(f" ({g}: did you mean {prefix}{best}?)" for g, best in pairs if best)
-
-
-def _refuse_unknown(params: dict, env, names: list[str]) -> None:
-    """Names the run would not use, in the parameters or the environment, with the setting each resembles."""
-    unknown = sorted(k for k in params if k not in names)
-    if unknown:
-        raise MedQAError(f"Unknown setting(s) {unknown}{_hints(unknown, names)}: "
-                         f"the settings are {names}.")
-    unknown_env = sorted(k for k in env if k.upper().startswith("MEDQA_") and
-                         (not k.startswith("MEDQA_") or k[6:] not in names))
-    if unknown_env:
-        raise MedQAError("Unknown environment variable(s) "
-                         f"{unknown_env}{_hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME "
-                         f"one of {names} (in capitals, as written here).")
+    setting_names.refuse_strays(namespace, names)
+    return {k: v for k, v in namespace.items() if k in names}
 
 
 def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
     env = os.environ if env is None else env
     names = [f.name for f in fields(Settings)]
-    _refuse_unknown(params, env, names)
+    setting_names.refuse_unknown(params, env, names)
 
     def given(name):
         if params.get(name) is not None:
@@ -259,7 +191,7 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
         profile, why = profile_choice()
         log(f"PROFILE not set: {profile!r} for this machine ({why}).")
     if not isinstance(profile, str) or profile not in PROFILES:
-        close = _closest(profile, PROFILES)
+        close = setting_names.closest(profile, PROFILES)
         raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "
                          f"choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
@@ -423,6 +355,7 @@ def validate(cfg: Settings) -> None:
 
 
 def run_signature(cfg: Settings) -> dict:
+    """The settings that define the run (RUN_DEFINING), as run.json records them."""
     return {name: getattr(cfg, name) for name in RUN_DEFINING}
 
 
