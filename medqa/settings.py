@@ -36,7 +36,7 @@ PROFILES = {
                  WARMUP_STEPS=100, EVAL_EVERY=100, EVAL_BATCHES=20, MAX_NEW_TOKENS=256, N_BEFORE=3),
 }
 
-# Where MedQuAD comes from when DATA_PATH is not set (see medqa/data.py).
+# Where a run writes when OUTPUT_DIR is not set: runs/<PROFILE>.
 DEFAULT_OUTPUT_ROOT = "runs"
 
 
