@@ -169,3 +169,9 @@ def test_the_card_of_medquad_names_the_file_read_and_cites_medquad():
     card = export.model_card(smoke(), None, None, {"file": "medquad.csv", "rows": 16407, "medquad": True})
     assert "MedQuAD (`medquad.csv`, 16,407 rows read)" in card and "CC BY 4.0" in card
     assert front_matter(card)["datasets"] == ["lavita/MedQuAD"]
+
+
+def test_the_card_says_when_the_scores_see_little_of_the_text():
+    note = "ROUGE and BLEU see only 10% of the reference answers' characters: ..."
+    card = export.model_card(smoke(), {"after": {"rougeL": {"mean": 0.5}, "note": note}})
+    assert note in card
