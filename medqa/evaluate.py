@@ -76,7 +76,7 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
 
 def text_seen(references: list[str]) -> float:
     """The share of the references' characters (spaces aside) inside the tokens that ROUGE compares."""
-    seen = sum(len(t) for text in references for t in TOKEN.findall(text))
+    seen = sum(len(t) for text in references for t in TOKEN.findall(text.lower()))
     return seen / max(sum(len("".join(text.split())) for text in references), 1)
 
 
@@ -85,8 +85,9 @@ def scored_text_note(references: list[str]) -> str | None:
     share = text_seen(references)
     if share >= SEEN_ENOUGH:
         return None
-    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest is "
-            "punctuation or symbols they do not compare, so these scores say little about these answers.")
+    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest "
+            "(punctuation, symbols, or Latin letters with accents, which English tokenizing splits off) they "
+            "do not compare, so these scores say little about these answers.")
 
 
 def reference_perplexity(model, loader, device, precision: str | None = None,

@@ -130,8 +130,9 @@ def test_a_score_that_sees_little_of_the_text_says_so():
     with pytest.warns(UserWarning, match="see only 0%"):
         summary, _ = evaluate.text_scores(refs, refs)
     assert "see only 0%" in summary["note"]
-    summary, _ = evaluate.text_scores([SCRIPTS["Chinese"]], [SCRIPTS["Chinese"]])
-    assert "note" not in summary
+    for text in (SCRIPTS["Chinese"], "GOUT IS A FORM OF ARTHRITIS, Mostly In The Big Toe."):
+        summary, _ = evaluate.text_scores([text], [text])
+        assert "note" not in summary and evaluate.text_seen([text]) > 0.85
 
 
 # ---------------------------------------------------------------- the record before fine-tuning
