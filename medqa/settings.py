@@ -283,8 +283,8 @@ def _check_output_dir(value: str) -> None:
     _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
                               f"set OUTPUT_DIR to a folder.")
     _check(not (hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY),
-           f"OUTPUT_DIR={value!r} lies on a read-only file system ({str(existing)!r} is mounted read-only, so "
-           f"no permission change can help): set OUTPUT_DIR to a folder on a writable disk.")
+           f"OUTPUT_DIR={value!r} lies on a read-only file system ({str(existing)!r} is mounted read-only, "
+           f"so no permission change can help): set OUTPUT_DIR to a folder on a writable disk.")
     _check(os.access(existing, os.W_OK | os.X_OK),
            f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
            f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
