@@ -102,16 +102,13 @@ def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
     return dest
 
 
-def fetch_from_gdrive(data_dir: Path, download_folder=None, retries: int = 3, backoff: float = 2.0) -> Path:
+def fetch_from_gdrive(data_dir: Path, retries: int = 3, backoff: float = 2.0) -> Path:
     """The original project's Google Drive folder, through gdown; the first readable data file is kept."""
-    if download_folder is None:
-        import gdown
-
-        download_folder = gdown.download_folder
+    import gdown
 
     def attempt():
         with tempfile.TemporaryDirectory(dir=data_dir, prefix=".gdrive-") as tmp:
-            result = download_folder(id=GDRIVE_FOLDER_ID, output=tmp, quiet=True)
+            result = gdown.download_folder(id=GDRIVE_FOLDER_ID, output=tmp, quiet=True)
             if not result:
                 raise OSError("gdown returned no files")
             found = sorted(p for p in Path(tmp).rglob("*") if p.suffix.lower() in SUFFIXES)
@@ -148,7 +145,11 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
     return _write_csv_atomic(table, data_dir / "medquad.csv")
 
 
-def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
+# Where MedQuAD is downloaded from, in this order, when DATA_PATH is not set and data/ holds no copy.
+SOURCES = [("Google Drive (gdown)", fetch_from_gdrive), ("GitHub abachaa/MedQuAD", fetch_from_github)]
+
+
+def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, log=print) -> Path:
     """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
     if data_path:
         refuse_url(data_path)
@@ -160,10 +161,8 @@ def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, 
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise store.write_error(data_dir, err) from None
-    sources = sources if sources is not None else [("Google Drive (gdown)", fetch_from_gdrive),
-                                                   ("GitHub abachaa/MedQuAD", fetch_from_github)]
     failures = []
-    for label, fetch in sources:
+    for label, fetch in SOURCES:
         try:
             log(f"Downloading MedQuAD from {label} ...")
             return fetch(data_dir)

@@ -51,29 +51,33 @@ def test_sample_rows_is_seeded_and_notes_too_large_requests(tmp_path):
     assert "using all" in notes[0]
 
 
-def test_locate_prefers_data_path_then_a_local_copy_then_downloads(tmp_path):
+def test_locate_prefers_data_path_then_a_local_copy_then_downloads(tmp_path, monkeypatch):
     calls = []
 
     def fake_download(folder):
         calls.append(folder)
         return write_sample_csv(folder / "medquad.csv")
 
-    sources = [("fake", fake_download)]
+    monkeypatch.setattr(data, "SOURCES", [("fake", fake_download)])
     given = write_sample_csv(tmp_path / "given.csv")
-    assert data.locate_data(str(given), tmp_path / "d", sources) == given and not calls
-    got = data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+    assert data.locate_data(str(given), tmp_path / "d") == given and not calls
+    got = data.locate_data(None, tmp_path / "d", log=lambda *_: None)
     assert got == tmp_path / "d" / "medquad.csv" and len(calls) == 1
-    assert data.locate_data(None, tmp_path / "d", sources) == got and len(calls) == 1  # reused, not downloaded again
+    assert data.locate_data(None, tmp_path / "d") == got and len(calls) == 1  # reused, not downloaded again
 
 
-def test_no_data_and_no_network_ends_with_a_clear_error(tmp_path):
+def test_no_data_and_no_network_ends_with_a_clear_error(tmp_path, monkeypatch):
+    import gdown
+
     def no_gdown(**kw):
         raise ConnectionError("no network")
 
-    sources = [("Google Drive", lambda d: data.fetch_from_gdrive(d, no_gdown, retries=1)),
-               ("GitHub", lambda d: data.fetch_from_github(d, url="http://127.0.0.1:9/x.zip", retries=1))]
+    monkeypatch.setattr(gdown, "download_folder", no_gdown)
+    monkeypatch.setattr(data, "SOURCES", [
+        ("Google Drive", lambda d: data.fetch_from_gdrive(d, retries=1)),
+        ("GitHub", lambda d: data.fetch_from_github(d, url="http://127.0.0.1:9/x.zip", retries=1))])
     with pytest.raises(MedQAError, match="DATA_PATH"):
-        data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+        data.locate_data(None, tmp_path / "d", log=lambda *_: None)
     assert list((tmp_path / "d").iterdir()) == []
 
 
