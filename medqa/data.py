@@ -1,15 +1,10 @@
-"""Find MedQuAD (a given file, a local copy, or a download), read it into one table, clean it.
-
-The table always has the columns `instruction`, `input`, `output`, `source`, `focus_area`: MedQuAD CSV
-(`question, answer, source, focus_area`) and Alpaca JSON / JSON Lines (`instruction, input, output`) both map
-onto it.
+"""Find MedQuAD (a given file, a local copy, or a download), read it into one table (medqa.data_file), clean
+it, and say what was read.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import html
 import math
 import os
 import re
@@ -23,274 +18,16 @@ from pathlib import Path
 import pandas as pd
 
 from medqa import store
+from medqa.data_file import COLUMNS, SUFFIXES, read_table, refuse_url
 from medqa.errors import MedQAError, StorageError, retry
 
 DATA_DIR = Path("data")
 LOCAL_NAMES = ("medquad.csv", "medquad.json", "medquad.jsonl")
 GDRIVE_FOLDER_ID = "1ya6r4ZSbsnuo_fUUQY6VPzajpZvJis5d"  # the original project's Google Drive folder
 GITHUB_ZIP = "https://github.com/abachaa/MedQuAD/archive/refs/heads/master.zip"  # public MedQuAD, CC BY 4.0
-SUFFIXES = (".csv", ".json", ".jsonl")
-COLUMNS = ["instruction", "input", "output", "source", "focus_area"]
+MIN_PER_SPLIT = 5  # fewer training, validation or test examples than this make no run worth the time
 NO_DATA_HELP = ("set DATA_PATH (or MEDQA_DATA_PATH) to a MedQuAD CSV or an Alpaca JSON / JSON Lines file, "
                 "or put medquad.csv into data/")
-
-
-# ---------------------------------------------------------------- reading one file
-
-# What a file that is not text really is, by its first bytes, and how to get a CSV from it.
-_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point "
-                "DATA_PATH at that file")
-_MAGIC = [
-    (b"\x1f\x8b", "gzip-compressed", 
-     "unpack it first (`gunzip -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"\xfd7zXZ\x00", "xz-compressed", 
-     "unpack it first (`unxz -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"BZh", "bzip2-compressed", 
-     "unpack it first (`bunzip2 -k {name}`) and point DATA_PATH at the unpacked file"),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file",
-     _SAVE_AS_CSV),
-    (b"%PDF", "a PDF document", "export the questions and answers as a CSV"),
-    (b"PAR1", "a Parquet file", 
-     "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
-    (b"SQLite format 3\x00", "an SQLite database", "export the table as a CSV"),
-]
-MIN_PER_SPLIT = 5  # fewer training, validation or test examples than this make no run worth the time
-
-
-def _what_binary(path: Path, raw: bytes) -> str | None:
-    """What a file that is not UTF-8 text is, with the fix, or None if it may be text."""
-    for magic, what, fix in _MAGIC:
-        if raw.startswith(magic) and not (magic == b"BZh" and raw[3:4] not in b"123456789"):
-            return f"{path} is {what}, not a text file: {fix.format(name=path.name)}."
-    if raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        try:
-            with zipfile.ZipFile(io.BytesIO(raw)) as z:
-                names = z.namelist()
-        except zipfile.BadZipFile:
-            names = []
-        if any(n.startswith("xl/") for n in names):
-            return f"{path} is an Excel workbook (.xlsx), not a CSV: {_SAVE_AS_CSV}."
-        inside = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        return (f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and point "
-                f"DATA_PATH at the CSV or JSON file inside.")
-    head = raw[:4000]
-    odd, even = head[1::2].count(0), head[0::2].count(0)
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or max(odd, even) > len(head) // 4 > 10 * min(odd, even):
-        return (f"{path} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8: convert it, e.g. "
-                f"`iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`, or {_SAVE_AS_CSV}.")
-    if 0 in head:
-        return (f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH at a "
-                f"MedQuAD CSV or an Alpaca JSON / JSON Lines file.")
-    return None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
-                         f"(chmod u+r) or copy it somewhere you can read it.") from None
-    if not raw.removeprefix(b"\xef\xbb\xbf").strip():
-        raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows "
-                         "in it.")
-    binary = _what_binary(path, raw)
-    if binary:
-        raise MedQAError(binary)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise MedQAError(
-            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded). If it was saved as Latin-1 / "
-            f"Windows-1252, convert it first, e.g. `iconv -f cp1252 -t utf-8 {path.name} > "
-            f"{path.stem}-utf8{path.suffix}`, and point DATA_PATH at the converted file.") from None
-
-
-def _content_kind(text: str, suffix: str) -> str:
-    """'json', 'jsonl' or 'csv', by what the text holds (the name decides only where both fit: one object on
-    one line is a JSON document and JSON Lines alike)."""
-    body = text.lstrip()
-    if body.startswith("["):
-        return "json"
-    if body.startswith("{"):
-        try:
-            json.loads(body)
-        except json.JSONDecodeError as err:
-            return "jsonl" if err.msg == "Extra data" else "json"
-        if len(body.strip().splitlines()) > 1:
-            return "json"
-        return "json" if suffix == ".json" else "jsonl"
-    return "csv"
-
-
-_KIND_NAMES = {"csv": "a CSV", "json": "one JSON document", "jsonl": "JSON Lines (one JSON object per line)"}
-_KIND_SUFFIX = {"csv": ".csv", "json": ".json", "jsonl": ".jsonl"}
-_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
-
-
-def _header(text: str, delimiter: str = ",") -> list[str]:
-    try:
-        return [str(c).strip().lower() for c in next(csv.reader(io.StringIO(text), delimiter=delimiter), [])]
-    except csv.Error:
-        return []
-
-
-def _from_csv(path: Path, text: str) -> pd.DataFrame:
-    columns = _header(text)
-    if not {"question", "answer"} <= set(columns):
-        for delimiter, name in _DELIMITERS.items():
-            other = _header(text, delimiter)
-            if len(other) > max(len(columns), 1) or {"question", "answer"} <= set(other):
-                raise MedQAError(
-                    f"{path} is {name}-separated, not comma-separated (its header splits into {other[:6]} at "
-                    f"'{delimiter}'): save it again as 'CSV UTF-8 (comma delimited)', or convert it, e.g. "
-                    f"`pandas.read_csv(path, sep={delimiter!r}).to_csv('medquad.csv', index=False)`.")
-    twice = sorted({c for c in columns if columns.count(c) > 1})
-    if twice:
-        raise MedQAError(f"{path} has the column name(s) {twice} more than once (capitals and spaces "
-                         f"ignored): rename or delete the extra column(s) so that each name is used once.")
-    limit = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # the csv module refuses fields over 128 KiB; a long answer is still fine
-    try:
-        # The python engine reports an unclosed quote instead of silently swallowing the rest of the file.
-        wide = next(((n, len(row)) for n, row in enumerate(csv.reader(io.StringIO(text)), 1)
-                     if len(row) > len(columns)), None)
-        if wide:  # pandas would quietly take the first column as an index and shift every other one
-            raise MedQAError(f"{path}: row {wide[0]} has {wide[1]} fields but the header names "
-                             f"{len(columns)}, so the columns would shift (a comma at the end of each row, "
-                             "as some spreadsheets write, does this): remove the extra fields or name them "
-                             "in the header.")
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python",
-                         index_col=False)
-    except (pd.errors.ParserError, csv.Error) as err:
-        raise MedQAError(f"{path} is not a well-formed CSV ({err}). Look for an unclosed double quote near "
-                         "there; fields with commas, quotes or newlines must be quoted as in RFC "
-                         "4180.") from None
-    finally:
-        csv.field_size_limit(limit)
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    if len(df) == 0:
-        raise MedQAError(f"{path} has a header but no rows: it needs at least a few hundred question/answer "
-                         "rows.")
-    missing = [c for c in ("question", "answer") if c not in df.columns]
-    if missing:
-        raise MedQAError(f"{path} lacks the column(s) {missing}: a MedQuAD CSV needs `question` and `answer` "
-                         f"(it has {list(df.columns)}). Rename the columns or export the file again.")
-    return pd.DataFrame({"instruction": df["question"], "input": "", "output": df["answer"],
-                         "source": df.get("source", ""), "focus_area": df.get("focus_area", "")})
-
-
-def _from_records(path: Path, records) -> pd.DataFrame:
-    if isinstance(records, dict):
-        inner = [k for k, v in records.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
-        hint = (f" The records seem to be the list under {inner[0]!r}: save that list alone as the file."
-                if inner else "")
-        raise MedQAError(f"{path} holds one JSON object, not a list of records: Alpaca JSON is a list of "
-                         f"objects with `instruction`, `input` and `output`.{hint}")
-    if not isinstance(records, list) or not records:
-        what = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
-        raise MedQAError(f"{path} holds {what}, no list of records: Alpaca JSON is a list of objects with "
-                         f"`instruction`, `input` and `output`.")
-    bad = [i for i, r in enumerate(records)
-           if not isinstance(r, dict) or "instruction" not in r or "output" not in r]
-    if bad:
-        raise MedQAError(f"{path}: {len(bad)} of {len(records)} records lack `instruction` or `output` "
-                         f"(the first is record {bad[0]}). Each record needs both; `input` may be empty.")
-    wrong = [(i, k, r[k]) for i, r in enumerate(records) for k in ("instruction", "input", "output")
-             if k in r and not isinstance(r[k], str)]
-    if wrong:
-        i, key, value = wrong[0]
-        kind = "null" if value is None else {"list": "a list", "dict": "an object", "bool": "true/false"}.get(
-            type(value).__name__, "a number")
-        raise MedQAError(f"{path}: {len(wrong)} field(s) are not text; the first is `{key}` of record {i}, "
-                         f"which is {kind} ({json.dumps(value)[:60]}). `instruction`, `input` and `output` "
-                         "must be strings: write them in quotes (\"\" for an empty input) or drop those "
-                         "records.")
-    df = pd.DataFrame.from_records(records)
-    out = pd.DataFrame({c: df[c] if c in df.columns else "" for c in COLUMNS})
-    return out.fillna("").astype(str)
-
-
-def _json_records(path: Path, text: str, kind: str):
-    if kind == "json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise MedQAError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
-                             f"Fix the file there, or export it again.") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise MedQAError(f"{path} is not valid JSON Lines: line {lineno}, column {err.colno}: "
-                                 f"{err.msg}. Each line must be one JSON object.") from None
-    return records
-
-
-# How to copy a file named by a URL onto this machine, by the URL's scheme.
-_DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L -o data/medquad.csv '{url}'",
-                "ftp": "curl -o data/medquad.csv '{url}'", "s3": "aws s3 cp '{url}' data/medquad.csv",
-                "gs": "gsutil cp '{url}' data/medquad.csv"}
-
-
-def refuse_url(data_path) -> None:
-    """DATA_PATH names a file on this machine: a URL (https://, s3://, ...) is refused with the way to
-    download it, before a path made from it loses a slash."""
-    text = str(data_path).strip()
-    name = store.url_scheme(text)
-    if name is None:
-        return
-    if name == "file":
-        raise MedQAError(f"DATA_PATH {text!r} is a file: URL, which is not read: write the file's path "
-                         f"instead, e.g. {text[len('file://'):]!r}.")
-    how = _DOWNLOADERS.get(name)
-    how = f"e.g. `{how.format(url=text)}`" if how else f"with the tool of that {name}:// storage, into data/"
-    raise MedQAError(f"DATA_PATH {text!r} is a URL, and DATA_PATH is not downloaded: only a file on this "
-                     f"machine is read. Download it first, {how}, then unset DATA_PATH (a copy in "
-                     f"data/medquad.csv is used) or point it at the downloaded file.")
-
-
-def read_table(path) -> pd.DataFrame:
-    """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table.
-
-    What the file holds is judged by its bytes, not its name: a compressed file, a workbook, UTF-16 text, a
-    CSV with another separator, or JSON under the other JSON extension is named as what it is.
-    """
-    refuse_url(path)
-    path = Path(path)
-    if not path.exists():
-        target = f" (a link to {os.readlink(path)!r}, which does not exist)" if path.is_symlink() else ""
-        raise MedQAError(f"DATA_PATH {str(path)!r} does not exist{target}: fix the path, or unset DATA_PATH "
-                         f"to use data/ or a download.")
-    if path.is_dir():
-        raise MedQAError(f"DATA_PATH {str(path)!r} is a folder: point it at one file inside it, e.g. "
-                         "medquad.csv.")
-    if not path.is_file():
-        raise MedQAError(f"DATA_PATH {str(path)!r} is not a regular file (a pipe or a device): copy the "
-                         f"data into a file and point DATA_PATH at it.")
-    suffix = path.suffix.lower()
-    text = _read_text(path)
-    kind = _content_kind(text, suffix)
-    if suffix not in SUFFIXES:
-        raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not "
-                         "read: use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks "
-                         f"like {_KIND_NAMES[kind]}: if so, rename it to end in {_KIND_SUFFIX[kind]}.")
-    expected = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}[suffix]
-    if kind == "csv" and expected != "csv" and not {"question", "answer"} <= set(_header(text)):
-        kind = expected  # recognisably nothing else: the JSON parser says where it breaks
-    if kind != expected:
-        raise MedQAError(f"{path} holds {_KIND_NAMES[kind]}, not {_KIND_NAMES[expected]} as its name says: "
-                         f"rename it to {path.stem}{_KIND_SUFFIX[kind]}.")
-    if expected == "csv":
-        df = _from_csv(path, text)
-    else:
-        df = _from_records(path, _json_records(path, text, expected))
-    for col, what in (("output", "answer"), ("instruction", "question")):
-        if not df[col].str.strip().astype(bool).any():
-            raise MedQAError(f"{path}: every {what} is empty or blank, so there is nothing to learn from. "
-                             f"Check that the {what} column holds the {what}s.")
-    return df
 
 
 def check_enough(df: pd.DataFrame, val_fraction: float, test_fraction: float) -> None:
@@ -365,16 +102,13 @@ def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
     return dest
 
 
-def fetch_from_gdrive(data_dir: Path, download_folder=None, retries: int = 3, backoff: float = 2.0) -> Path:
+def fetch_from_gdrive(data_dir: Path, retries: int = 3, backoff: float = 2.0) -> Path:
     """The original project's Google Drive folder, through gdown; the first readable data file is kept."""
-    if download_folder is None:
-        import gdown
-
-        download_folder = gdown.download_folder
+    import gdown
 
     def attempt():
         with tempfile.TemporaryDirectory(dir=data_dir, prefix=".gdrive-") as tmp:
-            result = download_folder(id=GDRIVE_FOLDER_ID, output=tmp, quiet=True)
+            result = gdown.download_folder(id=GDRIVE_FOLDER_ID, output=tmp, quiet=True)
             if not result:
                 raise OSError("gdown returned no files")
             found = sorted(p for p in Path(tmp).rglob("*") if p.suffix.lower() in SUFFIXES)
@@ -411,7 +145,11 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
     return _write_csv_atomic(table, data_dir / "medquad.csv")
 
 
-def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, log=print) -> Path:
+# Where MedQuAD is downloaded from, in this order, when DATA_PATH is not set and data/ holds no copy.
+SOURCES = [("Google Drive (gdown)", fetch_from_gdrive), ("GitHub abachaa/MedQuAD", fetch_from_github)]
+
+
+def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, log=print) -> Path:
     """DATA_PATH if set; else a copy in data/; else a download (gdown, then the GitHub release) into data/."""
     if data_path:
         refuse_url(data_path)
@@ -423,10 +161,8 @@ def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, sources=None, 
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise store.write_error(data_dir, err) from None
-    sources = sources if sources is not None else [("Google Drive (gdown)", fetch_from_gdrive),
-                                                   ("GitHub abachaa/MedQuAD", fetch_from_github)]
     failures = []
-    for label, fetch in sources:
+    for label, fetch in SOURCES:
         try:
             log(f"Downloading MedQuAD from {label} ...")
             return fetch(data_dir)
@@ -446,8 +182,19 @@ def normalise_whitespace(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
+# A markup tag (<p>, </div>, <br/>) or comment; "<" before a digit or a space ("<10 ug/dL") is text.
+MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>", re.DOTALL)
+
+
+def text_of(field: str) -> str:
+    """What a question or answer says: the text left after removing markup tags, entities' markup
+    (`&nbsp;`) and white space. `<p></p>` and `<div><br/></div>` say nothing."""
+    return html.unescape(MARKUP.sub(" ", field)).strip()
+
+
 def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Normalise whitespace, drop rows without a question or answer and exact duplicate pairs.
+    """Normalise whitespace, drop rows without a question or answer, or whose answer or question is markup
+    without text (text_of), and exact duplicate pairs. Answers with markup and text are kept as they are.
 
     Returns the cleaned table and how many rows each rule removed.
     """
@@ -455,17 +202,33 @@ def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     for col in ("instruction", "input", "output"):
         df[col] = df[col].map(normalise_whitespace)
     report = {"rows read": len(df)}
-    keep = df["output"] != ""
-    report["empty answer"] = int((~keep).sum())
-    df = df[keep]
-    keep = df["instruction"] != ""
-    report["empty question"] = int((~keep).sum())
-    df = df[keep]
+    rules = {"empty answer": df["output"] == "", "empty question": df["instruction"] == "",
+             "answer only markup": df["output"].map(text_of) == "",
+             "question only markup": df["instruction"].map(text_of) == ""}
+    drop = pd.Series(False, index=df.index)
+    for rule, hits in rules.items():
+        report[rule] = int((hits & ~drop).sum())
+        drop |= hits
+    df = df[~drop]
     dup = df.duplicated(subset=["instruction", "input", "output"])
     report["duplicate pair"] = int(dup.sum())
     df = df[~dup].reset_index(drop=True)
     report["rows kept"] = len(df)
     return df, report
+
+
+# MedQuAD's sources of the answers it publishes (the `source` of its XML documents).
+MEDQUAD_SOURCES = {"CancerGov", "CDC", "GARD", "GHR", "MPlusHealthTopics", "NHLBI", "NIDDK",
+                   "NIHSeniorHealth", "NINDS"}
+
+
+def describe(path, table: pd.DataFrame) -> dict:
+    """What data a run read, for its records: the file's name, its rows, and whether it is MedQuAD: every
+    row that has an answer comes from one of MEDQUAD_SOURCES (a MedQuAD CSV, its download, or splits of it
+    saved as Alpaca JSON); other data is the user's."""
+    answered = table.loc[table["output"].str.strip() != "", "source"]
+    medquad = len(answered) > 0 and bool(answered.isin(MEDQUAD_SOURCES).all())
+    return {"file": Path(path).name, "rows": len(table), "medquad": medquad}
 
 
 def sample_rows(df: pd.DataFrame, n: int | None, seed: int, log=print) -> pd.DataFrame:

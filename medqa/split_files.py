@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from medqa.data_file import COLUMNS
 from medqa.store import write_json_atomic
-
-SPLIT_COLUMNS = ["instruction", "input", "output", "source", "focus_area"]
 
 
 def save_splits(folder, **splits: pd.DataFrame) -> Path:
@@ -17,5 +16,5 @@ def save_splits(folder, **splits: pd.DataFrame) -> Path:
     target = Path(folder) / "splits"
     target.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
-        write_json_atomic(target / f"{name}.json", frame[SPLIT_COLUMNS].to_dict(orient="records"))
+        write_json_atomic(target / f"{name}.json", frame[COLUMNS].to_dict(orient="records"))
     return target

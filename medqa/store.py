@@ -84,14 +84,14 @@ def write_error(path, err: BaseException) -> StorageError:
     """The StorageError for a write to `path` that failed with `err`, naming the file, problem and fix."""
     code = storage_errno(err) or getattr(err, "errno", None)
     problem, fix = _FIXES.get(code, (None, "check the disk and the folder, then run again"))
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS) and _on_read_only_mount(Path(path)):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) and on_read_only_mount(Path(path)):
         problem, fix = _READ_ONLY
     problem = problem or getattr(err, "strerror", None) or (os.strerror(code) if code else str(err))
     return StorageError(f"Could not write {path}: {problem} ({type(err).__name__}). The previous file, if "
                         f"any, is unchanged; {fix}.")
 
 
-def _on_read_only_mount(path: Path) -> bool:
+def on_read_only_mount(path: Path) -> bool:
     """Whether the nearest folder of `path` that exists lies on a file system mounted read-only."""
     for folder in (path, *path.parents):
         try:

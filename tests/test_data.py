@@ -37,7 +37,8 @@ def test_clean_counts_what_each_rule_removes():
     df = pd.DataFrame({"instruction": ["q1", "q1", "q2", "", "q3"], "input": "",
                        "output": ["a  1", "a 1", "   ", "a", "a3"], "source": "", "focus_area": ""})
     out, report = data.clean(df)
-    assert report == {"rows read": 5, "empty answer": 1, "empty question": 1, "duplicate pair": 1, "rows kept": 2}
+    assert report == {"rows read": 5, "empty answer": 1, "empty question": 1, "answer only markup": 0,
+                      "question only markup": 0, "duplicate pair": 1, "rows kept": 2}
     assert list(out["output"]) == ["a 1", "a3"]
 
 
@@ -50,29 +51,33 @@ def test_sample_rows_is_seeded_and_notes_too_large_requests(tmp_path):
     assert "using all" in notes[0]
 
 
-def test_locate_prefers_data_path_then_a_local_copy_then_downloads(tmp_path):
+def test_locate_prefers_data_path_then_a_local_copy_then_downloads(tmp_path, monkeypatch):
     calls = []
 
     def fake_download(folder):
         calls.append(folder)
         return write_sample_csv(folder / "medquad.csv")
 
-    sources = [("fake", fake_download)]
+    monkeypatch.setattr(data, "SOURCES", [("fake", fake_download)])
     given = write_sample_csv(tmp_path / "given.csv")
-    assert data.locate_data(str(given), tmp_path / "d", sources) == given and not calls
-    got = data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+    assert data.locate_data(str(given), tmp_path / "d") == given and not calls
+    got = data.locate_data(None, tmp_path / "d", log=lambda *_: None)
     assert got == tmp_path / "d" / "medquad.csv" and len(calls) == 1
-    assert data.locate_data(None, tmp_path / "d", sources) == got and len(calls) == 1  # reused, not downloaded again
+    assert data.locate_data(None, tmp_path / "d") == got and len(calls) == 1  # reused, not downloaded again
 
 
-def test_no_data_and_no_network_ends_with_a_clear_error(tmp_path):
+def test_no_data_and_no_network_ends_with_a_clear_error(tmp_path, monkeypatch):
+    import gdown
+
     def no_gdown(**kw):
         raise ConnectionError("no network")
 
-    sources = [("Google Drive", lambda d: data.fetch_from_gdrive(d, no_gdown, retries=1)),
-               ("GitHub", lambda d: data.fetch_from_github(d, url="http://127.0.0.1:9/x.zip", retries=1))]
+    monkeypatch.setattr(gdown, "download_folder", no_gdown)
+    monkeypatch.setattr(data, "SOURCES", [
+        ("Google Drive", lambda d: data.fetch_from_gdrive(d, retries=1)),
+        ("GitHub", lambda d: data.fetch_from_github(d, url="http://127.0.0.1:9/x.zip", retries=1))])
     with pytest.raises(MedQAError, match="DATA_PATH"):
-        data.locate_data(None, tmp_path / "d", sources, log=lambda *_: None)
+        data.locate_data(None, tmp_path / "d", log=lambda *_: None)
     assert list((tmp_path / "d").iterdir()) == []
 
 
@@ -108,3 +113,27 @@ def test_a_file_url_says_to_write_the_path(tmp_path):
         data.locate_data("file:///data/medquad.csv")
     path = write_sample_csv(tmp_path / "m.csv")
     assert len(data.read_table(str(path))) == 308  # a plain path, also with "://" nowhere, is read
+
+
+def test_answers_of_markup_without_text_are_dropped_and_counted_and_real_ones_kept():
+    import pandas as pd
+
+    answers = ["<p></p>", "<div><br/></div>", "<p> </p>", "<p>&nbsp;</p><!-- x -->", "<p>Gout is <b>arthritis</b>.</p>",
+               "Levels <10 ug/dL and > 5 are < normal", "   ", "a"]
+    questions = ["q1", "q2", "q3", "q4", "q5", "q6", "q7", "<p></p>"]
+    df = pd.DataFrame({"instruction": questions, "input": "", "output": answers, "source": "", "focus_area": ""})
+    out, report = data.clean(df)
+    assert report == {"rows read": 8, "empty answer": 1, "empty question": 0, "answer only markup": 4,
+                      "question only markup": 1, "duplicate pair": 0, "rows kept": 2}
+    assert list(out["output"]) == ["<p>Gout is <b>arthritis</b>.</p>", "Levels <10 ug/dL and > 5 are < normal"]
+    assert data.text_of("<div><br/></div>") == "" and data.text_of("x < 5") == "x < 5"
+
+
+def test_what_data_was_read_names_the_file_and_says_whether_it_is_medquad(tmp_path):
+    medquad = data.read_table(write_sample_csv(tmp_path / "m.csv"))
+    assert data.describe(tmp_path / "m.csv", medquad) == {"file": "m.csv", "rows": 308, "medquad": True}
+    mine = data.read_table(write_sample_alpaca_json(tmp_path / "mine.json"))
+    assert data.describe(tmp_path / "mine.json", mine)["medquad"] is False
+    chinese = tmp_path / "zh.csv"
+    chinese.write_text("question,answer,source\n什么是糖尿病？,糖尿病是一种慢性疾病。,某医院\n", encoding="utf-8")
+    assert data.describe(chinese, data.read_table(chinese)) == {"file": "zh.csv", "rows": 1, "medquad": False}

@@ -138,7 +138,9 @@ def test_a_zip_without_medquad_in_it_is_removed_with_a_clear_error(server, tmp_p
     assert leftovers(tmp_path) == []
 
 
-def test_gdown_that_raises_or_writes_a_broken_file_leaves_nothing(tmp_path):
+def test_gdown_that_raises_or_writes_a_broken_file_leaves_nothing(tmp_path, monkeypatch):
+    import gdown
+
     def raising(**kw):
         raise ConnectionError("Failed to retrieve folder contents")
 
@@ -149,15 +151,19 @@ def test_gdown_that_raises_or_writes_a_broken_file_leaves_nothing(tmp_path):
         return [path]
 
     for fake in (raising, broken):
+        monkeypatch.setattr(gdown, "download_folder", fake)
         with pytest.raises(MedQAError, match="gdown failed after 2 tries"):
-            data.fetch_from_gdrive(tmp_path, fake, retries=2, backoff=0)
+            data.fetch_from_gdrive(tmp_path, retries=2, backoff=0)
         assert leftovers(tmp_path) == []
 
 
-def test_gdown_download_is_kept_when_it_reads(tmp_path):
+def test_gdown_download_is_kept_when_it_reads(tmp_path, monkeypatch):
+    import gdown
+
     def good(id, output, quiet):
         assert id == data.GDRIVE_FOLDER_ID
         return [str(write_sample_csv(f"{output}/MedQuAD.csv"))]
 
-    path = data.fetch_from_gdrive(tmp_path, good, retries=1)
+    monkeypatch.setattr(gdown, "download_folder", good)
+    path = data.fetch_from_gdrive(tmp_path, retries=1)
     assert path == tmp_path / "medquad.csv" and leftovers(tmp_path) == ["medquad.csv"]

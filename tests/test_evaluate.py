@@ -93,3 +93,69 @@ def test_breakdown_without_a_baseline_or_a_judge_shows_what_there_is():
     table = evaluate.breakdown(records)
     assert list(table.columns) == ["answers", "ROUGE-L after"]
     assert table.loc[("source", "GARD"), "ROUGE-L after"] == pytest.approx(0.4)
+
+
+# ---------------------------------------------------------------- text in any script
+
+SCRIPTS = {"Chinese": "糖尿病是一种慢性疾病，会影响身体如何利用血糖。", "Hebrew": "סוכרת היא מחלה כרונית המשפיעה על הסוכר בדם",
+           "Hindi": "मधुमेह एक पुरानी बीमारी है जो रक्त शर्करा को प्रभावित करती है", "emoji": "🩺 💊 😷 👍🏽 🎉",
+           "Russian": "Диабет — хроническое заболевание, влияющее на уровень сахара в крови"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_identical_answers_in_any_script_score_full_marks(script):
+    text = SCRIPTS[script]
+    assert evaluate.rouge_scores([text], [text]) == [{"rouge1": 1.0, "rougeL": 1.0}]
+    assert evaluate.corpus_bleu([text], [text]) == 100.0
+    [other] = evaluate.rouge_scores([SCRIPTS["Russian" if script != "Russian" else "Hebrew"]], [text])
+    assert other == {"rouge1": 0.0, "rougeL": 0.0}
+
+
+def test_chinese_words_are_scored_by_character_and_english_as_rouge_score_does():
+    from rouge_score import rouge_scorer
+
+    [s] = evaluate.rouge_scores(["糖尿病影响血糖"], ["糖尿病是一种慢性疾病"])
+    assert 0 < s["rouge1"] < 1
+    assert evaluate.bleu_tokenizer([SCRIPTS["Chinese"]]) == "zh"
+    assert evaluate.bleu_tokenizer(["Ménière's disease affects the inner ear."]) == "13a"
+    default = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for pred, ref in [("Ménière's disease: vertigo <10 µg 38°C, naïve", "Meniere disease is vertigo; µg ½ café"),
+                      ("The signs and symptoms include running noses", "symptom includes runs nose, fevers")]:
+        want = {k: round(v.fmeasure, 4) for k, v in default.score(ref, pred).items()}
+        assert evaluate.rouge_scores([pred], [ref]) == [want]
+
+
+def test_a_score_that_sees_little_of_the_text_says_so():
+    refs = ["?!… —— ** ++ ==", "((( ))) ::"]
+    with pytest.warns(UserWarning, match="see only 0%"):
+        summary, _ = evaluate.text_scores(refs, refs)
+    assert "see only 0%" in summary["note"]
+    for text in (SCRIPTS["Chinese"], "GOUT IS A FORM OF ARTHRITIS, Mostly In The Big Toe."):
+        summary, _ = evaluate.text_scores([text], [text])
+        assert "note" not in summary and evaluate.text_seen([text]) > 0.85
+
+
+# ---------------------------------------------------------------- the record before fine-tuning
+
+def test_the_record_before_fine_tuning_is_never_written_from_trained_weights(tmp_path):
+    from medqa import store
+    from medqa.errors import MedQAError
+
+    first = [{"instruction": "q", "model_response": "untrained", "rouge1": 0.1, "rougeL": 0.1}]
+    summary = {"rougeL": {"mean": 0.1}, "loss": 10.83}
+    assert evaluate.record_before(tmp_path, first, summary) == (summary, [{"rouge1": 0.1, "rougeL": 0.1}])
+    assert store.read_json(tmp_path / "metrics.json", "")["evaluation"]["before"] == summary
+    store.update_json(tmp_path / "metrics.json", history=[{"step": 1}])  # training has run
+    said = []
+    trained = [{"instruction": "q", "model_response": "trained", "rouge1": 0.9, "rougeL": 0.9}]
+    kept = evaluate.record_before(tmp_path, trained, {"rougeL": {"mean": 0.9}, "loss": 7.747}, log=said.append)
+    assert kept == (summary, [{"rouge1": 0.1, "rougeL": 0.1}])
+    assert store.read_json(tmp_path / "base_responses.json", "") == first
+    assert store.read_json(tmp_path / "metrics.json", "")["evaluation"]["before"] == summary
+    assert "keep the record from before training" in said[0] and "new folder" in said[0]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "checkpoint.pt").write_bytes(b"")  # training started, and nothing was recorded before it
+    with pytest.raises(MedQAError, match="no record from before training is kept"):
+        evaluate.record_before(fresh, trained, {"loss": 7.747})
+    assert not (fresh / "base_responses.json").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from medqa import batches, data, export, generate, model as gpt, prompts, settings
+from medqa import batches, data, export, generate, gpt2_tokenizer, model as gpt, prompts, settings
 from tests.sample_data import write_sample_csv
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad.csv"
@@ -28,11 +28,11 @@ def rows(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    return export.gpt2_tokenizer()
+    return gpt2_tokenizer.for_transformers()
 
 
 def test_the_saved_tokenizer_gives_the_notebooks_ids(rows, tokenizer, tmp_path):
-    export.gpt2_tokenizer().save_pretrained(tmp_path)
+    gpt2_tokenizer.for_transformers().save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tmp_path)
@@ -117,7 +117,8 @@ def test_the_model_card_says_what_the_run_was():
                         "bleu": 3.21, "loss": 2.5, "perplexity": 12.18},
               "before": {"rouge1": {"mean": None, "n": 0}, "bleu": 1.5}, "judge": None}
     s = settings.resolve({"PROFILE": "cpu", "LORA_R": 16, "SEED": 7}, env={})
-    card = export.model_card(s, scores, {"train": 850, "validation": 100, "test": 50})
+    medquad = {"file": "medquad.csv", "rows": 16407, "medquad": True}
+    card = export.model_card(s, scores, {"train": 850, "validation": 100, "test": 50}, medquad)
     meta = front_matter(card)
     assert meta["base_model"] == "openai-community/gpt2" and meta["license"] and meta["pipeline_tag"] == "text-generation"
     assert meta["datasets"] and meta["language"] == ["en"] and "lora" in meta["tags"]
@@ -144,7 +145,33 @@ def test_an_interrupted_save_keeps_the_folder_that_was_there(ending_model, tmp_p
         def save_pretrained(self, path):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "gpt2_tokenizer", lambda *_: Broken())
+    monkeypatch.setattr(gpt2_tokenizer, "for_transformers", lambda *_: Broken())
     with pytest.raises(KeyboardInterrupt):
         export.save_model_folder(ending_model, folder, smoke(MAX_NEW_TOKENS=5))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("data_read", [{"file": "mine.json", "rows": 300, "medquad": False},
+                                       {"file": "zh.csv", "rows": 1234, "medquad": False}, None])
+def test_the_card_of_other_data_names_that_data_and_claims_no_medquad_licence(data_read):
+    card = export.model_card(smoke(), None, None, data_read)
+    meta = front_matter(card)
+    assert "datasets" not in meta and "license" not in meta and "language" not in meta
+    assert "medquad" not in meta["tags"]
+    for words in ("CC BY 4.0", "BMC Bioinformatics", "47,457", "MedQuAD question-answer pairs"):
+        assert words not in card, words
+    if data_read:
+        assert f"`{data_read['file']}`, {data_read['rows']:,} rows read: the user's own data" in card
+        assert f"# GPT-2 fine-tuned on {data_read['file']}" in card
+
+
+def test_the_card_of_medquad_names_the_file_read_and_cites_medquad():
+    card = export.model_card(smoke(), None, None, {"file": "medquad.csv", "rows": 16407, "medquad": True})
+    assert "MedQuAD (`medquad.csv`, 16,407 rows read)" in card and "CC BY 4.0" in card
+    assert front_matter(card)["datasets"] == ["lavita/MedQuAD"]
+
+
+def test_the_card_says_when_the_scores_see_little_of_the_text():
+    note = "ROUGE and BLEU see only 10% of the reference answers' characters: ..."
+    card = export.model_card(smoke(), {"after": {"rougeL": {"mean": 0.5}, "note": note}})
+    assert note in card

