@@ -1,4 +1,4 @@
-"""Greedy decoding written out: how `model.generate` makes an answer, one token at a time, with the KV cache."""
+"""Greedy decoding written out: how `model.generate` makes an answer, token by token, with the KV cache."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The greedy loop the notebook shows (medqa/greedy.py) makes the tokens `model.generate` makes, and stops where
-it stops."""
+"""The greedy loop the notebook shows (medqa/greedy.py) makes the tokens `model.generate` makes, and stops
+where it stops."""
 
 import torch
 
