@@ -1,7 +1,5 @@
 """Greedy decoding written out: how `model.generate` makes an answer, token by token, with the KV cache."""
 
-from __future__ import annotations
-
 import torch
 
 from medqa.batches import EOT

@@ -1,7 +1,5 @@
 """What the notebook says under its results, computed from the numbers; answers printed whole."""
 
-from __future__ import annotations
-
 import math
 import textwrap
 from collections import Counter
