@@ -43,6 +43,8 @@ def test_the_loss_curve_is_read_from_its_first_and_last_points():
     text = readings.loss_curve(history)
     assert "step 40 to step 120" in text and "from 7.90 to 5.00" in text and "from 6.60 to 5.95" in text
     assert "lowest 5.90, at step 80" in text and "0.95 above the train loss" in text and "mean over" in text
+    rising = readings.loss_curve([dict(history[0], val_loss=5.0), history[-1]])
+    assert "validation loss rose from 5.00 to 5.95" in rising
 
 
 def test_empty_answers_are_counted_and_what_the_model_wrote_is_said(tokenizer):
