@@ -33,8 +33,8 @@ def loss_curve(history: list[dict]) -> str:
     moved = {k: "fell" if last[k] < first[k] else "rose" for k in ("train_loss", "val_loss")}
     gap = last["val_loss"] - last["train_loss"]
     return (f"From step {first['step']} to step {last['step']} the train loss {moved['train_loss']} from "
-            f"{first['train_loss']:.2f} to {last['train_loss']:.2f} and the validation loss {moved['val_loss']} "
-            f"from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest {low['val_loss']:.2f}, at step "
+            f"{first['train_loss']:.2f} to {last['train_loss']:.2f} and the validation loss "
+            f"{moved['val_loss']} from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest {low['val_loss']:.2f}, at step "
             f"{low['step']}). Each train point is the mean over the steps since the point before, while the "
             f"weights changed; each validation point is measured at its step, on the same validation sample. "
             f"At the end the validation loss is {abs(gap):.2f} {'above' if gap > 0 else 'below'} the train "
