@@ -114,3 +114,123 @@ def test_files_the_readme_installs_from_exist():
     requirements = re.findall(r"-r\s+(\S+)", text)
     assert "requirements.txt" in requirements
     assert [name for name in requirements if not (ROOT / name).is_file()] == []
+
+
+# ---------------------------------------------------------------- claims that can drift, held against the code
+
+NOTEBOOK = ROOT / "llm.ipynb"
+FREE_GIB = {16: 14.6, 8: 7.2}  # what torch.cuda.mem_get_info leaves on a fresh card (a Colab T4; an 8 GB card)
+
+
+def notebook() -> dict:
+    import json
+
+    return json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+
+
+def notebook_markdown() -> str:
+    return "\n".join("".join(c["source"]) for c in notebook()["cells"] if c["cell_type"] == "markdown")
+
+
+def profile_rows(text: str) -> dict[str, list[str]]:
+    """The rows of a Markdown table of profiles: {profile: its cells after the first}."""
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"\|\s*`(\w+)`\s*\|(.*)\|\s*$", line)
+        if match and match.group(1) in ("smoke", "demo", "cpu", "full"):
+            rows[match.group(1)] = [cell.strip() for cell in match.group(2).split("|")]
+    return rows
+
+
+@pytest.mark.parametrize("where", ["README.md", "llm.ipynb"])
+def test_the_tables_of_profiles_say_what_settings_profiles_sets(where):
+    from medqa.settings import PROFILES
+
+    rows = profile_rows(README.read_text(encoding="utf-8") if where == "README.md" else notebook_markdown())
+    assert set(rows) == set(PROFILES), f"{where}'s table of profiles names {sorted(rows)}"
+    for name, (model, examples, max_length, epochs, *_) in rows.items():
+        profile = PROFILES[name]
+        assert model.startswith(f"`{profile['MODEL']}`"), f"{where}: {name}'s model is {profile['MODEL']}"
+        n = profile["N_SAMPLES"]
+        assert examples.startswith("all") if n is None else examples == f"{n:,}", f"{where}: {name}: {examples}"
+        assert (max_length, epochs) == (str(profile["MAX_LENGTH"]), str(profile["EPOCHS"])), f"{where}: {name}"
+
+
+@pytest.mark.parametrize("where", ["README.md", "llm.ipynb"])
+def test_the_rule_for_which_cuda_cards_get_full_is_the_codes(where):
+    """The sentence after `PROFILE = None` names a card that gets `full` and one that gets `cpu`;
+    device.choose_profile decides the same for the memory such a card has free."""
+    from medqa import device
+
+    text = README.read_text(encoding="utf-8") if where == "README.md" else notebook_markdown()
+    found = re.search(r"With `PROFILE = None`,(.*?)\n\n", text, re.S)
+    assert found, f"{where} has no sentence 'With `PROFILE = None`, ...' saying which hardware gets which profile"
+    rule = " ".join(found.group(1).split())
+    full, cpu = re.findall(r"a (\d+) GB T4 has it", rule), re.findall(r"an? (\d+) GB card", rule)
+    assert full and cpu and "`full`" in rule and "`cpu`" in rule, f"{where}: {rule!r}"
+    for gb, expected in [(int(g), "full") for g in full] + [(int(g), "cpu") for g in cpu]:
+        assert gb in FREE_GIB, f"{where} names a {gb} GB card: add the memory such a card has free to FREE_GIB"
+        caps = device.Capabilities("cuda", f"a {gb} GB card", False, int(FREE_GIB[gb] * 2**30), (7, 5))
+        assert device.choose_profile(caps)[0] == expected, f"{where}: a {gb} GB card gets {expected}?"
+
+
+def test_the_reference_points_are_named_as_the_code_names_them():
+    from medqa.reference_points import MEANING, NAMES
+
+    readme = README.read_text(encoding="utf-8")
+    header = next(line for line in readme.splitlines() if line.startswith("|") and "`random answer`" in line)
+    assert [n for n in NAMES if f"`{n}`" not in header] == []
+    beaten = re.search(r"beating (`[^`]+` and `[^`]+`) means", MEANING).group(1)
+    assert re.search(rf"Beating {beaten} means", readme), f"the README must say what beating {beaten} means"
+    assert " ".join(MEANING.split()) in " ".join(notebook_markdown().split())
+
+
+def test_every_module_command_named_has_a_main():
+    texts = [README.read_text(encoding="utf-8"), notebook_markdown(), *(p.read_text(encoding="utf-8") for p in PAGES)]
+    named = set(re.findall(r"python -m medqa\.(\w+)", "\n".join(texts)))
+    assert named, "no `python -m medqa.X` found"
+    missing = [m for m in sorted(named) if not (ROOT / "medqa" / f"{m}.py").is_file()
+               or 'if __name__ == "__main__":' not in (ROOT / "medqa" / f"{m}.py").read_text(encoding="utf-8")]
+    assert missing == [], f"python -m medqa.X named, but medqa/X.py has no __main__: {missing}"
+
+
+def recorded_seconds() -> float:
+    """How long the stored run took, from the first cell's start to the last cell's reply, as the notebook
+    recorded them."""
+    from datetime import datetime
+
+    times = [c["metadata"].get("execution", {}) for c in notebook()["cells"] if c["cell_type"] == "code"]
+    starts = [t["iopub.execute_input"] for t in times if "iopub.execute_input" in t]
+    ends = [t["shell.execute_reply"] for t in times if "shell.execute_reply" in t]
+    assert starts and ends, "the stored notebook records no execution times: store it from a run"
+    read = lambda stamp: datetime.fromisoformat(stamp.replace("Z", "+00:00"))  # noqa: E731
+    return (max(map(read, ends)) - min(map(read, starts))).total_seconds()
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/speed.md"])
+def test_the_demos_run_time_is_the_stored_runs(page):
+    """The time quoted for the whole demo notebook is the stored run's (nbconvert adds the kernel's start and
+    the notebook's writing: up to 30 s)."""
+    recorded = recorded_seconds()
+    row = next(line for line in (ROOT / page).read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `demo`"))
+    quoted = re.search(r"(\d+) min (\d+) s for the whole notebook", row)
+    assert quoted, (f"{page}: the demo's row gives no time for the whole notebook; the stored run took "
+                    f"{int(recorded // 60)} min {round(recorded % 60)} s (cell times), plus nbconvert's start")
+    seconds = int(quoted.group(1)) * 60 + int(quoted.group(2))
+    assert -2 <= seconds - recorded <= 30, f"{page} quotes {quoted.group(0)}; the stored run took {recorded:.0f} s"
+
+
+def test_the_readmes_scores_are_the_stored_runs():
+    """The README's ROUGE-L row is what the stored notebook printed under its score table."""
+    printed = "".join("".join(o.get("text", "")) for c in notebook()["cells"] if c["cell_type"] == "code"
+                      and "readings.verdict" in "".join(c["source"]) for o in c["outputs"])
+    line = next((ln for ln in printed.splitlines() if ln.startswith("ROUGE-L")), None)
+    assert line, "the stored notebook prints no verdict under its scores: store it from a run"
+    stored = [re.search(r"the model's ([\d.]+)", line).group(1)]
+    from medqa.reference_points import NAMES
+
+    stored += [re.search(rf"{name} \(([\d.]+)\)", line).group(1) for name in NAMES]
+    readme = README.read_text(encoding="utf-8").splitlines()
+    header = next(i for i, ln in enumerate(readme) if ln.startswith("|") and "`random answer`" in ln)
+    assert [c.strip() for c in readme[header + 2].strip("|").split("|")] == stored

@@ -108,3 +108,45 @@ def test_the_scores_cell_merges_into_evaluation_and_keeps_the_judges_results(com
     sources = "\n".join("".join(c["source"]) for c in _code_cells(committed))
     assert not re.search(r"update_json\([^)]*evaluation=", sources)
     assert 'setdefault("evaluation", {}).update(' in sources
+
+
+def _index(sources, text):
+    hits = [i for i, s in enumerate(sources) if text in s]
+    assert len(hits) == 1, f"{len(hits)} code cells hold {text!r}"
+    return hits[0]
+
+
+def test_the_notebook_shows_the_loss_on_toy_numbers_and_the_first_loss(committed):
+    sources = ["".join(c["source"]) for c in _code_cells(committed)]
+    toy = sources[_index(sources, "ignore_index=-100")]
+    assert "-100" in toy.split("targets = ", 1)[1].split("\n")[0] and "log_softmax" in toy and ".mean()" in toy
+    first = _index(sources, "readings.first_loss(")
+    assert "train.mean_loss(" in sources[first] and first < _index(sources, "history = train.train(")
+
+
+def test_the_notebook_runs_a_greedy_loop_and_checks_it_against_the_batched_path(committed):
+    sources = ["".join(c["source"]) for c in _code_cells(committed)]
+    shown = _index(sources, "show_code(greedy.greedy_tokens)")
+    loop = _index(sources, "greedy.greedy_tokens(model,")
+    check = _index(sources, "batched == made")
+    assert shown < loop < check and "repetition_penalty=1.0" in sources[check]
+    assert "generate.generate_ids(" in sources[check]
+
+
+def test_answers_are_printed_whole_and_each_result_has_a_reading_under_it(committed):
+    sources = ["".join(c["source"]) for c in _code_cells(committed)]
+    assert not [s for s in sources if re.search(r"\.str\[:|\[:\d+\]\)?\s*for a in", s)], "answers cut short"
+    assert 'pd.set_option("display.max_colwidth", None)' in sources[_index(sources, "import inspect")]
+    assert _index(sources, "readings.print_answers(records[:3])") == _index(sources, "records = generate.response_"
+                                                                                      "records(test_set.frame, answers)")
+    assert _index(sources, "readings.loss_curve(history)") == _index(sources, "train.plot_losses(") + 1
+    assert _index(sources, "readings.verdict(after, reference)") == _index(sources, "evaluate.compare(") + 1
+    assert "readings.with_scale" in sources[_index(sources, "evaluate.compare(")]
+    assert _index(sources, "readings.empty_answers(") == _index(sources, "if cfg.BASELINE_EVAL:") + 1
+
+
+def test_the_stored_run_prints_three_test_answers_whole(committed):
+    cell = next(c for c in _code_cells(committed) if "readings.print_answers(records[:3])" in "".join(c["source"]))
+    printed = "".join("".join(o.get("text", "")) for o in cell["outputs"])
+    assert len(re.findall(r"^   expected ", printed, flags=re.M)) == 3, "store the notebook from a run"
+    assert len(re.findall(r"^   model ", printed, flags=re.M)) == 3
