@@ -147,7 +147,7 @@ def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[d
             "folder) and run the notebook from the top.")
     if not training_started(out):
         store.write_json_atomic(out / "base_responses.json", records)
-        store.change_json(out / "metrics.json",
+        store.update_json(out / "metrics.json",
                           lambda metrics: metrics.setdefault("evaluation", {}).update(before=summary))
         kept, kept_summary = records, summary
     else:
