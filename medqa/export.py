@@ -54,7 +54,7 @@ def generation_config(decoding: Decoding):
     from transformers import GenerationConfig
 
     return GenerationConfig(max_new_tokens=decoding.max_new_tokens, bos_token_id=EOT, eos_token_id=EOT,
-                            pad_token_id=EOT, **decoding.generate_options())
+                            pad_token_id=EOT, **decoding.config_options())
 
 
 def _base_model(model_name: str) -> str | None:
@@ -175,19 +175,23 @@ The model was trained on Alpaca-style prompts and answers after `### Response:`;
 ## How to use it
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 folder = "OUTPUT_DIR/model"  # this folder
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder)
 prompt = {format_prompt("What are the symptoms of glaucoma?")!r}
 ids = tokenizer(prompt, return_tensors="pt")
-out = model.generate(**ids)  # generation_config.json holds the notebook's decoding
-print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+width = ids["input_ids"].shape[1]  # the penalty counts the answer's tokens, not the prompt's
+penalty = RepetitionPenaltyLogitsProcessor({float(cfg.REPETITION_PENALTY)!r}, prompt_ignore_length=width)
+out = model.generate(**ids, logits_processor=[penalty])  # the rest is in generation_config.json
+print(tokenizer.decode(out[0, width:], skip_special_tokens=True).strip())
 ```
 
-`generation_config.json` holds the notebook's decoding: {describe_decoding(decoding)}, at most
-{cfg.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
+The notebook's decoding is {describe_decoding(decoding)}, at most {cfg.MAX_NEW_TOKENS} new tokens, stopping
+at `<|endoftext|>`. `generation_config.json` holds it but for the penalty (`answer_repetition_penalty`, which
+`generate` does not read: its own `repetition_penalty` would count the prompt too, and a MedQuAD answer
+repeats its question's disease name). With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """

@@ -24,31 +24,63 @@ from medqa.errors import MedQAError
 class Decoding:
     """How answers are generated: the notebook's settings (from_settings), `python -m medqa.ask`'s flags, and
     the saved folder's generation_config.json (export.generation_config) all go through it. A new decoding
-    option is a field here and an entry in generate_options."""
+    option is a field here and an entry in config_options."""
 
     max_new_tokens: int             # longest answer, in tokens
     temperature: float = 0.0        # 0: greedy; above 0: sampling
-    repetition_penalty: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; counts the answer's own tokens, never the prompt's
     batch_size: int = 32            # prompts answered at once
     seed: int = 0                   # of the sampling, when temperature > 0
+    no_repeat_ngram_size: int = 0   # 0: off; n: no n tokens in a row twice in the answer
 
     @classmethod
     def from_settings(cls, settings) -> Decoding:
         return cls(settings.MAX_NEW_TOKENS, settings.TEMPERATURE, settings.REPETITION_PENALTY,
                    settings.GEN_BATCH_SIZE, settings.SEED)
 
-    def generate_options(self) -> dict:
-        """The options of `model.generate` (and of generation_config.json) beside the length."""
+    def config_options(self) -> dict:
+        """What generation_config.json holds beside the length. `generate` reads do_sample and temperature;
+        the two options over the answer only are kept under names of their own, which `generate` ignores (its
+        repetition_penalty and no_repeat_ngram_size would count the prompt too) and medqa.ask reads."""
         sampling = dict(do_sample=True, temperature=self.temperature) if self.temperature > 0 else \
             dict(do_sample=False)
-        return dict(repetition_penalty=self.repetition_penalty, **sampling)
+        return dict(answer_repetition_penalty=self.repetition_penalty,
+                    answer_no_repeat_ngram_size=self.no_repeat_ngram_size, **sampling)
+
+    def generate_options(self, prompt_width: int) -> dict:
+        """The options of `model.generate` beside the length, for prompts left-padded to `prompt_width`
+        columns: the penalty and the n-gram rule look only at the columns after them, the answer's. A
+        MedQuAD answer repeats its question's disease name, which a penalty over the prompt would hold
+        back."""
+        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        options = self.config_options()
+        penalty, ngram = options.pop("answer_repetition_penalty"), options.pop("answer_no_repeat_ngram_size")
+        processors = [RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=prompt_width)] \
+            if penalty != 1.0 else []
+        processors += [AnswerOnly(NoRepeatNGramLogitsProcessor(ngram), prompt_width)] if ngram else []
+        return dict(logits_processor=processors, **options)
+
+
+class AnswerOnly:
+    """A logits processor of transformers that sees the answer's tokens only: the columns after the
+    (left-padded) prompts."""
+
+    def __init__(self, processor, prompt_width: int):
+        self.processor, self.prompt_width = processor, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(input_ids[:, self.prompt_width:], scores)
 
 
 def describe_decoding(decoding: Decoding) -> str:
     """The decoding in words (the notebook prints it and metrics.json records it)."""
     way = "greedy" if decoding.temperature == 0 else f"sampling at temperature {decoding.temperature}"
-    penalty = decoding.repetition_penalty
-    return way if penalty == 1.0 else f"{way} with repetition penalty {penalty}"
+    if decoding.repetition_penalty != 1.0:
+        way += f" with repetition penalty {decoding.repetition_penalty}"
+    if decoding.no_repeat_ngram_size:
+        way += f", no {decoding.no_repeat_ngram_size} tokens repeated in a row"
+    return way
 
 
 def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,25 +100,30 @@ def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]
     return ids.to(device), mask.to(device)
 
 
-def answer_room(prompts: list[list[int]], context: int, max_new_tokens: int, log=print) -> list[int]:
+def answer_room(prompts: list[list[int]], context: int, max_new_tokens: int, least: int = 1, refusal=None,
+                log=print) -> list[int]:
     """How many new tokens each prompt's answer may have: `max_new_tokens`, or what the context leaves after
-    the prompt when that is less (one line says so). A prompt is never cut: one that fills the context is
-    refused."""
-    full = [i for i, p in enumerate(prompts) if len(p) >= context]
-    if full:
-        numbers = ", ".join(str(i + 1) for i in full[:5])
-        longest = max(len(prompts[i]) for i in full)
-        raise MedQAError(f"{len(full)} prompt(s) (number {numbers}) have {longest} "
-                         f"tokens or more, and the model reads {context} tokens in all, prompt and answer "
-                         f"together: no room is left for an answer. Shorten the question (or drop such "
-                         f"examples, as a lower MAX_LENGTH does).")
+    the prompt when that is less (one line says so). A prompt is never cut: one that leaves fewer than `least`
+    tokens is refused, with the MedQAError that `refusal` makes of their indices (by default no_room's)."""
     room = [min(max_new_tokens, context - len(p)) for p in prompts]
+    refused = [i for i, r in enumerate(room) if r < least]
+    if refused:
+        raise (refusal or (lambda found: no_room(prompts, context, found)))(refused)
     short = [r for r in room if r < max_new_tokens]
     if short:
         log(f"note: {len(short)} of {len(prompts)} prompts leave less than {max_new_tokens} new tokens in "
             f"the model's context of {context} tokens: their answers can have {min(short)} to {max(short)} "
             f"tokens.")
     return room
+
+
+def no_room(prompts: list[list[int]], context: int, full: list[int]) -> MedQAError:
+    """The notebook's refusal of the prompts (indices `full`) that fill the model's context."""
+    numbers = ", ".join(str(i + 1) for i in full[:5])
+    return MedQAError(f"{len(full)} prompt(s) (number {numbers}) have {max(len(prompts[i]) for i in full)} "
+                      f"tokens or more, and the model reads {context} tokens in all, prompt and answer "
+                      f"together: no room is left for an answer. Shorten the question (or drop such "
+                      f"examples, as a lower MAX_LENGTH does).")
 
 
 def batches_of_equal_room(prompts: list[list[int]], room: list[int], batch_size: int) -> list[list[int]]:
@@ -113,7 +150,7 @@ def generate_ids(model, prompts: list[list[int]], decoding: Decoding, progress: 
     was_training = model.training  # answers between epochs must not switch dropout off for what follows
     model.eval()
     device = next(model.parameters()).device
-    room = answer_room(prompts, model.config.n_positions, decoding.max_new_tokens, log)
+    room = answer_room(prompts, model.config.n_positions, decoding.max_new_tokens, log=log)
     chunks = batches_of_equal_room(prompts, room, decoding.batch_size)
     out: list[list[int]] = [[] for _ in prompts]
     if decoding.temperature > 0:
@@ -124,7 +161,8 @@ def generate_ids(model, prompts: list[list[int]], decoding: Decoding, progress: 
                               disable=not progress or len(chunks) < 2):
                 ids, mask = left_pad([prompts[i] for i in chunk], device)
                 new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=room[chunk[0]],
-                                     eos_token_id=EOT, pad_token_id=EOT, **decoding.generate_options())
+                                     eos_token_id=EOT, pad_token_id=EOT,
+                                     **decoding.generate_options(ids.shape[1]))
                 for i, row in zip(chunk, new[:, ids.shape[1]:].tolist()):
                     out[i] = cut_answer(row)
     finally:  # an interrupted answer must not leave dropout off either

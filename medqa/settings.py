@@ -28,7 +28,7 @@ PROFILES = {
     # MASK_PROMPT: a model that starts from nothing spends its few steps on the answers, not on the preamble.
     "demo": dict(MODEL="random-gpt2-mini", N_SAMPLES=3000, MAX_LENGTH=128, EPOCHS=2, LEARNING_RATE=2e-3,
                  WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3,
-                 MASK_PROMPT=True),
+                 MASK_PROMPT=True, PRECISION="fp32"),
     # A laptop with a network: GPT-2 124M on about 1,000 examples.
     "cpu": dict(MODEL="gpt2", N_SAMPLES=1000, MAX_LENGTH=512, EPOCHS=2, LEARNING_RATE=5e-5,
                 WARMUP_STEPS=10, EVAL_EVERY=20, EVAL_BATCHES=10, MAX_NEW_TOKENS=200, N_BEFORE=3),

@@ -36,7 +36,8 @@ def test_ask_gives_the_notebooks_answers(folder, ending_model, tokenizer, tmp_pa
     assert [g["question"] for g in got] == QUESTIONS
     expected = notebook_answers(ending_model, tokenizer, QUESTIONS, smoke())
     assert [g["answer"] for g in got] == expected
-    assert len(set(expected)) > 2 and "" in expected  # the answers differ, and one ended at once
+    # the answers differ, and some ended at <|endoftext|>, before the 24 tokens
+    assert len(set(expected)) > 2 and min(len(tokenizer.encode_ordinary(a)) for a in expected) < 12
     rc, out, _ = asked(capsys, "--model", folder, *QUESTIONS[:2])
     assert out == "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(QUESTIONS[:2], expected[:2]))
 

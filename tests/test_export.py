@@ -64,17 +64,20 @@ def smoke(**overrides):
 
 FRESH = r"""
 import json, sys
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor, pipeline
+folder, prompts, penalty = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder)
-by_generate = []
-for p in prompts:
-    ids = tok(p, return_tensors="pt")
-    out = model.generate(**ids)  # the folder's generation_config.json alone decides
-    by_generate.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+by_generate, by_pipeline = [], []
 pipe = pipeline("text-generation", model=folder)
-by_pipeline = [r[0]["generated_text"].strip() for r in pipe(prompts, return_full_text=False)]
+for p in prompts:  # generation_config.json and the penalty over the answer, as the model card says
+    ids = tok(p, return_tensors="pt")
+    width = ids["input_ids"].shape[1]
+    answer_only = [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=width)]
+    out = model.generate(**ids, logits_processor=answer_only)
+    by_generate.append(tok.decode(out[0, width:], skip_special_tokens=True).strip())
+    answer_only = [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=width)]
+    by_pipeline.append(pipe(p, return_full_text=False, logits_processor=answer_only)[0]["generated_text"].strip())
 print(json.dumps({"generate": by_generate, "pipeline": by_pipeline}))
 """
 
@@ -87,7 +90,10 @@ def test_a_saved_folder_answers_in_a_fresh_process_as_the_notebook_does(ending_m
     new = generate.generate_ids(ending_model, ids, generate.Decoding(s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY))
     assert any(0 < len(n) < s.MAX_NEW_TOKENS for n in new) and any(len(n) == s.MAX_NEW_TOKENS for n in new)
     notebook = generate.answer(ending_model, tokenizer, ids, generate.Decoding.from_settings(s))
-    run = subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(texts)], capture_output=True,
+    assert f"RepetitionPenaltyLogitsProcessor({s.REPETITION_PENALTY}, prompt_ignore_length=width)" in \
+        (folder / "README.md").read_text(encoding="utf-8")
+    run = subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(texts), str(s.REPETITION_PENALTY)],
+                         capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     fresh = json.loads(run.stdout.strip().splitlines()[-1])
@@ -99,11 +105,11 @@ def test_the_generation_config_carries_the_notebooks_decoding(ending_model, tmp_
     from transformers import GenerationConfig
 
     greedy = GenerationConfig.from_pretrained(export.save_model_folder(ending_model, tmp_path / "a", smoke()))
-    assert (greedy.do_sample, greedy.max_new_tokens, greedy.repetition_penalty) == (False, 24, 1.1)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.answer_repetition_penalty) == (False, 24, 1.1)
     assert (greedy.eos_token_id, greedy.pad_token_id) == (50256, 50256)
     s = smoke(TEMPERATURE=0.7, REPETITION_PENALTY=1.3, MAX_NEW_TOKENS=99)
     sampled = GenerationConfig.from_pretrained(export.save_model_folder(ending_model, tmp_path / "b", s))
-    assert (sampled.do_sample, sampled.temperature, sampled.max_new_tokens, sampled.repetition_penalty) == \
+    assert (sampled.do_sample, sampled.temperature, sampled.max_new_tokens, sampled.answer_repetition_penalty) == \
         (True, 0.7, 99, 1.3)
 
 
