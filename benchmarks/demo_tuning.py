@@ -85,15 +85,26 @@ def parse_decoding(text: str, cfg) -> generate.Decoding:
 
 
 def do_score(args) -> None:
-    record = json.loads((args.out / "train.json").read_text())
-    cfg = resolve(record["overrides"], args.out)
+    """Scores the saved model, or with --checkpoint the weights of a checkpoint of a run still training
+    (its settings given again with --set)."""
+    overrides = json.loads((args.out / "train.json").read_text())["overrides"] if not args.checkpoint else \
+        {k: ast.literal_eval(v) if v[:1].isdigit() else v for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = resolve(overrides, args.out)
     train_df, val_df, test_df = prepare(cfg)
     frame = batches.QADataset(val_df if args.split == "validation" else test_df, cfg.MAX_LENGTH).frame
     frame = frame.head(args.n) if args.n else frame
     expected = list(frame["output"])
     import torch
 
-    model = load_model(str(args.out / "model"), torch.device("cpu"))
+    if args.checkpoint:
+        from medqa.store import load_checkpoint
+
+        model = load_model(model_source(cfg.MODEL, cfg.SEED), torch.device("cpu"))
+        checkpoint = load_checkpoint(args.checkpoint)
+        model.load_state_dict(checkpoint["model"])
+        print(f"checkpoint at step {checkpoint['state']['step']}" if "state" in checkpoint else "checkpoint")
+    else:
+        model = load_model(str(args.out / "model"), torch.device("cpu"))
     tokenizer = get_tokenizer()
     for text in args.decoding:
         decoding = parse_decoding(text, cfg)
@@ -121,6 +132,7 @@ def main() -> None:
     p.add_argument("--split", choices=("validation", "test"), default="validation")
     p.add_argument("--n", type=int, default=0, help="questions scored (0: all of the split)")
     p.add_argument("--decoding", nargs="*", default=["greedy"])
+    p.add_argument("--checkpoint", type=Path, help="score this checkpoint.pt instead of the saved model")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (do_train if args.what == "train" else do_score)(args)

@@ -70,13 +70,14 @@ def decoding_defaults(folder: Path) -> dict:
     saved = read_json(path, f"Fix: {again}, or delete the file to use the project's defaults.") \
         if path.exists() else {}
     fix = (f"{path} does not hold the decoding settings of a saved model: {again}, or pass --max-new-tokens, "
-           f"--temperature and --repetition-penalty.")
+           f"--temperature, --repetition-penalty and --no-repeat-ngram-size.")
     if not isinstance(saved, dict):
         raise MedQAError(fix)
     out = {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
-           "repetition_penalty": saved.get("answer_repetition_penalty", COMMON["REPETITION_PENALTY"])}
-    if not isinstance(out["max_new_tokens"], int) or not all(
+           "repetition_penalty": saved.get("answer_repetition_penalty", COMMON["REPETITION_PENALTY"]),
+           "no_repeat_ngram_size": saved.get("answer_no_repeat_ngram_size", COMMON["NO_REPEAT_NGRAM_SIZE"])}
+    if not all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size")) or not all(
             isinstance(out[k], (int, float)) and not isinstance(out[k], bool)
             for k in ("temperature", "repetition_penalty")):
         raise MedQAError(fix)
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: the folder's)")
     p.add_argument("--temperature", type=float, help="0: greedy; above 0: sampling (default: the folder's)")
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the folder's)")
+    p.add_argument("--no-repeat-ngram-size", type=int,
+                   help="n: never the same n tokens in a row twice in an answer; 0 = off (default: the "
+                        "folder's)")
     p.add_argument("--batch-size", type=int, default=COMMON["GEN_BATCH_SIZE"],
                    help="questions answered at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=COMMON["SEED"],
@@ -146,11 +150,14 @@ def decoding_from_flags(args, saved: dict) -> Decoding:
     decoding = Decoding(max_new_tokens=pick(args.max_new_tokens, "max_new_tokens"),
                         temperature=pick(args.temperature, "temperature"),
                         repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"),
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, seed=args.seed,
+                        no_repeat_ngram_size=pick(args.no_repeat_ngram_size, "no_repeat_ngram_size"))
     finite = math.isfinite(decoding.temperature) and math.isfinite(decoding.repetition_penalty)
     for flag, value, ok, rule in (
             ("--max-new-tokens", decoding.max_new_tokens, decoding.max_new_tokens > 0, "above 0"),
             ("--batch-size", decoding.batch_size, decoding.batch_size > 0, "above 0"),
+            ("--no-repeat-ngram-size", decoding.no_repeat_ngram_size, decoding.no_repeat_ngram_size >= 0,
+             "0 or above"),
             ("--temperature", decoding.temperature, finite and decoding.temperature >= 0,
              "a finite number, 0 or above"),
             ("--repetition-penalty", decoding.repetition_penalty, finite and decoding.repetition_penalty >= 1,

@@ -8,13 +8,14 @@ does.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medqa.batches import EOT
 from medqa.errors import MedQAError
-from medqa.generate import Decoding, describe_decoding
+from medqa.generate import AnswerOnly, Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.reference_points import card_table
@@ -74,7 +75,7 @@ SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BL
           ("reference answers' loss", "loss"), ("reference answers' perplexity", "perplexity"))
 
 # What defines the run, and how its answers were decoded.
-CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
+CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE")
 
 
 def _front_matter(lora_r, base: str | None) -> list[str]:
@@ -175,23 +176,27 @@ The model was trained on Alpaca-style prompts and answers after `### Response:`;
 ## How to use it
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
+from transformers import {", ".join(["AutoModelForCausalLM", "AutoTokenizer", *decoding.answer_rules()])}
+
+
+{inspect.getsource(AnswerOnly)}
 
 folder = "OUTPUT_DIR/model"  # this folder
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder)
 prompt = {format_prompt("What are the symptoms of glaucoma?")!r}
 ids = tokenizer(prompt, return_tensors="pt")
-width = ids["input_ids"].shape[1]  # the penalty counts the answer's tokens, not the prompt's
-penalty = RepetitionPenaltyLogitsProcessor({float(cfg.REPETITION_PENALTY)!r}, prompt_ignore_length=width)
-out = model.generate(**ids, logits_processor=[penalty])  # the rest is in generation_config.json
+width = ids["input_ids"].shape[1]
+rules = [{", ".join(f"AnswerOnly({name}({arg!r}), width)" for name, arg in decoding.answer_rules().items())}]
+out = model.generate(**ids, logits_processor=rules)  # the rest of the decoding is in generation_config.json
 print(tokenizer.decode(out[0, width:], skip_special_tokens=True).strip())
 ```
 
 The notebook's decoding is {describe_decoding(decoding)}, at most {cfg.MAX_NEW_TOKENS} new tokens, stopping
-at `<|endoftext|>`. `generation_config.json` holds it but for the penalty (`answer_repetition_penalty`, which
-`generate` does not read: its own `repetition_penalty` would count the prompt too, and a MedQuAD answer
-repeats its question's disease name). With the project installed,
+at `<|endoftext|>`. `generation_config.json` holds it, the rules over the answer only under names of their
+own (`answer_repetition_penalty`, `answer_no_repeat_ngram_size`) that `generate` does not read: its
+`repetition_penalty` and `no_repeat_ngram_size` would count the prompt too, and a MedQuAD answer repeats its
+question's words. With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """

@@ -1,9 +1,6 @@
-"""Answers from the model, many prompts at a time, with `model.generate` and its KV cache.
-
-The recipe: sort the prompts by length and batch them, pad each batch on the left (so that every prompt's last
-token sits in the last column, where generation continues), let `generate` decode with its KV cache, and keep
-what comes before the first <|endoftext|>. How to decode (length, greedy or sampling, repetition penalty,
-batch size, seed) is one small object, `Decoding`. On the CPU the linear layers run on the kernels that
+"""Answers from the model, many prompts at a time: sort the prompts by length and batch them, pad each batch
+on the left, let `model.generate` decode with its KV cache (as one small object, `Decoding`, says), and keep
+what comes before the first <|endoftext|>. On the CPU the linear layers run on the kernels that
 medqa.cpu_kernels measured fastest here.
 """
 
@@ -36,41 +33,42 @@ class Decoding:
     @classmethod
     def from_settings(cls, settings) -> Decoding:
         return cls(settings.MAX_NEW_TOKENS, settings.TEMPERATURE, settings.REPETITION_PENALTY,
-                   settings.GEN_BATCH_SIZE, settings.SEED)
+                   settings.GEN_BATCH_SIZE, settings.SEED, settings.NO_REPEAT_NGRAM_SIZE)
+
+    def answer_rules(self) -> dict:
+        """The options that look at the answer only, as the names of transformers' logits processors and their
+        argument. `generate`'s own repetition_penalty and no_repeat_ngram_size would count the prompt too, and
+        a MedQuAD answer repeats its question's disease name and words ("The signs and symptoms of ...")."""
+        rules = {"RepetitionPenaltyLogitsProcessor": float(self.repetition_penalty),
+                 "NoRepeatNGramLogitsProcessor": self.no_repeat_ngram_size}
+        return {name: value for name, value in rules.items() if value != (1.0 if "Penalty" in name else 0)}
 
     def config_options(self) -> dict:
-        """What generation_config.json holds beside the length. `generate` reads do_sample and temperature;
-        the two options over the answer only are kept under names of their own, which `generate` ignores (its
-        repetition_penalty and no_repeat_ngram_size would count the prompt too) and medqa.ask reads."""
+        """What generation_config.json holds beside the length: do_sample and temperature, which `generate`
+        reads, and the answer's rules under names of their own, which it ignores and medqa.ask reads."""
         sampling = dict(do_sample=True, temperature=self.temperature) if self.temperature > 0 else \
             dict(do_sample=False)
         return dict(answer_repetition_penalty=self.repetition_penalty,
                     answer_no_repeat_ngram_size=self.no_repeat_ngram_size, **sampling)
 
-    def generate_options(self, prompt_width: int) -> dict:
-        """The options of `model.generate` beside the length, for prompts left-padded to `prompt_width`
-        columns: the penalty and the n-gram rule look only at the columns after them, the answer's. A
-        MedQuAD answer repeats its question's disease name, which a penalty over the prompt would hold
-        back."""
-        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    def generate_options(self, width: int) -> dict:
+        """The options of `model.generate` beside the length, for prompts left-padded to `width` columns."""
+        import transformers
 
-        options = self.config_options()
-        penalty, ngram = options.pop("answer_repetition_penalty"), options.pop("answer_no_repeat_ngram_size")
-        processors = [RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=prompt_width)] \
-            if penalty != 1.0 else []
-        processors += [AnswerOnly(NoRepeatNGramLogitsProcessor(ngram), prompt_width)] if ngram else []
-        return dict(logits_processor=processors, **options)
+        options = {k: v for k, v in self.config_options().items() if not k.startswith("answer_")}
+        rules = [getattr(transformers, name)(value) for name, value in self.answer_rules().items()]
+        return dict(logits_processor=[AnswerOnly(rule, width) for rule in rules], **options)
 
 
 class AnswerOnly:
-    """A logits processor of transformers that sees the answer's tokens only: the columns after the
-    (left-padded) prompts."""
+    """A logits processor of transformers that sees only the answer's tokens: those after the prompt's
+    `width` columns (left-padded prompts all end there)."""
 
-    def __init__(self, processor, prompt_width: int):
-        self.processor, self.prompt_width = processor, prompt_width
+    def __init__(self, processor, width):
+        self.processor, self.width = processor, width
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.processor(input_ids[:, self.prompt_width:], scores)
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.width:], scores)
 
 
 def describe_decoding(decoding: Decoding) -> str:
@@ -79,18 +77,14 @@ def describe_decoding(decoding: Decoding) -> str:
     if decoding.repetition_penalty != 1.0:
         way += f" with repetition penalty {decoding.repetition_penalty}"
     if decoding.no_repeat_ngram_size:
-        way += f", no {decoding.no_repeat_ngram_size} tokens repeated in a row"
+        way += f", never the same {decoding.no_repeat_ngram_size} tokens in a row twice in an answer"
     return way
 
 
 def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding puts every prompt's last token in the last column, where generation continues.
-
-    The padding is <|endoftext|>, which the repetition penalty would count as said: `generate` keeps it out,
-    since it gives the penalty each row's padding length from the attention mask (transformers'
-    generation/utils.py), so a prompt's answer does not depend on the prompts batched with it
-    (tests/test_model.py checks this).
-    """
+    """Left padding puts every prompt's last token in the last column, where generation continues. The
+    padding (<|endoftext|>) lies in the prompt's columns, which the penalty skips: a prompt's answer does not
+    depend on the prompts batched with it (tests/test_model.py)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), EOT, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -70,6 +70,7 @@ class Settings:
     GEN_BATCH_SIZE: int
     TEMPERATURE: float
     REPETITION_PENALTY: float
+    NO_REPEAT_NGRAM_SIZE: int
     N_BEFORE: int
     BASELINE_EVAL: bool
     JUDGE_MODEL: str
@@ -88,7 +89,8 @@ class Settings:
 COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, LORA_R=None,
               LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None,
               CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
-              GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.1, BASELINE_EVAL=True,
+              GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.0, NO_REPEAT_NGRAM_SIZE=3,
+              BASELINE_EVAL=True,
               JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434",
               OUTPUT_DIR=None, OVERWRITE=False)
 
@@ -394,6 +396,8 @@ def validate(cfg: Settings) -> None:
     _check(cfg.TEMPERATURE >= 0, f"TEMPERATURE={cfg.TEMPERATURE!r} must be >= 0 (0 = greedy).")
     _check(cfg.REPETITION_PENALTY >= 1.0,
            f"REPETITION_PENALTY={cfg.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
+    _check(cfg.NO_REPEAT_NGRAM_SIZE >= 0,
+           f"NO_REPEAT_NGRAM_SIZE={cfg.NO_REPEAT_NGRAM_SIZE!r} must be >= 0 (0 = off).")
     _check(isinstance(cfg.N_BEFORE, int) and cfg.N_BEFORE >= 0, f"N_BEFORE={cfg.N_BEFORE!r} must be >= 0.")
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
         value = getattr(cfg, name)
