@@ -39,9 +39,12 @@ class Decoding:
         """The options that look at the answer only, as the names of transformers' logits processors and their
         argument. `generate`'s own repetition_penalty and no_repeat_ngram_size would count the prompt too, and
         a MedQuAD answer repeats its question's disease name and words ("The signs and symptoms of ...")."""
-        rules = {"RepetitionPenaltyLogitsProcessor": float(self.repetition_penalty),
-                 "NoRepeatNGramLogitsProcessor": self.no_repeat_ngram_size}
-        return {name: value for name, value in rules.items() if value != (1.0 if "Penalty" in name else 0)}
+        rules = {}
+        if self.repetition_penalty != 1.0:
+            rules["RepetitionPenaltyLogitsProcessor"] = float(self.repetition_penalty)
+        if self.no_repeat_ngram_size:
+            rules["NoRepeatNGramLogitsProcessor"] = self.no_repeat_ngram_size
+        return rules
 
     def config_options(self) -> dict:
         """What generation_config.json holds beside the length: do_sample and temperature, which `generate`
