@@ -63,20 +63,21 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
 
 
 def decoding_defaults(folder: Path) -> dict:
-    """The notebook's decoding as the folder's generation_config.json records it (the project's defaults for a
-    folder saved before it had one)."""
+    """The notebook's decoding as the folder's generation_config.json records it (Decoding.config_options),
+    the project's defaults where it records none."""
     path = folder / "generation_config.json"
     again = "save the model folder again (export.save_model_folder, as the notebook does)"
     saved = read_json(path, f"Fix: {again}, or delete the file to use the project's defaults.") \
         if path.exists() else {}
     fix = (f"{path} does not hold the decoding settings of a saved model: {again}, or pass --max-new-tokens, "
-           f"--temperature and --repetition-penalty.")
+           f"--temperature, --repetition-penalty and --no-repeat-ngram-size.")
     if not isinstance(saved, dict):
         raise MedQAError(fix)
     out = {"max_new_tokens": saved.get("max_new_tokens", PROFILES["full"]["MAX_NEW_TOKENS"]),
            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
-           "repetition_penalty": saved.get("repetition_penalty", COMMON["REPETITION_PENALTY"])}
-    if not isinstance(out["max_new_tokens"], int) or not all(
+           "repetition_penalty": saved.get("answer_repetition_penalty", COMMON["REPETITION_PENALTY"]),
+           "no_repeat_ngram_size": saved.get("answer_no_repeat_ngram_size", COMMON["NO_REPEAT_NGRAM_SIZE"])}
+    if not all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size")) or not all(
             isinstance(out[k], (int, float)) and not isinstance(out[k], bool)
             for k in ("temperature", "repetition_penalty")):
         raise MedQAError(fix)
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: the folder's)")
     p.add_argument("--temperature", type=float, help="0: greedy; above 0: sampling (default: the folder's)")
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the folder's)")
+    p.add_argument("--no-repeat-ngram-size", type=int,
+                   help="n: never the same n tokens in a row twice in an answer; 0 = off (default: the "
+                        "folder's)")
     p.add_argument("--batch-size", type=int, default=COMMON["GEN_BATCH_SIZE"],
                    help="questions answered at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=COMMON["SEED"],
@@ -102,26 +106,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_room(tokenizer, questions: list[str], prompts: list[list[int]], context: int,
-               max_new_tokens: int) -> None:
-    """Refuse questions whose prompt leaves less than `max_new_tokens` of the model's context for the answer,
-    with the token counts and the fix: a cut question would be another question, and a prompt that fills the
-    context leaves no room to answer."""
+def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context: int, max_new_tokens: int,
+             refused: list[int]) -> MedQAError:
+    """The refusal of the questions (indices `refused`) whose prompt leaves less than `max_new_tokens` of the
+    model's context for the answer, with the token counts and the fix: a cut question would be another
+    question, and a prompt that fills the context leaves no room to answer."""
     problems = []
-    for n, (question, prompt) in enumerate(zip(questions, prompts), 1):
-        left = context - len(prompt)
-        if left >= max_new_tokens:
-            continue
-        most = context - max_new_tokens - (len(prompt) - len(tokenizer.encode_ordinary(question)))
+    for n in refused:
+        left = context - len(prompts[n])
+        most = context - max_new_tokens - (len(prompts[n]) - len(tokenizer.encode_ordinary(questions[n])))
         # when no question fits beside so long an answer, shortening this one cannot help
         fix = (f"Lower --max-new-tokens to {left} or less" if most <= 0 else
                f"Shorten it{f', or lower --max-new-tokens to {left}' if left > 0 else ''}")
-        problems.append(f"question {n} has {len(prompt)} tokens with the prompt around it, and the model "
-                        f"reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a question "
-                        f"can have at most {max(most, 0)} tokens. {fix}.")
-    if problems:
-        raise MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
-                                                   if len(problems) > 3 else ""))
+        problems.append(f"question {n + 1} has {len(prompts[n])} tokens with the prompt around it, and the "
+                        f"model reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a "
+                        f"question can have at most {max(most, 0)} tokens. {fix}.")
+    return MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
+                                                if len(problems) > 3 else ""))
 
 
 def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bool = True) -> list[str]:
@@ -130,11 +131,13 @@ def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bo
     All questions go to generate.answer in one call, as the notebook's do: the same batches, the same choice
     of kernels for a call of that size, the same seed when sampling; its bar moves batch by batch.
     """
-    from medqa.generate import answer
+    from medqa.generate import answer, answer_room
     from medqa.prompts import format_prompt
 
     prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
-    check_room(tokenizer, questions, prompts, model.config.n_positions, decoding.max_new_tokens)
+    context, most = model.config.n_positions, decoding.max_new_tokens
+    answer_room(prompts, context, most, least=most,  # a question is answered at full length or refused
+                refusal=lambda refused: too_long(tokenizer, questions, prompts, context, most, refused))
     return answer(model, tokenizer, prompts, decoding, progress=progress)
 
 
@@ -147,11 +150,14 @@ def decoding_from_flags(args, saved: dict) -> Decoding:
     decoding = Decoding(max_new_tokens=pick(args.max_new_tokens, "max_new_tokens"),
                         temperature=pick(args.temperature, "temperature"),
                         repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"),
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, seed=args.seed,
+                        no_repeat_ngram_size=pick(args.no_repeat_ngram_size, "no_repeat_ngram_size"))
     finite = math.isfinite(decoding.temperature) and math.isfinite(decoding.repetition_penalty)
     for flag, value, ok, rule in (
             ("--max-new-tokens", decoding.max_new_tokens, decoding.max_new_tokens > 0, "above 0"),
             ("--batch-size", decoding.batch_size, decoding.batch_size > 0, "above 0"),
+            ("--no-repeat-ngram-size", decoding.no_repeat_ngram_size, decoding.no_repeat_ngram_size >= 0,
+             "0 or above"),
             ("--temperature", decoding.temperature, finite and decoding.temperature >= 0,
              "a finite number, 0 or above"),
             ("--repetition-penalty", decoding.repetition_penalty, finite and decoding.repetition_penalty >= 1,

@@ -8,12 +8,13 @@ does.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 from medqa import gpt2_tokenizer
 from medqa.batches import EOT
-from medqa.generate import Decoding, describe_decoding
+from medqa.generate import AnswerOnly, Decoding, describe_decoding
 from medqa.model import HUB_IDS, merge_lora
 from medqa.prompts import format_prompt
 from medqa.reference_points import card_table
@@ -26,7 +27,7 @@ def generation_config(decoding: Decoding):
     from transformers import GenerationConfig
 
     return GenerationConfig(max_new_tokens=decoding.max_new_tokens, bos_token_id=EOT, eos_token_id=EOT,
-                            pad_token_id=EOT, **decoding.generate_options())
+                            pad_token_id=EOT, **decoding.config_options())
 
 
 def _base_model(model_name: str) -> str | None:
@@ -46,7 +47,7 @@ SCORES = (("ROUGE-1 F1 (mean)", "rouge1"), ("ROUGE-L F1 (mean)", "rougeL"), ("BL
           ("reference answers' loss", "loss"), ("reference answers' perplexity", "perplexity"))
 
 # What defines the run, and how its answers were decoded.
-CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY")
+CARD_SETTINGS = RUN_DEFINING + ("MAX_NEW_TOKENS", "TEMPERATURE", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE")
 
 
 def _front_matter(lora_r, base: str | None, medquad: bool) -> list[str]:
@@ -161,19 +162,27 @@ The model was trained on Alpaca-style prompts and answers after `### Response:`;
 ## How to use it
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {", ".join(["AutoModelForCausalLM", "AutoTokenizer", *decoding.answer_rules()])}
+
+
+{inspect.getsource(AnswerOnly)}
 
 folder = "OUTPUT_DIR/model"  # this folder
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder)
 prompt = {example!r}
 ids = tokenizer(prompt, return_tensors="pt")
-out = model.generate(**ids)  # generation_config.json holds the notebook's decoding
-print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+width = ids["input_ids"].shape[1]
+rules = [{", ".join(f"AnswerOnly({name}({arg!r}), width)" for name, arg in decoding.answer_rules().items())}]
+out = model.generate(**ids, logits_processor=rules)  # the rest of the decoding is in generation_config.json
+print(tokenizer.decode(out[0, width:], skip_special_tokens=True).strip())
 ```
 
-`generation_config.json` holds the notebook's decoding: {describe_decoding(decoding)}, at most
-{cfg.MAX_NEW_TOKENS} new tokens, stopping at `<|endoftext|>`. With the project installed,
+The notebook's decoding is {describe_decoding(decoding)}, at most {cfg.MAX_NEW_TOKENS} new tokens, stopping
+at `<|endoftext|>`. `generation_config.json` holds it, the rules over the answer only under names of their
+own (`answer_repetition_penalty`, `answer_no_repeat_ngram_size`) that `generate` does not read: its
+`repetition_penalty` and `no_repeat_ngram_size` would count the prompt too, and a MedQuAD answer repeats its
+question's words. With the project installed,
 `python -m medqa.ask --model {{this folder}} "What are the symptoms of glaucoma?"` answers as the notebook
 does.
 """

@@ -17,7 +17,8 @@ TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never
 # memory) and answer noise, for measuring without a network; never reported as GPT-2 results. The tiny one
 # has GPT-2's vocabulary and context but two small layers.
 RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
-                 "random-gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128),  # the demo profile's
+                 "random-gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128),
+                 "random-gpt2-mini-deep": dict(n_layer=8, n_head=4, n_embd=128),  # the demo profile's
                  "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2's (124M)
                  "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}  # gpt2-medium's (355M)
 KNOWN_MODELS = tuple(HUB_IDS) + tuple(RANDOM_SHAPES)

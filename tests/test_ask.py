@@ -36,7 +36,8 @@ def test_ask_gives_the_notebooks_answers(folder, ending_model, tokenizer, tmp_pa
     assert [g["question"] for g in got] == QUESTIONS
     expected = notebook_answers(ending_model, tokenizer, QUESTIONS, smoke())
     assert [g["answer"] for g in got] == expected
-    assert len(set(expected)) > 2 and "" in expected  # the answers differ, and one ended at once
+    # the answers differ, and some ended at <|endoftext|>, before the 24 tokens
+    assert len(set(expected)) > 2 and min(len(tokenizer.encode_ordinary(a)) for a in expected) < 12
     rc, out, _ = asked(capsys, "--model", folder, *QUESTIONS[:2])
     assert out == "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(QUESTIONS[:2], expected[:2]))
 
@@ -57,12 +58,12 @@ def test_sampled_answers_in_several_batches_are_the_notebooks(folder, ending_mod
     assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, sampled)
 
 def test_ask_decodes_as_the_folder_says_unless_told_otherwise(ending_model, tokenizer, tmp_path, capsys):  # noqa: F811
-    short = smoke(MAX_NEW_TOKENS=3, REPETITION_PENALTY=1.3)
+    short = smoke(MAX_NEW_TOKENS=3, REPETITION_PENALTY=1.3, NO_REPEAT_NGRAM_SIZE=2)
     folder = export.save_model_folder(ending_model, tmp_path / "model", short)
     _, out, _ = asked(capsys, "--model", folder, *QUESTIONS, "--json")
     assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, short)
     _, out, _ = asked(capsys, "--model", folder, *QUESTIONS, "--json", "--max-new-tokens", 24,
-                      "--repetition-penalty", 1.1)
+                      "--repetition-penalty", 1.0, "--no-repeat-ngram-size", 3)
     assert [g["answer"] for g in json.loads(out)] == notebook_answers(ending_model, tokenizer, QUESTIONS, smoke())
 
 

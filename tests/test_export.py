@@ -63,35 +63,42 @@ def smoke(**overrides):
 
 
 FRESH = r"""
-import json, sys
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+import io, json, sys
+from contextlib import redirect_stdout
+from transformers import pipeline
 folder, prompts = sys.argv[1], json.loads(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder)
-by_generate = []
-for p in prompts:
-    ids = tok(p, return_tensors="pt")
-    out = model.generate(**ids)  # the folder's generation_config.json alone decides
-    by_generate.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+card = open(f"{folder}/README.md", encoding="utf-8").read()
+code = card.split("```python\n")[1].split("```")[0].replace('"OUTPUT_DIR/model"', repr(folder))
+by_card, by_pipeline = [], []
 pipe = pipeline("text-generation", model=folder)
-by_pipeline = [r[0]["generated_text"].strip() for r in pipe(prompts, return_full_text=False)]
-print(json.dumps({"generate": by_generate, "pipeline": by_pipeline}))
+for p in prompts:  # the model card's code, as it stands, on each prompt
+    lines = [f"prompt = {p!r}" if line.startswith("prompt = ") else line for line in code.splitlines()]
+    printed, namespace = io.StringIO(), {}
+    with redirect_stdout(printed):
+        exec("\n".join(lines), namespace)
+    by_card.append(printed.getvalue().strip())
+    rules = namespace["rules"]  # the same rules through a pipeline
+    by_pipeline.append(pipe(p, return_full_text=False, logits_processor=rules)[0]["generated_text"].strip())
+print(json.dumps({"card": by_card, "pipeline": by_pipeline}))
 """
 
 
-def test_a_saved_folder_answers_in_a_fresh_process_as_the_notebook_does(ending_model, tokenizer, tmp_path):
-    s = smoke()
+@pytest.mark.parametrize("rules", [dict(NO_REPEAT_NGRAM_SIZE=4), dict(REPETITION_PENALTY=1.1, NO_REPEAT_NGRAM_SIZE=4)])
+def test_a_saved_folder_answers_in_a_fresh_process_as_the_notebook_does(ending_model, tokenizer, tmp_path, rules):
+    """The model card's code, run as it stands, gives the notebook's answers."""
+    s = smoke(**rules)
     folder = export.save_model_folder(ending_model, tmp_path / "model", s)
     texts = [prompts.format_prompt(q) for q in QUESTIONS]
     ids = [tokenizer.encode_ordinary(t) for t in texts]
-    new = generate.generate_ids(ending_model, ids, generate.Decoding(s.MAX_NEW_TOKENS, repetition_penalty=s.REPETITION_PENALTY))
-    assert any(0 < len(n) < s.MAX_NEW_TOKENS for n in new) and any(len(n) == s.MAX_NEW_TOKENS for n in new)
+    new = generate.generate_ids(ending_model, ids, generate.Decoding.from_settings(s))
+    assert any(0 < len(n) < s.MAX_NEW_TOKENS for n in new)
+    assert any(len(n) == s.MAX_NEW_TOKENS for n in new) or s.REPETITION_PENALTY > 1
     notebook = generate.answer(ending_model, tokenizer, ids, generate.Decoding.from_settings(s))
     run = subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(texts)], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     fresh = json.loads(run.stdout.strip().splitlines()[-1])
-    assert fresh["generate"] == notebook
+    assert fresh["card"] == notebook
     assert fresh["pipeline"] == notebook
 
 
@@ -99,11 +106,12 @@ def test_the_generation_config_carries_the_notebooks_decoding(ending_model, tmp_
     from transformers import GenerationConfig
 
     greedy = GenerationConfig.from_pretrained(export.save_model_folder(ending_model, tmp_path / "a", smoke()))
-    assert (greedy.do_sample, greedy.max_new_tokens, greedy.repetition_penalty) == (False, 24, 1.1)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.answer_repetition_penalty,
+            greedy.answer_no_repeat_ngram_size) == (False, 24, 1.0, 3)
     assert (greedy.eos_token_id, greedy.pad_token_id) == (50256, 50256)
     s = smoke(TEMPERATURE=0.7, REPETITION_PENALTY=1.3, MAX_NEW_TOKENS=99)
     sampled = GenerationConfig.from_pretrained(export.save_model_folder(ending_model, tmp_path / "b", s))
-    assert (sampled.do_sample, sampled.temperature, sampled.max_new_tokens, sampled.repetition_penalty) == \
+    assert (sampled.do_sample, sampled.temperature, sampled.max_new_tokens, sampled.answer_repetition_penalty) == \
         (True, 0.7, 99, 1.3)
 
 

@@ -42,7 +42,33 @@ def test_the_saved_generation_config_decodes_as_generate_does():
     for decoding in (Decoding(24, 0.0, 1.1), Decoding(99, 0.7, 1.3, batch_size=2, seed=5)):
         saved = export.generation_config(decoding)
         assert saved.max_new_tokens == decoding.max_new_tokens
-        assert {k: getattr(saved, k) for k in decoding.generate_options()} == decoding.generate_options()
+        assert {k: getattr(saved, k) for k in decoding.config_options()} == decoding.config_options()
+        assert saved.repetition_penalty in (None, 1.0)  # generate's own penalty would count the prompt
+
+
+def by_hand(model, prompt: list[int], max_new_tokens: int, penalty: float) -> list[int]:
+    """Greedy decoding one token at a time, the penalty on the tokens of the answer so far only."""
+    answer: list[int] = []
+    while len(answer) < max_new_tokens:
+        logits = model(torch.tensor([prompt + answer])).logits[0, -1]
+        said = torch.tensor(sorted(set(answer)), dtype=torch.long)
+        logits[said] = torch.where(logits[said] < 0, logits[said] * penalty, logits[said] / penalty)
+        answer.append(int(logits.argmax()))
+        if answer[-1] == 50256:
+            return answer
+    return answer
+
+
+@torch.no_grad()
+def test_the_repetition_penalty_counts_the_answer_never_the_prompt(tiny_model):
+    """A MedQuAD answer repeats its question's disease name: a token of the prompt is not held back."""
+    favourite = generate.generate_ids(tiny_model, [[5, 6, 7]], Decoding(1))[0][0]
+    prompts = [[5, 6, 7, favourite], [favourite, 9, 10, 11, 12, 13, 5, 6, 7]]  # the two pad differently
+    decoding = Decoding(12, repetition_penalty=1.5, batch_size=2)
+    answers = generate.generate_ids(tiny_model, prompts, decoding)
+    assert answers == [by_hand(tiny_model, p, 12, 1.5) for p in prompts]
+    first = [a[0] for a in generate.generate_ids(tiny_model, prompts, Decoding(1))]
+    assert [a[0] for a in answers] == first and any(t in p for t, p in zip(first, prompts))
 
 
 def _functions(module):

@@ -72,7 +72,7 @@ def test_batched_answers_equal_one_by_one_answers_at_the_notebooks_defaults(tiny
     """The repetition penalty reads the input ids: counting the <|endoftext|> padding as said would end answers
     later in padded rows than alone (seen with `generate` told to ignore no padding)."""
     s = settings.resolve({"PROFILE": "smoke"}, env={})
-    assert s.REPETITION_PENALTY > 1 and s.TEMPERATURE == 0  # the penalty is on: padding must not change what it sees
+    assert s.NO_REPEAT_NGRAM_SIZE > 0 and s.TEMPERATURE == 0  # a rule over said tokens: padding must not count
     torch.manual_seed(0)
     prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (5, 17, 9, 30, 2)]
     model = _eot_nearly_first(tiny_model, prompts[0])
@@ -102,8 +102,11 @@ def test_an_echoed_response_header_is_removed_as_the_recipe_removes_it(tiny_mode
 
 
 def test_decoding_is_described_as_it_is_set():
-    s = Decoding.from_settings(settings.resolve({"PROFILE": "smoke"}, env={}))
+    s = Decoding.from_settings(settings.resolve({"PROFILE": "smoke", "REPETITION_PENALTY": 1.1,
+                                                 "NO_REPEAT_NGRAM_SIZE": 0}, env={}))
     assert generate.describe_decoding(s) == "greedy with repetition penalty 1.1"
+    assert generate.describe_decoding(replace(s, repetition_penalty=1.0, no_repeat_ngram_size=3)) == \
+        "greedy, never the same 3 tokens in a row twice in an answer"
     assert generate.describe_decoding(replace(s, repetition_penalty=1.0)) == "greedy"
     assert generate.describe_decoding(replace(s, temperature=0.7)) == "sampling at temperature 0.7 with repetition penalty 1.1"
 
