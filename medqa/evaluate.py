@@ -29,11 +29,10 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     return round(sacrebleu.corpus_bleu(predictions, [references]).score, 3)
 
 
-def reference_perplexity(model, loader, device, precision: str | None = None,
-                         micro_batch: int | None = None) -> dict:
+def reference_perplexity(model, loader, plan=None) -> dict:
     """Loss and perplexity of the reference answers (a loader built with the prompt masked), in the memory
-    plan's precision and micro-batches."""
-    loss = mean_loss(model, loader, device, precision, micro_batch)
+    plan's precision and micro-batches (train.plan_run's; None: the device's default)."""
+    loss = mean_loss(model, loader, plan)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
 
@@ -42,14 +41,13 @@ def summarise(values: list[float]) -> dict:
             "n": len(values)} if values else {"mean": None, "median": None, "n": 0}
 
 
-def score_answers(model, loader, device, predictions, references, precision: str | None = None,
-                  micro_batch: int | None = None) -> tuple[dict, list[dict]]:
-    """Every automatic score: a summary for metrics.json and the per-example scores (`precision` and
-    `micro_batch`: the run's memory plan, for the perplexity)."""
+def score_answers(model, loader, predictions, references, plan=None) -> tuple[dict, list[dict]]:
+    """Every automatic score: a summary for metrics.json and the per-example scores (`plan`: the run's memory
+    plan, for the perplexity)."""
     per_example = rouge_scores(predictions, references)
     summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
     summary["bleu"] = corpus_bleu(predictions, references)
-    summary.update(reference_perplexity(model, loader, device, precision, micro_batch))
+    summary.update(reference_perplexity(model, loader, plan))
     return summary, per_example
 
 

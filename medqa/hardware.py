@@ -1,20 +1,24 @@
-"""Where the work runs and how: the device, the precision it computes in, and a memory plan that fits.
+"""Where the work runs and how: the device, the precision it computes in, and the memory plan a run follows
+and corrects when it runs out of memory.
 
 Everything here decides from `Capabilities`, which `capabilities()` reads from the machine; tests hand in
-made-up ones (a 16 GB T4 without bf16, an 80 GB H100, a 16 GB Mac, a CPU) to check every branch here.
+made-up ones (a 16 GiB T4 without bf16, an 80 GiB H100, a 16 GiB Mac, a CPU) to check every branch here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import resource
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import psutil
 import torch
 
 from medqa.errors import MedQAError
 
-GB = 1024 ** 3
+GiB = 1024 ** 3
+CGROUP = Path("/sys/fs/cgroup")  # where Docker, Kubernetes, JupyterHub and Colab set a process's memory limit
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,14 @@ class Capabilities:
     kind: str                # "cuda" | "mps" | "cpu"
     name: str                # e.g. "Tesla T4", "AMD EPYC"
     native_bf16: bool        # computes bf16 in hardware (CUDA compute capability >= 8, AVX-512 BF16 / AMX)
-    # memory free now (free GPU memory, MPS's recommended maximum less what Metal holds, available RAM): what
-    # the model already loaded takes is not in it (plan_memory adds it back)
+    # memory free now (free GPU memory, MPS's recommended maximum less what Metal holds, the RAM this process
+    # may still take): what the model already loaded takes is not in it (plan_memory adds it back)
     free_bytes: int | None
     compute_capability: tuple[int, int] | None = None  # CUDA's (major, minor); None elsewhere or unknown
 
 
 def pick_device() -> torch.device:
+    """CUDA if there is a GPU, else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -37,6 +42,7 @@ def pick_device() -> torch.device:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, as lscpu gives it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -54,21 +60,41 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _available_ram() -> int | None:
+def _read_bytes(path: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        text = path.read_text().strip()
     except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
         return None
+    return int(text) if text.isdigit() else None  # cgroup v2 says "max" where there is no limit
+
+
+def _cgroup_room() -> int | None:
+    """What the process's cgroup (v2, else v1) lets it take beyond what it uses; None without a limit."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        cap, used = _read_bytes(CGROUP / limit), _read_bytes(CGROUP / usage)
+        if cap is not None and used is not None and cap < 2 ** 60:  # v1 writes "no limit" as about 2^63
+            return max(cap - used, 0)
+    return None
+
+
+def _address_space_room() -> int | None:
+    """What RLIMIT_AS (`ulimit -v`) leaves of the process's address space; None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - psutil.Process().memory_info().vms, 0)
+
+
+def free_ram() -> int:
+    """The RAM this process can still take: the machine's available RAM, or less where a cgroup limit or
+    `ulimit -v` leaves less."""
+    rooms = [psutil.virtual_memory().available, _cgroup_room(), _address_space_room()]
+    return min(r for r in rooms if r is not None)
 
 
 def capabilities(device: torch.device) -> Capabilities:
+    """What the device can do and how much memory it has free now."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # blocks PyTorch's allocator caches (after an earlier run in this session, say) count as used to the
@@ -86,16 +112,22 @@ def capabilities(device: torch.device) -> Capabilities:
         torch.mps.empty_cache()
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return Capabilities("mps", "Apple silicon (MPS)", False, free)
-    return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), _available_ram())
+    return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), free_ram())
 
 
-def choose_precision(caps: Capabilities, requested: str | None = None) -> str:
-    """PRECISION when set, else the fastest the hardware computes natively (decide_precision says why)."""
-    return decide_precision(caps, requested)[0]
+_CAPS: dict = {}
 
 
-def decide_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:
-    """The precision to train in, and why, in words.
+def capabilities_cached(device: torch.device) -> Capabilities:
+    """The capabilities without the free memory (which changes), read once per device and process."""
+    key = str(device)
+    if key not in _CAPS:
+        _CAPS[key] = dataclasses.replace(capabilities(device), free_bytes=None)
+    return _CAPS[key]
+
+
+def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:
+    """The precision to train in (PRECISION when set), and why, in words.
 
     bf16 autocast where bf16 is computed natively: CUDA compute capability 8 and later, CPUs with AVX-512 BF16
     or AMX (faster there than fp32: benchmarks/profiles.py). fp16 autocast with a gradient scaler on Volta
@@ -119,68 +151,120 @@ def decide_precision(caps: Capabilities, requested: str | None = None) -> tuple[
     return "fp32", f"{caps.name} has neither AVX-512 BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
-def autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def default_precision(device: torch.device) -> str:
-    """The precision a device computes in when no run setting says otherwise (validation, perplexity)."""
-    if device.type == "meta":
-        return "fp32"
-    return choose_precision(capabilities_cached(device))
-
-
-_CAPS: dict = {}
-
-
-def capabilities_cached(device: torch.device) -> Capabilities:
-    """The capabilities without the free memory (which changes), read once per device and process."""
-    key = str(device)
-    if key not in _CAPS:
-        _CAPS[key] = dataclasses.replace(capabilities(device), free_bytes=None)
-    return _CAPS[key]
-
-
 # ---------------------------------------------------------------- memory
 
-# Bytes the forward pass keeps for the backward pass, per token, per layer and per unit of n_embd. Counted
-# with torch.autograd.graph.saved_tensors_hooks over a whole GPT-2 forward (tests/test_memory_plan.py measures
-# it again on every run: torch 2.13, transformers 5.23, sdpa attention, gelu_pytorch_tanh, no KV cache,
-# dropout 0): 36 under 16-bit autocast, 64 in fp32. Per layer and n_embd, in 16 bits: the two LayerNorms'
-# inputs (the residual stream, which stays fp32: 4 + 4), the 16-bit inputs of attention's and the MLP's first
-# projections (2 + 2), attention's q, k, v and output (6 + 2), the GELU's input and the MLP's second
-# projection's input (8 + 8); in fp32 the 16-bit ones take twice as much. CUDA's autocast keeps the same
-# tensors (LayerNorm computes in fp32 there too, the projections save their 16-bit inputs, the flash and
-# memory-efficient kernels save q, k, v, the output and a small per-row logsumexp), which the CPU cannot show,
-# so the constants leave a margin of 4 and 8: a copy of attention's output before its projection where a
-# kernel returns another layout, the logsumexp's padding, and the 1-byte masks of the two residual dropouts
-# when DROPOUT > 0. GPT-2's own `gelu_new` would keep three more 4 * n_embd tensors (60 and 112 instead of 36
-# and 64): medqa.model swaps it for the fused `gelu_pytorch_tanh` when loading.
+# Bytes the forward pass keeps for the backward pass, per token, per layer and per unit of n_embd, under
+# 16-bit autocast and in fp32 (tests/test_memory_plan.py measures them with saved-tensor hooks). Per layer and
+# n_embd, in 16 bits: the two LayerNorms' inputs (the residual stream, which stays fp32: 4 + 4), the 16-bit
+# inputs of attention's and the MLP's first projections (2 + 2), attention's q, k, v and output (6 + 2), the
+# GELU's input and the MLP's second projection's input (8 + 8); in fp32 the 16-bit ones take twice as much.
+# The margin of 4 and 8 covers what the CPU cannot show of CUDA's kernels: a copy of attention's output in
+# another layout, the logsumexp's padding, and the 1-byte masks of the two residual dropouts when DROPOUT > 0.
+# It assumes the fused GELU that medqa.model loads every GPT-2 with.
 ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 
 
-@dataclass
-class MemoryPlan:
-    """How this machine runs the model: where, in which precision, and in passes of how many rows. Every
-    forward pass on the device (training, validation, the reference perplexity) follows it. When training
-    runs out of memory it takes fewer rows or checkpointing (medqa.train.adapt_to_oom), and `adaptations`
-    says why: the plan the caller holds is the one metrics.json records."""
-    micro_batch: int         # rows per forward/backward; BATCH_SIZE / micro_batch passes make up one batch
-    checkpointing: bool      # gradient checkpointing: recompute each layer's activations in the backward pass
-    peak_bytes: int          # expected peak of this plan
-    budget_bytes: int | None
-    batch_size: int | None = None
-    device: str = ""          # e.g. "cuda (Tesla T4)"
-    precision: str = "fp32"
-    precision_reason: str = ""
-    # the lines that said how training adapted after running out of memory
-    adaptations: list[str] = field(default_factory=list)
-    disk_line: str = ""       # what the run writes into OUTPUT_DIR and what is free (medqa.disk)
+@dataclass(frozen=True)
+class Workload:
+    """What a training step's memory depends on: the model's shape and the rows' length and precision."""
+    n_params: int
+    n_trainable: int
+    config: object            # n_layer, n_embd, n_head, vocab_size (a GPT2Config)
+    length: int               # tokens per row (MAX_LENGTH)
+    precision: str
+    attention_matrix: bool = False  # MPS has no fused attention kernel: it keeps the attention matrix
 
-    def describe(self, batch_size: int | None = None) -> str:
-        budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / GB:.1f} GB"
-        passes = describe_passes(self.micro_batch, self.checkpointing, batch_size or self.batch_size)
-        return f"memory plan: {passes}; expected peak {self.peak_bytes / GB:.1f} GB of {budget} available"
+    def saved_bytes(self, rows: int, checkpointing: bool = False) -> int:
+        """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: peak_bytes).
+
+        - each layer's activations, ACTIVATION_BYTES * n_embd per token; with checkpointing only each layer's
+          fp32 input (4 * n_embd per token) plus one layer's full set, recomputed in the backward pass;
+        - the attention matrix (n_head * length^2 fp32 values per row and layer) where no fused kernel runs;
+        - the head: the final LayerNorm's fp32 input, the LM head's input and log-softmax's fp32 output (the
+          logits), plus 24 bytes a token: the int64 token ids the embedding and the loss keep, the
+          LayerNorm's statistics.
+        """
+        c, half = self.config, self.precision in ("bf16", "fp16")
+        tokens = rows * self.length
+        per_layer = ACTIVATION_BYTES["half" if half else "fp32"] * c.n_embd * tokens
+        if self.attention_matrix:
+            per_layer += c.n_head * self.length * self.length * 4 * rows
+        layers = (c.n_layer * 4 * c.n_embd * tokens + per_layer) if checkpointing else c.n_layer * per_layer
+        return layers + tokens * (c.n_embd * (4 + (2 if half else 4)) + c.vocab_size * 4 + 24)
+
+    def peak_bytes(self, rows: int, checkpointing: bool = False) -> int:
+        """Peak memory of one training step: it comes as the backward pass starts, when everything the forward
+        pass kept is still there and the loss's gradient is being computed.
+
+        - fp32 weights, their gradients and AdamW's two moments (trainable parameters only), plus a 16-bit
+          copy of the weights that autocast keeps during the step;
+        - what the forward pass keeps for the backward pass (saved_bytes);
+        - the logits' gradients: rows x length x vocab fp32 values twice, log-softmax's incoming and outgoing
+          gradient, beside its saved output.
+        """
+        half = self.precision in ("bf16", "fp16")
+        static = self.n_params * 4 + self.n_trainable * (4 + 8) + (self.n_params * 2 if half else 0)
+        logit_grads = rows * self.length * self.config.vocab_size * (4 + 4)
+        return static + self.saved_bytes(rows, checkpointing) + logit_grads
+
+
+def fit_advice(max_length: int) -> str:
+    """What makes a model fit less memory, for the errors that say it does not fit."""
+    return (f"lower MAX_LENGTH (now {max_length}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train "
+            f"adapters only")
+
+
+def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> str:
+    """How a batch is run, in words: whole, or in how many micro-batches; with gradient checkpointing."""
+    passes = -(-batch_size // micro_batch)
+    how = (f"the whole batch of {batch_size} in one pass" if passes == 1 else
+           f"micro-batches of {micro_batch} row{'s' if micro_batch > 1 else ''}, {passes} passes per batch "
+           f"(same effective batch)")
+    return how + (", gradient checkpointing" if checkpointing else "")
+
+
+def ways_to_run(batch_size: int) -> list[tuple[int, bool]]:
+    """(rows per pass, gradient checkpointing) from the most memory to the least: the whole batch, halves,
+    ..., one row, then one row with checkpointing. The plan starts at the first that fits; running out of
+    memory moves it down."""
+    sizes = [batch_size]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return [(rows, False) for rows in sizes] + [(1, True)]
+
+
+@dataclass
+class Plan:
+    """How this machine runs the model: in which precision, and in passes of how many rows. Every forward
+    pass on the device (training, validation, the reference perplexity) follows it. When training runs out
+    of memory the plan moves to the next of ways_to_run (`after_out_of_memory`), and `adaptations` says why:
+    the plan the caller holds is the one metrics.json records."""
+    precision: str = "fp32"
+    micro_batch: int | None = None  # rows per forward/backward; None: the whole batch
+    checkpointing: bool = False     # gradient checkpointing: recompute each layer's activations backward
+    peak_bytes: int = 0             # expected peak of this plan
+    budget_bytes: int | None = None
+    batch_size: int = 1
+    max_length: int = 0
+    device: str = ""                # e.g. "cuda (Tesla T4)"
+    precision_reason: str = ""
+    adaptations: list[str] = field(default_factory=list)  # how training adapted after running out of memory
+    disk_line: str = ""             # what the run writes into OUTPUT_DIR and what is free (medqa.disk)
+
+    @classmethod
+    def default(cls, device: torch.device) -> Plan:
+        """The precision a device computes in when no run setting says otherwise, whole batches."""
+        return cls("fp32" if device.type == "meta" else choose_precision(capabilities_cached(device))[0])
+
+    def autocast(self, device_type: str):
+        """The autocast context of the plan's precision (none in fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+    def describe(self) -> str:
+        budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
+        passes = describe_passes(self.micro_batch or self.batch_size, self.checkpointing, self.batch_size)
+        return f"memory plan: {passes}; expected peak {self.peak_bytes / GiB:.1f} GiB of {budget} available"
 
     def summary(self) -> str:
         """The lines the notebook prints before training."""
@@ -191,74 +275,43 @@ class MemoryPlan:
         """What metrics.json keeps of the plan."""
         rec = {"device": self.device, "precision": self.precision, "precision_reason": self.precision_reason,
                "micro_batch": self.micro_batch, "gradient_checkpointing": self.checkpointing,
-               "expected_peak_gb": round(self.peak_bytes / GB, 2),
-               "budget_gb": None if self.budget_bytes is None else round(self.budget_bytes / GB, 2),
+               "expected_peak_gib": round(self.peak_bytes / GiB, 2),
+               "budget_gib": None if self.budget_bytes is None else round(self.budget_bytes / GiB, 2),
                "memory_plan": self.describe(), "disk": self.disk_line}
         return rec | ({"memory_adaptations": list(self.adaptations)} if self.adaptations else {})
 
+    def after_out_of_memory(self, rows: int, step: int, kind: str) -> None:
+        """Step `step` ran out of `kind` memory in passes of `rows` rows: move to the next way to run, and say
+        so in `adaptations`. When none is left, raise the error that names the fix."""
+        if rows > 1:
+            self.micro_batch = next(r for r, _ in ways_to_run(self.batch_size) if r < rows)
+        elif not self.checkpointing:
+            self.checkpointing = True
+        else:
+            raise out_of_memory_error(kind, step, self.max_length,
+                                      " even one row at a time with gradient checkpointing")
+        how = describe_passes(self.micro_batch, self.checkpointing, self.batch_size)
+        self.adaptations.append(f"Out of memory at step {step}: running it again with {how}.")
 
-def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> str:
-    passes = -(-batch_size // micro_batch)
-    how = (f"the whole batch of {batch_size} in one pass" if passes == 1 else
-           f"micro-batches of {micro_batch} row{'s' if micro_batch > 1 else ''}, {passes} passes per batch "
-           f"(same effective batch)")
-    return how + (", gradient checkpointing" if checkpointing else "")
+    def memory_record(self) -> dict:
+        """What a checkpoint keeps of the adapted plan, so that a resume on this device starts with it."""
+        return {"device": self.device, "micro_batch": self.micro_batch,
+                "gradient_checkpointing": self.checkpointing, "memory_adaptations": list(self.adaptations)}
 
-
-def saved_bytes(n_layer: int, n_embd: int, n_head: int, vocab: int, rows: int, length: int, precision: str,
-                checkpointing: bool = False, attention_matrix: bool = False) -> int:
-    """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: see
-    estimate_peak_bytes).
-
-    - each layer's activations, ACTIVATION_BYTES * n_embd per token; with checkpointing only each layer's fp32
-      input (4 * n_embd per token) plus one layer's full set, recomputed in the backward pass;
-    - the attention matrix (n_head * length^2 fp32 values per row and layer) where no fused kernel runs (MPS);
-    - the head: the final LayerNorm's fp32 input, the LM head's input and log-softmax's fp32 output (the
-      logits), plus 24 bytes a token: the int64 token ids the embedding and the loss keep, the LayerNorm's
-      statistics.
-    """
-    half = precision in ("bf16", "fp16")
-    tokens = rows * length
-    per_layer = ACTIVATION_BYTES["half" if half else "fp32"] * n_embd * tokens
-    if attention_matrix:
-        per_layer += n_head * length * length * 4 * rows
-    layers = (n_layer * 4 * n_embd * tokens + per_layer) if checkpointing else n_layer * per_layer
-    head = tokens * (n_embd * (4 + (2 if half else 4)) + vocab * 4 + 24)
-    return layers + head
+    def resume_adapted(self, memory: dict | None) -> bool:
+        """A run resumed on the device it ran out of memory on starts with what it adapted to (its fresh plan
+        would run out again); on another device the fresh plan stands. Whether it changed the plan."""
+        if memory is None or memory["device"] != self.device:
+            return False
+        self.micro_batch = min(self.micro_batch or self.batch_size, memory["micro_batch"])
+        self.checkpointing = self.checkpointing or memory["gradient_checkpointing"]
+        self.adaptations = list(memory["memory_adaptations"])
+        return True
 
 
-def estimate_peak_bytes(n_params: int, n_trainable: int, n_layer: int, n_embd: int, n_head: int, vocab: int,
-                        rows: int, length: int, precision: str, checkpointing: bool = False,
-                        attention_matrix: bool = False) -> int:
-    """Peak memory of one training step, from the model's and the batch's shapes: it comes as the backward
-    pass starts, when everything the forward pass kept is still there and the loss's gradient is being
-    computed.
-
-    - fp32 weights, their gradients and AdamW's two moments (trainable parameters only), plus a 16-bit copy of
-      the weights that autocast keeps during the step;
-    - what the forward pass keeps for the backward pass (saved_bytes);
-    - the logits' gradients: B x T x vocab fp32 values twice, log-softmax's incoming and outgoing gradient,
-      beside its saved output. (The 16-bit gradient for the LM head comes once the first two are freed, and
-      the forward's 16-bit logits and their fp32 copy, 6 bytes a value, are gone before the backward pass
-      starts.)
-    """
-    half = precision in ("bf16", "fp16")
-    static = n_params * 4 + n_trainable * (4 + 8) + (n_params * 2 if half else 0)
-    saved = saved_bytes(n_layer, n_embd, n_head, vocab, rows, length, precision, checkpointing,
-                        attention_matrix)
-    logit_grads = rows * length * vocab * (4 + 4)
-    return static + saved + logit_grads
-
-
-def fit_advice(max_length: int) -> str:
-    """What makes a model fit less memory, for the errors that say it does not fit."""
-    return (f"lower MAX_LENGTH (now {max_length}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train "
-            f"adapters only")
-
-
-def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, batch_size: int, max_length: int,
-                precision: str, resident_bytes: int = 0, headroom: float = 0.85) -> MemoryPlan:
-    """The largest micro-batch that fits `headroom` of the memory; gradient checkpointing if none does.
+def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_bytes: int = 0,
+                headroom: float = 0.85) -> Plan:
+    """The first of ways_to_run whose expected peak fits `headroom` of the memory.
 
     `resident_bytes`: what the model's weights already take on the device where `caps.free_bytes` was measured
     (plan_run reads the free memory after loading the model). The estimate counts the weights, so the budget
@@ -270,22 +323,15 @@ def plan_memory(caps: Capabilities, n_params: int, n_trainable: int, config, bat
     fragmentation and the framework's own buffers.
     """
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
-    shape = dict(n_params=n_params, n_trainable=n_trainable, n_layer=config.n_layer, n_embd=config.n_embd,
-                 n_head=config.n_head, vocab=config.vocab_size, length=max_length, precision=precision,
-                 attention_matrix=caps.kind == "mps")  # MPS has no fused attention kernel that saves memory
-    sizes = [batch_size]
-    while sizes[-1] > 1:
-        sizes.append(-(-sizes[-1] // 2))
-    for checkpointing in (False, True):
-        for rows in sizes:
-            peak = estimate_peak_bytes(rows=rows, checkpointing=checkpointing, **shape)
-            if budget is None or peak <= budget:
-                return MemoryPlan(rows, checkpointing, peak, budget, batch_size, f"{caps.kind} ({caps.name})",
-                                  precision)
+    for rows, checkpointing in ways_to_run(batch_size):
+        peak = work.peak_bytes(rows, checkpointing)
+        if budget is None or peak <= budget:
+            return Plan(work.precision, rows, checkpointing, peak, budget, batch_size=batch_size,
+                        max_length=work.length, device=f"{caps.kind} ({caps.name})")
     raise MedQAError(
-        f"The model does not fit the {budget / GB:.1f} GB available on this {caps.kind} device ({caps.name}) "
-        f"even one row at a time with gradient checkpointing (about {peak / GB:.1f} GB): "
-        f"{fit_advice(max_length)}.")
+        f"The model does not fit the {budget / GiB:.1f} GiB available on this {caps.kind} device ({caps.name}) "
+        f"even one row at a time with gradient checkpointing (about {peak / GiB:.1f} GiB): "
+        f"{fit_advice(work.length)}.")
 
 
 def gpt2_parameters(n_layer: int, n_embd: int, vocab: int = 50257, context: int = 1024) -> int:
@@ -299,8 +345,7 @@ FULL_SHAPE = dict(n_layer=24, n_head=16, n_embd=1024, batch_size=8, max_length=1
 
 def choose_profile(caps: Capabilities) -> tuple[str, str]:
     """`full` on a CUDA GPU where gpt2-medium's training fits the free memory (its fixed part, weights,
-    gradients and AdamW's moments, takes about 6 GiB, so an 8 GB card has no room left), else `cpu`; and
-    why, in words."""
+    gradients and AdamW's moments, leaves an 8 GiB card no room), else `cpu`; and why, in words."""
     if caps.kind != "cuda":
         return "cpu", f"no CUDA GPU ({caps.kind}): GPT-2 124M on 1,000 examples"
     from transformers import GPT2Config
@@ -308,11 +353,11 @@ def choose_profile(caps: Capabilities) -> tuple[str, str]:
     shape = dict(FULL_SHAPE)
     batch_size, max_length = shape.pop("batch_size"), shape.pop("max_length")
     n_params = gpt2_parameters(shape["n_layer"], shape["n_embd"])
-    precision = choose_precision(caps)
+    work = Workload(n_params, n_params, GPT2Config(**shape), max_length, choose_precision(caps)[0])
     try:
-        plan = plan_memory(caps, n_params, n_params, GPT2Config(**shape), batch_size, max_length, precision)
+        plan = plan_memory(caps, work, batch_size)
     except MedQAError:
-        return "cpu", (f"{caps.name} has {caps.free_bytes / GB:.1f} GB free: too little to fine-tune "
+        return "cpu", (f"{caps.name} has {caps.free_bytes / GiB:.1f} GiB free: too little to fine-tune "
                        f"gpt2-medium (the full profile), so GPT-2 124M (the cpu profile) trains on it")
     how = describe_passes(plan.micro_batch, plan.checkpointing, batch_size)
     return "full", f"{caps.name}: gpt2-medium fits with {how}"
@@ -321,12 +366,24 @@ def choose_profile(caps: Capabilities) -> tuple[str, str]:
 # ---------------------------------------------------------------- running out of memory
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether an error is the device running out of memory: CUDA raises torch.OutOfMemoryError, MPS a plain
-    RuntimeError whose message says so ("MPS backend out of memory ..."), and cuBLAS, when it cannot get the
-    workspace for a matrix product, a RuntimeError "CUDA error: CUBLAS_STATUS_ALLOC_FAILED ..."."""
-    text = str(err)
+    """Whether an error is the device running out of memory: CUDA's torch.OutOfMemoryError, and the plain
+    RuntimeErrors of MPS ("MPS backend out of memory"), the CPU's allocator ("DefaultCPUAllocator: can't
+    allocate memory", under a cgroup or `ulimit -v` limit) that accelerate recognises, and cuBLAS when it
+    cannot get the workspace for a matrix product ("CUBLAS_STATUS_ALLOC_FAILED")."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
     return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
-        "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
+        should_reduce_batch_size(err) or "out of memory" in str(err) or "CUBLAS_STATUS_ALLOC_FAILED" in str(err)))
+
+
+def out_of_memory_error(kind: str, step: int, max_length: int, how: str) -> MedQAError:
+    """The error when training runs out of memory where adapting cannot help (or helped no more)."""
+    return MedQAError(
+        f"Out of {kind} memory at step {step}{how}. Close what else holds the device's memory "
+        f"(another notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → "
+        f"Restart session) so that nothing of this attempt stays in memory, and run again: training resumes "
+        f"from the last checkpoint, which is kept. Otherwise {fit_advice(max_length)}, with "
+        f"OVERWRITE=True (these settings define the run, so it starts afresh).")
 
 
 def synchronize(device: torch.device) -> None:

@@ -272,16 +272,14 @@ def test_max_steps_past_epochs_is_refused_before_the_run_claims_its_folder():
     before fine-tuning: a refused MAX_STEPS leaves the folder as it was."""
     import json
     from pathlib import Path
-    from types import SimpleNamespace
 
     from medqa import settings
 
     cfg = settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 11}, env={})
-    loader = SimpleNamespace(batch_sampler=list(range(10)))  # 10 batches an epoch, 1 epoch
     with pytest.raises(MedQAError, match="MAX_STEPS=11 goes past the 10 optimizer steps"):
-        train.check_length(train.TrainingConfig.from_settings(cfg), loader)
-    train.check_length(train.TrainingConfig.from_settings(settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 10},
-                                                                            env={})), loader)
+        train.check_max_steps(train.TrainingConfig.from_settings(cfg), 10)  # 10 batches an epoch, 1 epoch
+    train.check_max_steps(train.TrainingConfig.from_settings(settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 10},
+                                                                               env={})), 10)
     notebook = json.loads((Path(__file__).resolve().parent.parent / "llm.ipynb").read_text())
     source = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
-    assert -1 < source.index("train.check_length(") < source.index("settings.claim_output_dir(")
+    assert -1 < source.index("train.check_max_steps(") < source.index("settings.claim_output_dir(")
