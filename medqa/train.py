@@ -148,6 +148,34 @@ def mean_loss(model, loader, plan: Plan | None = None) -> float:
     return total.item() / max(count, 1)
 
 
+def simple_loop(model, train_loader, val_loader, config: TrainingConfig, plan: Plan) -> list[dict]:
+    """The loop train() runs, without what makes it resumable (checkpoints, interrupts, a run continued with
+    more EPOCHS) or measured (throughput, the bar): the same steps and log points, and the same losses
+    (tests/test_training_loop.py). `train_loader` comes from batches.make_loader."""
+    opt = make_optimizer(model, config.learning_rate, config.weight_decay)
+    steps = config.epochs * math.ceil(len(train_loader) / config.grad_accum)
+    schedule = get_cosine_schedule_with_warmup(opt, min(config.warmup_steps, steps), steps)
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type) if plan.precision == "fp16" else None
+    torch.manual_seed(config.seed)
+    model.train()
+    history, step, window = [], 0, []
+    for epoch in range(config.epochs):
+        order = train_loader.batch_sampler.batches(epoch)  # another order each epoch
+        for first in range(0, len(order), config.grad_accum):
+            group = [train_loader.collate_fn([train_loader.dataset[i] for i in rows])
+                     for rows in order[first: first + config.grad_accum]]
+            window.append(train_step(model, opt, group, plan, scaler, schedule))
+            step += 1
+            if step % config.eval_every == 0 or first + config.grad_accum >= len(order):
+                train_loss = sum(r.loss for r in window).item() / sum(r.n_targets for r in window)
+                history.append({"step": step, "train_loss": round(train_loss, 5),
+                                "val_loss": round(mean_loss(model, val_loader, plan), 5)})
+                window = []
+            if step == config.max_steps:
+                return history
+    return history
+
+
 # ---------------------------------------------------------------- the plan
 
 def plan_run(model, batch_size: int, max_length: int, precision: str | None = None, out_dir=None) -> Plan:

@@ -199,4 +199,4 @@ def test_tokens_per_second_counts_the_train_steps_only(clocked):
 def test_the_validation_loss_is_that_of_the_whole_sample_it_is_given(clocked):
     s, model, history, val_loader = clocked
     assert len(val_loader) > s.EVAL_BATCHES  # the loader is the sample: all of it counts
-    assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader, torch.device("cpu")), abs=1e-5)
+    assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader), abs=1e-5)
