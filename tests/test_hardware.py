@@ -365,3 +365,75 @@ def test_the_default_precision_of_validation_on_pascal_is_fp32_too(monkeypatch):
     mock_cuda(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15 * GiB)
     monkeypatch.setattr(hardware, "_CAPS", {})
     assert Plan.default(torch.device("cuda")).precision == "fp32"
+
+
+# ---------------------------------------------------------------- memory limits other than the machine's RAM
+
+@pytest.mark.parametrize("files, room", [({"memory.max": "1073741824\n", "memory.current": "536870912\n"}, 512),
+                                         ({"memory.max": "max\n", "memory.current": "536870912\n"}, None),
+                                         ({"memory/memory.limit_in_bytes": "805306368\n",
+                                           "memory/memory.usage_in_bytes": "268435456\n"}, 512),
+                                         ({"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                                           "memory/memory.usage_in_bytes": "268435456\n"}, None)])
+def test_a_cgroup_limit_caps_the_free_ram_the_plan_sees(tmp_path, monkeypatch, files, room):
+    """cgroup v2 (memory.max) and v1 (memory.limit_in_bytes), as Docker, Kubernetes, JupyterHub and Colab set them;
+    "max" and v1's near-2^63 mean no limit."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(hardware, "CGROUP", tmp_path)
+    monkeypatch.setattr(hardware.psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GiB))
+    monkeypatch.setattr(hardware, "_address_space_room", lambda: None)
+    assert hardware.free_ram() == (20 * GiB if room is None else room * 2 ** 20)
+    assert hardware.capabilities(torch.device("cpu")).free_bytes == hardware.free_ram()
+
+
+LIMITED = """
+import resource, sys
+import psutil, torch
+from medqa import hardware, model as gpt, train
+from medqa.errors import MedQAError
+model = gpt.load_model(str(gpt.build_tiny_gpt2(sys.argv[1], seed=0)), torch.device("cpu"))
+room = 300 * 2 ** 20
+resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + room, resource.RLIM_INFINITY))
+free = hardware.capabilities(torch.device("cpu")).free_bytes
+assert 0 < free <= room, free
+try:
+    train.plan_run(model, 64, 1024, "fp32")
+except MedQAError as err:
+    print("refused:", err)
+try:
+    torch.empty(2 ** 30, dtype=torch.uint8)
+except RuntimeError as err:
+    print("out of memory:", hardware.is_out_of_memory(err), str(err)[:200])
+"""
+
+
+def test_under_ulimit_v_the_plan_sees_the_limit_and_the_allocators_failure_is_out_of_memory(tmp_path):
+    """`ulimit -v` (RLIMIT_AS) in a process of its own: the plan reads the room the limit leaves, a batch that
+    cannot fit is refused with the fix, and the CPU allocator's error counts as running out of memory (so that
+    training runs the smaller micro-batch: tests/test_training_memory.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(tmp_path / "tiny")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import re
+
+    # 0.85 of the room and the model's own weights: about 0.27 GiB
+    assert re.search(r"refused: The model does not fit the 0\.[23] GiB available on this cpu device", done.stdout), \
+        done.stdout
+    assert "MAX_LENGTH (now 1024)" in done.stdout and "LORA_R" in done.stdout
+    assert "out of memory: True" in done.stdout and "DefaultCPUAllocator" in done.stdout
+
+
+def test_the_cpu_allocators_failure_is_out_of_memory():
+    try:
+        torch.empty(2 ** 62, dtype=torch.uint8)
+    except RuntimeError as err:
+        assert hardware.is_out_of_memory(err)
