@@ -43,16 +43,14 @@ def pick_device() -> torch.device:
 
 def cpu_name() -> str:
     """The CPU's model name, as lscpu gives it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor() or platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -97,8 +95,7 @@ def capabilities(device: torch.device) -> Capabilities:
     """What the device can do and how much memory it has free now."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # blocks PyTorch's allocator caches (after an earlier run in this session, say) count as used to the
-        # driver, yet are this process's to reuse
+        # the blocks PyTorch's allocator caches are used to the driver, yet this process's to reuse
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         props = torch.cuda.get_device_properties(device)
         # including_emulation=False: a T4 or V100 "supports" bf16 only by emulating it, slowly
@@ -106,9 +103,8 @@ def capabilities(device: torch.device) -> Capabilities:
                             torch.cuda.is_bf16_supported(including_emulation=False), free,
                             (props.major, props.minor))
     if device.type == "mps":
-        # Metal counts the allocator's cached blocks (after an earlier run in this session) as held: hand them
-        # back first, so that the share of unified memory Metal lets one process have, less what it holds, is
-        # what is free
+        # Metal counts the allocator's cached blocks as held: hand them back first, so that Metal's share of
+        # unified memory for one process, less what it holds, is what is free
         torch.mps.empty_cache()
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return Capabilities("mps", "Apple silicon (MPS)", False, free)
@@ -153,14 +149,12 @@ def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[
 
 # ---------------------------------------------------------------- memory
 
-# Bytes the forward pass keeps for the backward pass, per token, per layer and per unit of n_embd, under
-# 16-bit autocast and in fp32 (tests/test_memory_plan.py measures them with saved-tensor hooks). Per layer and
-# n_embd, in 16 bits: the two LayerNorms' inputs (the residual stream, which stays fp32: 4 + 4), the 16-bit
-# inputs of attention's and the MLP's first projections (2 + 2), attention's q, k, v and output (6 + 2), the
-# GELU's input and the MLP's second projection's input (8 + 8); in fp32 the 16-bit ones take twice as much.
-# The margin of 4 and 8 covers what the CPU cannot show of CUDA's kernels: a copy of attention's output in
-# another layout, the logsumexp's padding, and the 1-byte masks of the two residual dropouts when DROPOUT > 0.
-# It assumes the fused GELU that medqa.model loads every GPT-2 with.
+# Bytes the forward pass keeps for the backward pass per token, layer and unit of n_embd, with the fused
+# GELU medqa.model loads (tests/test_memory_plan.py measures them). In 16 bits: the LayerNorms' fp32 inputs
+# (4 + 4), the first projections' inputs (2 + 2), attention's q, k, v and output (6 + 2), the GELU's input
+# and the second projection's (8 + 8); in fp32 the 16-bit ones twice that. The margin (4, 8) covers what
+# CUDA's kernels keep beyond the CPU's: another layout of attention's output, the logsumexp's padding, the
+# dropout masks.
 ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 
 
@@ -175,7 +169,7 @@ class Workload:
     attention_matrix: bool = False  # MPS has no fused attention kernel: it keeps the attention matrix
 
     def saved_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: peak_bytes).
+        """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: peak_bytes):
 
         - each layer's activations, ACTIVATION_BYTES * n_embd per token; with checkpointing only each layer's
           fp32 input (4 * n_embd per token) plus one layer's full set, recomputed in the backward pass;
@@ -193,8 +187,7 @@ class Workload:
         return layers + tokens * (c.n_embd * (4 + (2 if half else 4)) + c.vocab_size * 4 + 24)
 
     def peak_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """Peak memory of one training step: it comes as the backward pass starts, when everything the forward
-        pass kept is still there and the loss's gradient is being computed.
+        """Peak memory of a training step, as the backward pass starts (all the forward kept is still there):
 
         - fp32 weights, their gradients and AdamW's two moments (trainable parameters only), plus a 16-bit
           copy of the weights that autocast keeps during the step;
@@ -235,10 +228,9 @@ def ways_to_run(batch_size: int) -> list[tuple[int, bool]]:
 
 @dataclass
 class Plan:
-    """How this machine runs the model: in which precision, and in passes of how many rows. Every forward
-    pass on the device (training, validation, the reference perplexity) follows it. When training runs out
-    of memory the plan moves to the next of ways_to_run (`after_out_of_memory`), and `adaptations` says why:
-    the plan the caller holds is the one metrics.json records."""
+    """How this machine runs the model: in which precision, in passes of how many rows. Every forward pass
+    (training, validation, the reference perplexity) follows it. Running out of memory moves it down
+    ways_to_run (after_out_of_memory), `adaptations` says why, and metrics.json records the caller's plan."""
     precision: str = "fp32"
     micro_batch: int | None = None  # rows per forward/backward; None: the whole batch
     checkpointing: bool = False     # gradient checkpointing: recompute each layer's activations backward
@@ -262,6 +254,7 @@ class Plan:
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
     def describe(self) -> str:
+        """The plan in words: its passes and expected peak against the budget."""
         budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
         passes = describe_passes(self.micro_batch or self.batch_size, self.checkpointing, self.batch_size)
         return f"memory plan: {passes}; expected peak {self.peak_bytes / GiB:.1f} GiB of {budget} available"
@@ -311,17 +304,11 @@ class Plan:
 
 def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_bytes: int = 0,
                 headroom: float = 0.85) -> Plan:
-    """The first of ways_to_run whose expected peak fits `headroom` of the memory.
-
-    `resident_bytes`: what the model's weights already take on the device where `caps.free_bytes` was measured
-    (plan_run reads the free memory after loading the model). The estimate counts the weights, so the budget
-    does too: free memory plus the model's own bytes.
-
-    Splitting a batch into micro-batches changes the numbers only by rounding (the sums run in another order):
-    the loss is a sum over target tokens divided by the whole batch's count, and each row's result does not
-    depend on the rows beside it (right padding, causal attention). `headroom` leaves room for the allocator's
-    fragmentation and the framework's own buffers.
-    """
+    """The first of ways_to_run whose expected peak fits `headroom` of the memory (the rest is for the
+    allocator's fragmentation and the framework's buffers). `resident_bytes`: what the model's weights
+    already take of `caps.free_bytes` (plan_run reads it with the model loaded); the estimate counts them, so
+    the budget does too. Micro-batches change the numbers only by rounding: the loss is a sum over target
+    tokens divided by the whole batch's count; no row's result depends on its neighbours (right padding)."""
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     for rows, checkpointing in ways_to_run(batch_size):
         peak = work.peak_bytes(rows, checkpointing)
@@ -329,8 +316,8 @@ def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_by
             return Plan(work.precision, rows, checkpointing, peak, budget, batch_size=batch_size,
                         max_length=work.length, device=f"{caps.kind} ({caps.name})")
     raise MedQAError(
-        f"The model does not fit the {budget / GiB:.1f} GiB available on this {caps.kind} device ({caps.name}) "
-        f"even one row at a time with gradient checkpointing (about {peak / GiB:.1f} GiB): "
+        f"The model does not fit the {budget / GiB:.1f} GiB available on this {caps.kind} device "
+        f"({caps.name}) even one row at a time with gradient checkpointing (about {peak / GiB:.1f} GiB): "
         f"{fit_advice(work.length)}.")
 
 
@@ -372,8 +359,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     cannot get the workspace for a matrix product ("CUBLAS_STATUS_ALLOC_FAILED")."""
     from accelerate.utils.memory import should_reduce_batch_size
 
+    text = str(err)
     return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
-        should_reduce_batch_size(err) or "out of memory" in str(err) or "CUBLAS_STATUS_ALLOC_FAILED" in str(err)))
+        should_reduce_batch_size(err) or "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text))
 
 
 def out_of_memory_error(kind: str, step: int, max_length: int, how: str) -> MedQAError:
@@ -404,31 +392,9 @@ def release_cached_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-# ---------------------------------------------------------------- copies and random state
+# ---------------------------------------------------------------- copies
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to `device`, the one way the project does it. Asynchronous only from pinned
-    memory on CUDA: from ordinary (or temporary, soon freed) memory an asynchronous copy gains nothing on
-    CUDA and can read the memory after it changed on MPS."""
+    """A host tensor copied to `device`, the one way the project does it: asynchronous only from pinned
+    memory on CUDA (from other memory it gains nothing there, and on MPS it can read memory since changed)."""
     return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
-
-
-def rng_state(device: torch.device) -> dict:
-    """The random generators' states that training draws from (dropout, the CPU's and the device's)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what rng_state saved. A checkpoint written on a machine with more GPUs than this one
-    restores the GPUs present (training draws on one)."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(gpu_state, index)
-    if device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])

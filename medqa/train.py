@@ -1,16 +1,13 @@
-"""Fine-tuning with checkpoints that resume exactly (after a crash, a MAX_STEPS stop or an interrupt), and
-the loss curves. `train` is the loop; the functions below it are its parts, in the order it calls them."""
+"""Fine-tuning: the training step, the loop (`train`, resumable through medqa.training_run, and
+`simple_loop`, the same losses in a few lines), the memory plan a run follows, and the loss curves."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -23,10 +20,14 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medqa import disk, hardware
 from medqa.batches import IGNORE, LengthGroupedBatches, collate
-from medqa.hardware import Plan, Workload
 from medqa.errors import MedQAError
+from medqa.hardware import Plan, Workload
 from medqa.model import count_parameters, count_trainable, enable_checkpointing
-from medqa.store import load_checkpoint, save_figure, save_torch_atomic
+from medqa.store import save_figure
+from medqa.training_run import (Training, above_the_bar, begin_schedule, end_epoch,
+                                interrupts_after_the_block, paused, rng_state, save_checkpoint, set_rng_state,
+                                start, stop_at_max_steps, stop_if_not_finite, stop_on_interrupt,
+                                terminate_as_interrupt)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def train_step(model, opt, group: list[dict], plan: Plan, scaler=None, schedule=
     for batch in group:
         for piece in micro_batches(batch, plan.micro_batch):
             with plan.autocast(device.type):  # the forward pass
-                logits = model(input_ids=hardware.to_device(piece["input_ids"], device), use_cache=False).logits
+                ids = hardware.to_device(piece["input_ids"], device)
+                logits = model(input_ids=ids, use_cache=False).logits
             labels = hardware.to_device(piece["labels"], device)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                    reduction="sum")
@@ -125,7 +127,8 @@ def loss_sum(model, batch: dict, plan: Plan) -> torch.Tensor:
     with plan.autocast(device.type):
         logits = model(input_ids=hardware.to_device(batch["input_ids"], device), use_cache=False).logits
     labels = hardware.to_device(batch["labels"], device)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
 
 
 @torch.no_grad()
@@ -202,58 +205,6 @@ def plan_run(model, batch_size: int, max_length: int, precision: str | None = No
 
 # ---------------------------------------------------------------- the loop
 
-@dataclass
-class TrainingState:
-    """What a checkpoint keeps besides the weights, the optimizer and the schedule."""
-    step: int = 0              # optimizer steps taken
-    epoch: int = 0             # epochs finished
-    pos: int = 0               # batches of the current epoch trained
-    tokens: int = 0            # real tokens trained, up to the last log point
-    seconds: float = 0.0       # wall time up to the last log point
-    train_seconds: float = 0.0  # of which in train steps
-    history: list = field(default_factory=list)
-    window_loss: torch.Tensor | None = None  # since the last log point: summed loss, targets, tokens, seconds
-    window_targets: int = 0
-    window_tokens: int = 0
-    window_seconds: float = 0.0
-    loss_scale: float | None = None  # fp16: the gradient scaler's scale
-    skipped_steps: int = 0
-    memory: dict | None = None  # how training adapted after running out of memory, on which device
-    # one {"first_step", "first_epoch", "last_epoch"} for each schedule: more than one in a continued run
-    schedules: list = field(default_factory=list)
-
-    def saved(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def restored(cls, saved: dict, device) -> TrainingState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        state = cls(**{k: v for k, v in saved.items() if k in names})
-        state.window_loss = state.window_loss.to(device)
-        return state
-
-
-@dataclass
-class Training:
-    """A run in progress: the objects a step touches, the plan it follows and the state a checkpoint keeps."""
-    model: torch.nn.Module
-    config: TrainingConfig
-    plan: Plan
-    device: torch.device
-    checkpoint: Path
-    steps_per_epoch: int
-    opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    state: TrainingState
-    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
-    bar: tqdm | None = None
-    lap_started: float = 0.0  # when the current stretch of train steps began (time.perf_counter)
-    step_rng: dict | None = None  # the random state before the step under way (None between steps)
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
-
 
 def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epoch_end=None, log=print,
           plan: Plan | None = None) -> list[dict]:
@@ -270,7 +221,8 @@ def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epo
     if plan is None:  # the notebook shows the plan it passes in; say it here when it was not shown
         plan = plan_run(model, config.batch_size, config.max_length, config.precision, out_dir)
         log(plan.summary())
-    run = start(model, config, plan, Path(out_dir), steps_per_epoch, log)
+    opt = make_optimizer(model, config.learning_rate, config.weight_decay)
+    run = start(model, opt, config, plan, Path(out_dir), steps_per_epoch, log)
     model.train()
     # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as
     # it last was, so a reader on GitHub sees the training that ran.
@@ -339,91 +291,11 @@ def check_max_steps(config: TrainingConfig, batches_per_epoch: int) -> None:
             f"its weights).")
 
 
-def start(model, config: TrainingConfig, plan: Plan, out_dir: Path, steps_per_epoch: int, log) -> Training:
-    """The optimizer, the gradient scaler (fp16) and the state: from the checkpoint when there is one."""
-    device = next(model.parameters()).device
-    first = {"first_step": 0, "first_epoch": 0, "last_epoch": config.epochs}
-    run = Training(model, config, plan, device, out_dir / "checkpoint.pt", steps_per_epoch,
-                   make_optimizer(model, config.learning_rate, config.weight_decay),
-                   torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None,
-                   TrainingState(window_loss=torch.zeros((), device=device), schedules=[first]))
-    torch.manual_seed(config.seed)
-    checkpoint = _read_checkpoint(run.checkpoint, config.overwrite, log)
-    if checkpoint is None:
-        run.schedule = make_schedule(run)
-    else:
-        resume(run, checkpoint, log)
-        del checkpoint  # its host copies of the weights and AdamW's moments would stay for the whole run
-    if run.scaler is not None:  # the scale the next step starts with
-        run.state.loss_scale = run.state.loss_scale or run.scaler.get_scale()
-    else:  # resumed in another precision (PRECISION None follows the hardware): no scale to report now
-        run.state.loss_scale = None
-    return run
-
-
-def _read_checkpoint(path: Path, overwrite: bool, log) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return load_checkpoint(path)
-    except MedQAError:
-        if not overwrite:
-            raise
-        log(f"{path} is damaged; OVERWRITE=True: training starts afresh and replaces it.")
-        return None  # damaged inside, though its zip directory looked whole to claim_output_dir
-
-
-def resume(run: Training, checkpoint: dict, log) -> None:
-    """Weights, optimizer, schedule, random state and the training state as the checkpoint saved them."""
-    run.model.load_state_dict(checkpoint["model"])
-    saved = TrainingState.restored(checkpoint["state"], run.device)
-    run.state = dataclasses.replace(saved, schedules=saved.schedules or run.state.schedules)
-    run.schedule = make_schedule(run)  # before the optimizer's state: a new schedule sets its learning rate
-    run.opt.load_state_dict(checkpoint["optimizer"])
-    run.schedule.load_state_dict(checkpoint["scheduler"])
-    hardware.set_rng_state(checkpoint["rng"], run.device)
-    if run.scaler is not None and checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    epoch = (f"end of epoch {run.state.epoch}" if run.state.pos == 0 and run.state.epoch > 0 else
-             f"epoch {run.state.epoch + 1}")  # a checkpoint at an epoch's end belongs to that epoch
-    log(f"Resuming from {run.checkpoint.name}: step {run.state.step} of {run.total_steps} ({epoch}).")
-    if run.plan.resume_adapted(run.state.memory):
-        if run.plan.checkpointing:
-            enable_checkpointing(run.model)
-        how = hardware.describe_passes(run.plan.micro_batch, run.plan.checkpointing, run.config.batch_size)
-        log(f"It ran out of memory here before, so it goes on with {how}.")
-
-
-def make_schedule(run: Training):
-    """Linear warm-up and cosine decay over the current schedule's epochs (MAX_STEPS never reshapes it)."""
-    current = run.state.schedules[-1]
-    steps = (current["last_epoch"] - current["first_epoch"]) * run.steps_per_epoch
-    return get_cosine_schedule_with_warmup(run.opt, min(run.config.warmup_steps, steps), steps)
-
-
-def begin_schedule(run: Training, log) -> None:
-    """A run whose schedule ended (its learning rate decayed to zero) and that EPOCHS now asks to go on
-    with gets a new warm-up and cosine schedule over the added epochs, from its weights and AdamW's
-    moments. Stretching the old schedule instead would raise the learning rate again in the middle of the
-    decay it already went through and change what the finished epochs meant; a new one is a warm restart,
-    recorded in the checkpoint and in the history (`schedule`)."""
-    current = run.state.schedules[-1]
-    if run.state.epoch < current["last_epoch"]:
-        return
-    run.state.schedules.append({"first_step": run.state.step, "first_epoch": run.state.epoch,
-                                "last_epoch": run.config.epochs})
-    run.schedule = make_schedule(run)
-    with above_the_bar(run.bar):
-        log(f"Continuing the finished run for {run.config.epochs - run.state.epoch} more epoch(s): a new "
-            f"warm-up and cosine schedule over steps {run.state.step + 1}-{run.total_steps}, from the "
-            f"trained weights.")
-
-
 def take_step(run: Training, group: list[dict], log) -> None:
     """One optimizer step as the plan says, and its counts in the state. A step that runs out of memory runs
     again from its start (its partial gradients dropped, its random state restored) as the plan, corrected,
     says; the state records the correction (a resume keeps it)."""
-    run.step_rng = hardware.rng_state(run.device)
+    run.step_rng = rng_state(run.device)
     while True:
         try:
             result = train_step(run.model, run.opt, group, run.plan, run.scaler, run.schedule)
@@ -434,7 +306,7 @@ def take_step(run: Training, group: list[dict], log) -> None:
         # out of the except block: the error's traceback, which holds the failed passes' tensors, is gone
         run.opt.zero_grad(set_to_none=True)
         hardware.release_cached_memory(run.device)
-        hardware.set_rng_state(run.step_rng, run.device)
+        set_rng_state(run.step_rng, run.device)
         rows = min(run.plan.micro_batch or run.config.batch_size, max(len(b["input_ids"]) for b in group))
         run.plan.after_out_of_memory(rows, run.state.step + 1, run.device.type)
         if run.plan.checkpointing:
@@ -462,7 +334,7 @@ def log_point(run: Training, val_loader, started: float) -> None:
     if state.window_targets == 0:
         return
     with paused(run):
-        _stop_if_not_finite(run)
+        stop_if_not_finite(run)
         train_loss = state.window_loss.item() / state.window_targets
         val_loss = mean_loss(run.model, val_loader, run.plan)
         state.tokens += state.window_tokens
@@ -482,121 +354,18 @@ def log_point(run: Training, val_loader, started: float) -> None:
         state.window_seconds = 0.0
 
 
-def save_checkpoint(run: Training) -> None:
-    """The checkpoint at the step reached: never one with broken weights in place of a good one."""
-    with paused(run):
-        _stop_if_not_finite(run)
-        scaler = run.scaler.state_dict() if run.scaler is not None else None
-        save_torch_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                           "scheduler": run.schedule.state_dict(), "rng": hardware.rng_state(run.device),
-                           "state": run.state.saved(), "scaler": scaler}, run.checkpoint)
-
-
-def end_epoch(run: Training) -> None:
-    run.state.epoch += 1
-    run.state.pos = 0
-    save_checkpoint(run)
-
-
 def answer_between_epochs(run: Training, on_epoch_end) -> None:
     """`on_epoch_end(epoch)` (the notebook samples an answer), outside training's time and randomness:
     sampling draws from (and reseeds) the global generators, so training's state is put back afterwards,
     and a run resumed from the epoch's checkpoint goes on as this one does."""
     if on_epoch_end is None:
         return
-    rng = hardware.rng_state(run.device)
+    rng = rng_state(run.device)
     try:
         with paused(run), above_the_bar(run.bar):
             on_epoch_end(run.state.epoch)
     finally:
-        hardware.set_rng_state(rng, run.device)
-
-
-def stop_at_max_steps(run: Training, log) -> None:
-    save_checkpoint(run)
-    with above_the_bar(run.bar):
-        log(f"Stopped at MAX_STEPS={run.config.max_steps}; re-run with a larger MAX_STEPS to continue.")
-
-
-def stop_on_interrupt(run: Training) -> KeyboardInterrupt:
-    """An interrupt (Jupyter's Interrupt kernel, Ctrl-C) lands between steps (interrupts_after_the_block): the
-    state is that of the last whole step, so the checkpoint written here continues exactly."""
-    run.opt.zero_grad(set_to_none=True)  # a step cut short by an exception leaves partial gradients
-    if run.step_rng is not None:  # ... and its dropout's draws: the step runs again from its start
-        hardware.set_rng_state(run.step_rng, run.device)
-    save_checkpoint(run)
-    return KeyboardInterrupt(
-        f"Interrupted at step {run.state.step} of {run.total_steps}; the checkpoint holds it: run this cell "
-        f"again with the same settings and OUTPUT_DIR to continue from step {run.state.step + 1}.")
-
-
-def _catchable(signum) -> bool:
-    """Whether Python handles the signal here: only the main thread can, and only where a handler is set."""
-    return threading.current_thread() is threading.main_thread() and signal.getsignal(signum) is not None
-
-
-@contextmanager
-def terminate_as_interrupt():
-    """SIGTERM, which `timeout`, job schedulers and notebook servers send, stops training as Ctrl-C does
-    (KeyboardInterrupt: the step finishes and the checkpoint is written); the previous handler comes back
-    after."""
-    if not _catchable(signal.SIGTERM):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def interrupts_after_the_block():
-    """Hold SIGINT (Ctrl-C, Jupyter's Interrupt kernel) and SIGTERM until the block ends, so that neither
-    lands inside an optimizer step or between a step and its counts; then raise KeyboardInterrupt."""
-    received = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM) if _catchable(signum)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def paused(run: Training):
-    """Validation, checkpoints and answers between epochs do not count as training time (tokens_per_s)."""
-    hardware.synchronize(run.device)  # the steps queued so far belong to training
-    spent = time.perf_counter() - run.lap_started
-    run.state.train_seconds += spent
-    run.state.window_seconds += spent
-    try:
-        yield
-    finally:
-        run.lap_started = time.perf_counter()
-
-
-@contextmanager
-def above_the_bar(bar):
-    """Lines printed while the bar runs go above it on lines of their own (tqdm.write's way), not into it."""
-    with bar.external_write_mode(nolock=True):  # no lock: on_epoch_end may draw bars of its own
-        yield
-
-
-def _stop_if_not_finite(run: Training) -> None:
-    """Stop when the loss or the weights stop being finite: training cannot recover, and the last good
-    checkpoint must stay as it is."""
-    loss = float(run.state.window_loss)
-    # one sync for all the weights, not one per tensor (hundreds on a GPU)
-    if math.isfinite(loss) and bool(torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()):
-        return
-    what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became inf or nan"
-    raise MedQAError(f"At step {run.state.step} {what}. The last good checkpoint is kept in OUTPUT_DIR; "
-                     f"lower LEARNING_RATE (now {run.config.learning_rate}) and run again with "
-                     f"OVERWRITE=True.")
+        set_rng_state(rng, run.device)
 
 
 def plot_losses(history: list[dict], path=None):

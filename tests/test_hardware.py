@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from medqa import batches, hardware, model as gpt, store, train
+from medqa import batches, hardware, model as gpt, store, train, training_run
 from medqa.hardware import Plan, Workload
 from medqa.errors import MedQAError
 
@@ -357,7 +357,7 @@ def test_cuda_random_states_saved_on_more_gpus_restore_on_the_gpus_present(monke
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     state = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([1], dtype=torch.uint8),
                                                       torch.tensor([2], dtype=torch.uint8)]}
-    hardware.set_rng_state(state, torch.device("cuda"))
+    training_run.set_rng_state(state, torch.device("cuda"))
     assert restored == [(1, 0)]
 
 

@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transformers import GPT2LMHeadModel
 
-from medqa import batches, model as gpt, train
+from medqa import batches, model as gpt, train, training_run
 from medqa.errors import MedQAError
 from tests.test_training import assert_same_run, losses, setup  # noqa: F401 - setup is a fixture
 
@@ -132,7 +132,7 @@ def test_a_resumed_run_lets_go_of_the_checkpoint_it_loaded(setup, tmp_path, monk
         pass
 
     watched = []
-    real_load = train.load_checkpoint
+    real_load = training_run.load_checkpoint
 
     def load(path):
         ckpt = Loaded(real_load(path))
@@ -141,7 +141,7 @@ def test_a_resumed_run_lets_go_of_the_checkpoint_it_loaded(setup, tmp_path, monk
 
     alive = []
     real_step = train.train_step
-    monkeypatch.setattr(train, "load_checkpoint", load)
+    monkeypatch.setattr(training_run, "load_checkpoint", load)
     monkeypatch.setattr(train, "train_step", lambda *a, **k: alive.append([r() is not None for r in watched])
                         or real_step(*a, **k))
     run(setup, tmp_path, [], MAX_STEPS=3)

@@ -15,7 +15,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import GPT2LMHeadModel
 
-from medqa import batches, disk, evaluate, generate, hardware, model as gpt, settings, train
+from medqa import batches, disk, evaluate, generate, hardware, model as gpt, settings, train, training_run
 from medqa.hardware import Plan
 from medqa.errors import MedQAError
 
@@ -229,7 +229,7 @@ def test_a_finished_run_continues_for_more_epochs_with_a_new_schedule(small, tmp
 
 def test_ctrl_c_as_a_new_schedule_begins_leaves_a_checkpoint_that_continues_exactly(small, tmp_path, monkeypatch):
     run(small, tmp_path / "one", EPOCHS=1)
-    real, calls = train.make_schedule, []
+    real, calls = training_run.make_schedule, []
 
     def signalled(run_):
         calls.append(1)
@@ -238,7 +238,7 @@ def test_ctrl_c_as_a_new_schedule_begins_leaves_a_checkpoint_that_continues_exac
         return real(run_)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train, "make_schedule", signalled)
+        mp.setattr(training_run, "make_schedule", signalled)
         with pytest.raises(KeyboardInterrupt, match="Interrupted at step 5 of 10"):
             run(small, tmp_path / "one", EPOCHS=2)
     run(small, tmp_path / "straight", EPOCHS=1)
