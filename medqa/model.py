@@ -70,7 +70,7 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
     if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
-        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar)
+        enable_progress_bars()  # a download of a few GiB shows that it moves (the call above hid its bar)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         config = GPT2Config.from_pretrained(source, **rates)

@@ -142,7 +142,7 @@ def default_profile() -> str:
 
 def profile_choice() -> tuple[str, str]:
     """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`, and why in words
-    (medqa.hardware.choose_profile). A 16 GiB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
+    (medqa.hardware.choose_profile). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
     When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
     from medqa import hardware
 
