@@ -82,8 +82,7 @@ def start(model, opt, config, plan: Plan, out_dir: Path, steps_per_epoch: int, l
     and its state: from the checkpoint when there is one. `config`: a medqa.train.TrainingConfig."""
     device = next(model.parameters()).device
     first = {"first_step": 0, "first_epoch": 0, "last_epoch": config.epochs}
-    run = Training(model, config, plan, device, out_dir / "checkpoint.pt", steps_per_epoch,
-                   opt,
+    run = Training(model, config, plan, device, out_dir / "checkpoint.pt", steps_per_epoch, opt,
                    torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None,
                    TrainingState(window_loss=torch.zeros((), device=device), schedules=[first]))
     torch.manual_seed(config.seed)

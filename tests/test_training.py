@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from medqa import batches, data, model as gpt, settings, split, train
+from medqa import batches, data, model as gpt, settings, split, train, training_run
 from medqa.errors import MedQAError
 from tests.sample_data import write_sample_csv
 
@@ -178,8 +178,9 @@ def clocked(setup, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "time", clock)
+        mp.setattr(training_run, "time", clock)
         mp.setattr(train, "train_step", lasting(1.0, train.train_step))
-        mp.setattr(train, "save_torch_atomic", lasting(100.0, train.save_torch_atomic))
+        mp.setattr(training_run, "save_torch_atomic", lasting(100.0, training_run.save_torch_atomic))
         history = train.train(model, train_set, SlowLoader(val_loader, clock, 1000.0), train.TrainingConfig.from_settings(s), out,
                               on_epoch_end=lasting(500.0, lambda epoch: None), log=lambda *_: None)
     return s, model, history, val_loader
