@@ -44,7 +44,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from transformers import LogitsProcessor  # noqa: E402
 
-from medqa import batches, cpu_kernels, data, device as devices, generate, gpt2_tokenizer, split, train  # noqa: E402
+from medqa import batches, cpu_kernels, data, generate, gpt2_tokenizer, hardware, split, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
 from medqa.generate import Decoding, generate_ids  # noqa: E402
 from medqa.model import ACTIVATION  # noqa: E402
@@ -100,9 +100,9 @@ def run_training(way: str, arch: dict, dataset: batches.QADataset, max_length: i
     make = partial(batches.collate, max_length=max_length)
     if way == "project":
         model = make_model(arch, "project", seed)
-        opt = train.make_optimizer(model, lr, 0.1, device)
+        opt = train.make_optimizer(model, lr, 0.1)
         order = batches.LengthGroupedBatches(dataset.lengths, batch_size, seed=seed).batches(0)
-        step = partial(train.train_step, model, opt, device=device)
+        step = partial(train.train_step, model, opt, plan=hardware.Plan.default(device))
         run_step = lambda b: step([b])[::2]  # noqa: E731 - (loss sum, real tokens)
     else:
         model = make_model(arch, "textbook", seed)
@@ -299,10 +299,10 @@ def main(argv=None):
            "curve_steps": 0 if q else 300, "curve_max_length": 256, "curve_lr": 5e-3}
     started = time.perf_counter()
     train_df, val_df, test_df = load_splits()
-    caps = devices.capabilities(torch.device("cpu"))
+    caps = hardware.capabilities(torch.device("cpu"))
     hardware = {"cpu": caps.name, "cores": os.cpu_count(), "flags": [], **cpu_info(), "native_bf16": caps.native_bf16}
     results = {"quick": q, "settings": cfg, "hardware": hardware, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "training_precision": devices.choose_precision(caps),
+               "threads": torch.get_num_threads(), "training_precision": hardware.choose_precision(caps)[0],
                "note": "medians over rounds in which the ways take turns"}
 
     # 1. Share of real tokens, whole train split, MAX_LENGTH 1024, batch 8 (no timing: no rounds needed).

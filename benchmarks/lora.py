@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from bench import GPT2_124M, isolated, load_splits, make_model  # noqa: E402
-from medqa.device import cpu_name  # noqa: E402
+from medqa.hardware import Plan, cpu_name  # noqa: E402
 from medqa import batches, model as gpt, train  # noqa: E402
 from medqa.store import write_json_atomic  # noqa: E402
 
@@ -44,7 +44,7 @@ def run(way: str, dataset: batches.QADataset, val_set: batches.QADataset, cfg: d
     if way == "lora":
         model = gpt.apply_lora(model, cfg["lora_r"])
     torch.manual_seed(123)
-    opt = train.make_optimizer(model, cfg["lr"], 0.1, device)
+    opt = train.make_optimizer(model, cfg["lr"], 0.1)
     order = batches.LengthGroupedBatches(dataset.lengths, cfg["batch_size"], seed=123).batches(0)[: cfg["steps"]]
     make = partial(batches.collate, max_length=cfg["max_length"])
     model.train()
@@ -52,7 +52,7 @@ def run(way: str, dataset: batches.QADataset, val_set: batches.QADataset, cfg: d
     for i, idx in enumerate(order):
         batch = make([dataset[j] for j in idx])
         t = time.perf_counter()
-        loss, _, n_tokens, _ = train.train_step(model, opt, [batch], device)
+        loss, _, n_tokens, _ = train.train_step(model, opt, [batch], Plan.default(device))
         float(loss)  # the sync a logging loop makes anyway
         if i > 0:
             elapsed += time.perf_counter() - t
@@ -61,7 +61,7 @@ def run(way: str, dataset: batches.QADataset, val_set: batches.QADataset, cfg: d
     return {"way": way, "trainable_parameters": gpt.count_trainable(model),
             "parameters": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": round(tokens / elapsed, 1), "timed_steps": len(order) - 1,
-            "val_loss_after": round(train.mean_loss(model, val_loader, device), 4),
+            "val_loss_after": round(train.mean_loss(model, val_loader), 4),
             "peak_rss_mb_in_run": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

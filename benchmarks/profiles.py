@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench import isolated, stop_where_reference_ends  # noqa: E402
 from medqa import batches, cpu_kernels, data, generate, gpt2_tokenizer, model as gpt, settings, split, train  # noqa: E402
-from medqa import device as devices  # noqa: E402
+from medqa import hardware  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RECIPES = {
@@ -59,10 +59,10 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     train_set, val_set, test_set = (batches.QADataset(d, s.MAX_LENGTH) for d in (train_df, val_df, test_df))
     loader = batches.make_loader(train_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=True, seed=s.SEED)
     val_loader = batches.make_loader(val_set, s.BATCH_SIZE, s.MAX_LENGTH, shuffle=False)
-    device = devices.pick_device()
+    device = hardware.pick_device()
     model = gpt.load_model(gpt.model_source(s.MODEL, s.SEED), device, s.DROPOUT)
     plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
-    opt = train.make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY, device)
+    opt = train.make_optimizer(model, s.LEARNING_RATE, s.WEIGHT_DECAY)
 
     def padded(batch):
         return batch["input_ids"].numel()
@@ -73,7 +73,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     for i, idx in enumerate(epoch[:steps]):
         b = loader.collate_fn([train_set[j] for j in idx])
         t = time.perf_counter()
-        loss = train.train_step(model, opt, [b], device, plan.precision, None, plan.micro_batch).loss
+        loss = train.train_step(model, opt, [b], plan).loss
         float(loss)
         if i > 0:
             timed_s += time.perf_counter() - t
@@ -83,7 +83,7 @@ def measure(recipe: dict, steps: int, n_prompts: int) -> dict:
     # validation: EVAL_BATCHES batches every EVAL_EVERY steps and at the epoch's end
     val_batches = list(val_loader)[: s.EVAL_BATCHES]
     t = time.perf_counter()
-    train.mean_loss(model, val_batches[:2], device)
+    train.mean_loss(model, val_batches[:2], plan)
     val_rate = sum(padded(b) for b in val_batches[:2]) / (time.perf_counter() - t)
     evals = steps_per_epoch // s.EVAL_EVERY + 1
     val_s = evals * sum(padded(b) for b in val_batches) / val_rate
@@ -124,7 +124,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = HERE / "profiles.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["hardware"] = {"cpu": devices.cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
+    results["hardware"] = {"cpu": hardware.cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
     for name in [args.only] if args.only else RECIPES:
         t = time.perf_counter()
         results[name] = isolated(measure, RECIPES[name], args.steps, args.prompts)

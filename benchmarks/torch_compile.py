@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench import GPT2_124M, make_model  # noqa: E402
-from medqa.device import cpu_name  # noqa: E402
+from medqa.hardware import Plan, cpu_name  # noqa: E402
 from medqa import train  # noqa: E402
-from medqa.device import pick_device  # noqa: E402
+from medqa.hardware import pick_device  # noqa: E402
 
 LENGTHS = [512, 448, 384, 320, 256, 500, 200, 400]
 
@@ -33,11 +33,11 @@ def one_way(compiled: bool, device, batches) -> list[float]:
     model = make_model(GPT2_124M, "project", 0).to(device).train()
     if compiled:
         model.compile()
-    opt = train.make_optimizer(model, 5e-5, 0.1, device)
+    opt = train.make_optimizer(model, 5e-5, 0.1)
     seconds = []
     for b in batches + batches:
         t = time.perf_counter()
-        loss = train.train_step(model, opt, [b], device).loss
+        loss = train.train_step(model, opt, [b], Plan.default(device)).loss
         float(loss)  # the sync a logging loop makes anyway
         seconds.append(time.perf_counter() - t)
     return seconds

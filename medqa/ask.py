@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         questions = read_questions(args.questions, args.file)
         decoding = decoding_from_flags(args, decoding_defaults(folder))
         from medqa.gpt2_tokenizer import get_tokenizer
-        from medqa.device import pick_device
+        from medqa.hardware import pick_device
         from medqa.model import load_model
 
         model = load_model(str(folder), pick_device())

@@ -3,13 +3,14 @@ stops the run before the first checkpoint, not at it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from medqa.errors import MedQAError
 
-GB = 1024 ** 3
+GiB, MiB = 1024 ** 3, 1024 ** 2
 SMALL_FILES = 64 * 1024 ** 2  # answers, figures, metrics, splits, the model card: a few MB, and room
 ADAM_MOMENTS = 2  # AdamW keeps two fp32 tensors per trained parameter
 
@@ -38,6 +39,14 @@ def model_folder_bytes(model) -> int:
     return _stored_bytes(t for name, t in model.state_dict().items() if "lora_" not in name)
 
 
+def size(n_bytes: int) -> str:
+    """A size in words: GiB to one decimal, or MiB rounded up under 0.1 GiB, so that no size that is not
+    zero reads as 0.0."""
+    if n_bytes >= GiB / 10:
+        return f"{n_bytes / GiB:.1f} GiB"
+    return f"{math.ceil(n_bytes / MiB)} MiB"
+
+
 def _folder_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -59,9 +68,10 @@ class DiskEstimate:
         return 2 * self.checkpoint_bytes + self.model_bytes + SMALL_FILES
 
     def describe(self) -> str:
-        return (f"disk: the run writes up to {self.needed_bytes / GB:.1f} GB into {self.folder} (checkpoint "
-                f"{self.checkpoint_bytes / GB:.2f} GB, twice while the new one is written beside the old; "
-                f"model folder {self.model_bytes / GB:.2f} GB); {self.free_bytes / GB:.1f} GB free")
+        """The line plan_run adds to the memory plan."""
+        return (f"disk: the run writes up to {size(self.needed_bytes)} into {self.folder} (checkpoint "
+                f"{size(self.checkpoint_bytes)}, twice while the new one is written beside the old; "
+                f"model folder {size(self.model_bytes)}); {size(self.free_bytes)} free")
 
 
 def estimate(model, out_dir) -> DiskEstimate:
@@ -82,12 +92,12 @@ def check(est: DiskEstimate) -> None:
     """Stop with the figures and the fixes when the disk is short."""
     if est.needed_bytes <= est.free_bytes:
         return
-    fixes = [f"set OUTPUT_DIR to a folder on a disk with at least {est.needed_bytes / GB:.1f} GB free",
+    fixes = [f"set OUTPUT_DIR to a folder on a disk with at least {size(est.needed_bytes)} free",
              "free some space on this one"]
     if not est.lora:
         smaller = 2 * est.lora_checkpoint_bytes + est.model_bytes + SMALL_FILES
         fixes.append(f"set LORA_R (e.g. 16): AdamW's moments then cover the adapters only, about "
-                     f"{smaller / GB:.1f} GB in all")
-    short = (est.needed_bytes - est.free_bytes) / GB
-    raise MedQAError(f"Not enough disk for this run: {est.describe()}, {short:.1f} GB short. Nothing was "
+                     f"{size(smaller)} in all")
+    short = size(est.needed_bytes - est.free_bytes)
+    raise MedQAError(f"Not enough disk for this run: {est.describe()}, {short} short. Nothing was "
                      f"written; {', or '.join(fixes)}.")

@@ -90,11 +90,10 @@ def scored_text_note(references: list[str]) -> str | None:
             "do not compare, so these scores say little about these answers.")
 
 
-def reference_perplexity(model, loader, device, precision: str | None = None,
-                         micro_batch: int | None = None) -> dict:
+def reference_perplexity(model, loader, plan=None) -> dict:
     """Loss and perplexity of the reference answers (a loader built with the prompt masked), in the memory
-    plan's precision and micro-batches."""
-    loss = mean_loss(model, loader, device, precision, micro_batch)
+    plan's precision and micro-batches (train.plan_run's; None: the device's default)."""
+    loss = mean_loss(model, loader, plan)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
 
@@ -117,12 +116,11 @@ def text_scores(predictions: list[str], references: list[str]) -> tuple[dict, li
     return summary, per_example
 
 
-def score_answers(model, loader, device, predictions, references, precision: str | None = None,
-                  micro_batch: int | None = None) -> tuple[dict, list[dict]]:
-    """Every automatic score: a summary for metrics.json and the per-example scores (`precision` and
-    `micro_batch`: the run's memory plan, for the perplexity)."""
+def score_answers(model, loader, predictions, references, plan=None) -> tuple[dict, list[dict]]:
+    """Every automatic score: a summary for metrics.json and the per-example scores (`plan`: the run's memory
+    plan, for the perplexity)."""
     summary, per_example = text_scores(predictions, references)
-    summary.update(reference_perplexity(model, loader, device, precision, micro_batch))
+    summary.update(reference_perplexity(model, loader, plan))
     return summary, per_example
 
 

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from medqa.errors import MedQAError
-from medqa.model_folder import HUB_IDS, RANDOM_SHAPES, TINY_MODEL  # noqa: F401 - model.HUB_IDS too
+from medqa.model_folder import HUB_IDS, RANDOM_SHAPES, TINY_MODEL
 from medqa.store import save_model_atomic
 
 
@@ -48,10 +48,9 @@ def model_source(model: str, seed: int, cache_dir=None) -> str:
 
 
 # GPT-2's GELU as one fused op. `gelu_new`, its config's default, is the same tanh approximation written out
-# in Python: it keeps three more 4 * n_embd tensors per layer for the backward pass (112 instead of 64 bytes
-# per token, layer and n_embd in fp32, 60 instead of 36 under 16-bit autocast: medqa.device.ACTIVATION_BYTES)
-# and runs slower.
-# PyTorch's gelu(approximate="tanh") gives the same values to rounding (tests/test_memory_plan.py).
+# in Python, which keeps three more 4 * n_embd tensors per layer for the backward pass than the fused op
+# (medqa.hardware.ACTIVATION_BYTES counts the fused one). The values agree to rounding
+# (tests/test_memory_plan.py).
 ACTIVATION = "gelu_pytorch_tanh"
 FUSABLE = ("gelu_new",)  # only GPT-2's own GELU is swapped: a folder saved with another activation keeps it
 
@@ -62,8 +61,8 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
     to).
 
     `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says. The
-    weights load as fp32 whatever the files hold (transformers 5 would keep a float16 or bfloat16 folder's
-    precision): training keeps fp32 master weights and computes in half precision under autocast, where
+    weights load as fp32 whatever the files hold (a float16 or bfloat16 folder included): training keeps fp32
+    master weights and computes in half precision under autocast, where
     updates of a small learning rate do not round away and fp16's gradient scaler can unscale.
     """
     from huggingface_hub import constants
@@ -71,7 +70,7 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
     if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
-        enable_progress_bars()  # a download of up to 6 GB shows that it moves (the call above hid its bar)
+        enable_progress_bars()  # a download of a few GiB shows that it moves (the call above hid its bar)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         config = GPT2Config.from_pretrained(source, **rates)
@@ -94,7 +93,8 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
     return model.to(device)
 
 
-def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
+def check_max_length(max_length: int, model: GPT2LMHeadModel) -> None:
+    """MAX_LENGTH within the model's context."""
     context = model.config.n_positions
     if max_length > context:
         raise MedQAError(f"MAX_LENGTH={max_length} is longer than the model's context of {context} tokens: "
@@ -103,13 +103,13 @@ def check_fits(max_length: int, model: GPT2LMHeadModel) -> None:
 
 def enable_checkpointing(model) -> None:
     """Gradient (activation) checkpointing: each layer keeps only its input and recomputes the rest in the
-    backward pass. transformers 5 calls it activation checkpointing (`gradient_checkpointing_enable` warns
-    that it goes in v6); non-reentrant, so that it needs no input that requires gradients and works with
-    LoRA's frozen weights."""
+    backward pass; non-reentrant, so that it needs no input that requires gradients and works with LoRA's
+    frozen weights. Through `activation_checkpointing_enable`, which transformers does not mark deprecated."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model) -> int:
+    """All the model's parameters, frozen ones included."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -159,4 +159,5 @@ def merge_lora(model):
 
 
 def count_trainable(model) -> int:
+    """The parameters that require gradients (the adapters alone under LoRA)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

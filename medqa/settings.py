@@ -151,18 +151,18 @@ def default_profile() -> str:
 
 def profile_choice() -> tuple[str, str]:
     """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`, and why in words
-    (medqa.device.choose_profile). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
+    (medqa.hardware.choose_profile). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
     When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
-    from medqa import device
+    from medqa import hardware
 
-    where = device.pick_device()
+    where = hardware.pick_device()
     if where.type != "cuda":
         return "cpu", f"no CUDA GPU ({where.type}): GPT-2 124M on 1,000 examples"
     try:
-        caps = device.capabilities(where)
+        caps = hardware.capabilities(where)
     except (RuntimeError, AssertionError):  # a driver that cannot report its memory
         return "full", "a CUDA GPU whose free memory cannot be read: train() plans micro-batches to fit"
-    return device.choose_profile(caps)
+    return hardware.choose_profile(caps)
 
 
 def notebook_params(namespace: dict) -> dict:

@@ -130,9 +130,9 @@ def test_max_length_too_short_for_any_prompt(project, tokenizer):
 
 
 def test_max_length_above_the_models_context(project, tiny_model):
-    from medqa.model import check_fits
+    from medqa.model import check_max_length
 
-    fails(lambda: check_fits(4096, tiny_model), "MAX_LENGTH=4096", "context of 1024", "at most 1024")
+    fails(lambda: check_max_length(4096, tiny_model), "MAX_LENGTH=4096", "context of 1024", "at most 1024")
 
 
 def test_split_that_leaves_validation_or_test_empty(project):

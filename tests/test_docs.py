@@ -159,8 +159,8 @@ def test_the_tables_of_profiles_say_what_settings_profiles_sets(where):
 @pytest.mark.parametrize("where", ["README.md", "llm.ipynb"])
 def test_the_rule_for_which_cuda_cards_get_full_is_the_codes(where):
     """The sentence after `PROFILE = None` names a card that gets `full` and one that gets `cpu`;
-    device.choose_profile decides the same for the memory such a card has free."""
-    from medqa import device
+    hardware.choose_profile decides the same for the memory such a card has free."""
+    from medqa import hardware
 
     text = README.read_text(encoding="utf-8") if where == "README.md" else notebook_markdown()
     found = re.search(r"With `PROFILE = None`,(.*?)\n\n", text, re.S)
@@ -170,8 +170,8 @@ def test_the_rule_for_which_cuda_cards_get_full_is_the_codes(where):
     assert full and cpu and "`full`" in rule and "`cpu`" in rule, f"{where}: {rule!r}"
     for gb, expected in [(int(g), "full") for g in full] + [(int(g), "cpu") for g in cpu]:
         assert gb in FREE_GIB, f"{where} names a {gb} GB card: add the memory such a card has free to FREE_GIB"
-        caps = device.Capabilities("cuda", f"a {gb} GB card", False, int(FREE_GIB[gb] * 2**30), (7, 5))
-        assert device.choose_profile(caps)[0] == expected, f"{where}: a {gb} GB card gets {expected}?"
+        caps = hardware.Capabilities("cuda", f"a {gb} GB card", False, int(FREE_GIB[gb] * 2**30), (7, 5))
+        assert hardware.choose_profile(caps)[0] == expected, f"{where}: a {gb} GB card gets {expected}?"
 
 
 def test_the_reference_points_are_named_as_the_code_names_them():

@@ -5,6 +5,7 @@ import torch
 
 from medqa import batches, evaluate
 from medqa.batches import IGNORE
+from medqa.hardware import Plan
 
 
 # ---------------------------------------------------------------- automatic scores
@@ -44,7 +45,7 @@ def test_reference_perplexity_counts_answer_tokens_only(tiny_model):
     prompt, answer = [10, 11, 12, 13], [20, 21, 22]
     loader = batches.make_loader(batches.QADataset(_frame([(prompt, answer)]), 64), 1, 64, shuffle=False,
                                  mask_prompt=True)
-    got = evaluate.reference_perplexity(tiny_model, loader, torch.device("cpu"), "fp32")  # the reference below is fp32
+    got = evaluate.reference_perplexity(tiny_model, loader, Plan("fp32"))  # the reference below is fp32
     ids = torch.tensor([prompt + answer + [50256]])
     labels = ids.clone()
     labels[0, : len(prompt)] = IGNORE  # Hugging Face shifts labels itself

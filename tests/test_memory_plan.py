@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
-from medqa import device as devices, model as gpt, train
+from medqa import hardware, model as gpt, train
+from medqa.hardware import Plan, Workload
 from medqa.store import save_model_atomic
 
 ROWS, LENGTH = 3, 100  # 300 tokens: no weight has a dimension of 300, so a weight is never taken for an activation
@@ -44,13 +45,13 @@ def measured_saved_bytes(model, precision: str) -> int:
     ids = torch.randint(0, model.config.vocab_size, (ROWS, LENGTH), generator=g)
     batch = {"input_ids": ids, "labels": ids}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train.loss_sum(model, batch, torch.device("cpu"), precision)
+        train.loss_sum(model, batch, Plan(precision))
     return sum(kept.values())
 
 
 def estimated_saved_bytes(model, precision: str, checkpointing: bool = False) -> int:
-    c = model.config
-    return devices.saved_bytes(c.n_layer, c.n_embd, c.n_head, c.vocab_size, ROWS, LENGTH, precision, checkpointing)
+    n = gpt.count_parameters(model)
+    return Workload(n, n, model.config, LENGTH, precision).saved_bytes(ROWS, checkpointing)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_the_per_layer_constant_is_the_measured_one_plus_a_small_margin(models, 
     """Two models that differ only in their number of layers: the difference is what one layer keeps."""
     per_layer = measured_saved_bytes(models[4], precision) - measured_saved_bytes(models[2], precision)
     per_token = per_layer / 2 / (ROWS * LENGTH) / models[2].config.n_embd
-    constant = devices.ACTIVATION_BYTES["fp32" if precision == "fp32" else "half"]
+    constant = hardware.ACTIVATION_BYTES["fp32" if precision == "fp32" else "half"]
     print(f"{precision}: {per_token:.2f} bytes per token, layer and n_embd measured; the plan counts {constant}")
     assert per_token <= constant <= 1.15 * per_token
 
@@ -84,7 +85,7 @@ def test_with_checkpointing_each_layer_keeps_only_its_input(models, tmp_path):
     measured = measured_saved_bytes(model, "bf16")
     assert measured < measured_saved_bytes(models[4], "bf16") / 2
     c = model.config  # what the backward pass recomputes, one layer at a time, comes on top in the estimate
-    one_layer = devices.ACTIVATION_BYTES["half"] * c.n_embd * ROWS * LENGTH
+    one_layer = hardware.ACTIVATION_BYTES["half"] * c.n_embd * ROWS * LENGTH
     assert measured <= estimated_saved_bytes(model, "bf16", checkpointing=True) - one_layer <= 1.5 * measured
 
 
@@ -139,9 +140,9 @@ def test_checkpointing_comes_on_without_a_deprecation_warning_non_reentrant_and_
     s = settings.resolve({"PROFILE": "smoke"}, env={})
     model = copy.deepcopy(tiny_model)
     c, n = model.config, gpt.count_parameters(model)
-    one_row = devices.estimate_peak_bytes(n, n, c.n_layer, c.n_embd, c.n_head, c.vocab_size, 1, s.MAX_LENGTH, "fp32")
+    one_row = Workload(n, n, c, s.MAX_LENGTH, "fp32").peak_bytes(1)
     free = int(one_row / 0.85) - n * 4 - 1024  # one row fits only with checkpointing
-    monkeypatch.setattr(devices, "capabilities", lambda device: devices.Capabilities("cuda", "Tesla T4", False, free))
+    monkeypatch.setattr(hardware, "capabilities", lambda device: hardware.Capabilities("cuda", "Tesla T4", False, free))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates gradient_checkpointing_enable
         plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32").record()
@@ -153,7 +154,7 @@ def test_checkpointing_comes_on_without_a_deprecation_warning_non_reentrant_and_
         assert block.gradient_checkpointing
         assert block._gradient_checkpointing_func.keywords == {"use_reentrant": False}
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
-    train.loss_sum(lora.train(), {"input_ids": ids, "labels": ids}, torch.device("cpu"), "fp32").backward()
+    train.loss_sum(lora.train(), {"input_ids": ids, "labels": ids}, Plan("fp32")).backward()
     assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)  # the adapters learn through it
 
 
@@ -172,11 +173,11 @@ def test_training_and_validation_build_no_kv_cache(tiny_model, monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(modeling_gpt2, "DynamicCache", Counted)
-    model, cpu = copy.deepcopy(tiny_model).train(), torch.device("cpu")
+    model = copy.deepcopy(tiny_model).train()
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-    train.train_step(model, train.make_optimizer(model, 1e-3, 0.1, cpu), [batch], cpu, "fp32")
-    train.mean_loss(model, [batch], cpu, "fp32")
+    train.train_step(model, train.make_optimizer(model, 1e-3, 0.1), [batch], Plan("fp32"))
+    train.mean_loss(model, [batch], Plan("fp32"))
     assert built == []
     model(input_ids=ids)  # the config's default does build one: the count above would have seen it
     assert len(built) == 1

@@ -27,9 +27,9 @@ def test_weights_that_cannot_be_loaded_name_the_ways_out(tmp_path):
 
 
 def test_max_length_longer_than_the_context_is_refused(tiny_model):
-    gpt.check_fits(1024, tiny_model)
+    gpt.check_max_length(1024, tiny_model)
     with pytest.raises(MedQAError, match="MAX_LENGTH=2048.*at most 1024"):
-        gpt.check_fits(2048, tiny_model)
+        gpt.check_max_length(2048, tiny_model)
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model):

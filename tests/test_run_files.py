@@ -36,7 +36,7 @@ def start_run(params, tiny_folder, tokenizer):
     [batches.QADataset(d, cfg.MAX_LENGTH) for d in splits]
     source = str(tiny_folder)
     model = gpt.load_model(source, torch.device("cpu"), cfg.DROPOUT)
-    gpt.check_fits(cfg.MAX_LENGTH, model)
+    gpt.check_max_length(cfg.MAX_LENGTH, model)
     return cfg, settings.claim_output_dir(cfg, data_file=path, model_source=source)
 
 

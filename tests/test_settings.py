@@ -26,9 +26,9 @@ def test_profile_can_come_from_the_environment_and_full_is_gpt2_medium():
 def test_default_profile_follows_the_hardware(monkeypatch, kind, profile):
     import torch
 
-    from medqa import device
+    from medqa import hardware
 
-    monkeypatch.setattr(device, "pick_device", lambda: torch.device(kind))  # a GPU or a Mac, made up
+    monkeypatch.setattr(hardware, "pick_device", lambda: torch.device(kind))  # a GPU or a Mac, made up
     assert settings.resolve({}, env={}).PROFILE == profile
 
 
@@ -181,9 +181,9 @@ def test_a_typo_fixed_in_the_cell_but_left_in_the_kernel_says_how_to_drop_it():
 def test_a_profile_chosen_by_the_hardware_says_which_and_why(monkeypatch):
     import torch
 
-    from medqa import device
+    from medqa import hardware
 
-    monkeypatch.setattr(device, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(hardware, "pick_device", lambda: torch.device("cpu"))
     lines = []
     settings.resolve({}, env={}, log=lines.append)
     assert lines == ["PROFILE not set: 'cpu' for this machine (no CUDA GPU (cpu): GPT-2 124M on 1,000 examples)."]

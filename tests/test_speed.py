@@ -191,11 +191,11 @@ def test_the_benchmarks_can_ask_for_the_choice_whatever_the_call(tiny_model, mon
 def test_bf16_answers_are_never_chosen_by_a_timing(tiny_model, monkeypatch):
     """bf16 changes answers, and the notebook and `python -m medqa.ask` must answer alike: only fp32 ways compete,
     even on a CPU that computes bf16 natively (where bf16 is fastest)."""
-    from medqa import device
+    from medqa import hardware
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # what torch says about this CPU
         monkeypatch.setattr(torch.cpu, name, lambda: True)
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert set(cpu_kernels.candidate_kernels(tiny_model)) <= {"default", "onednn"}
     probed = []
     monkeypatch.setattr(cpu_kernels, "_probe", lambda model, kernels, ids, mask: probed.append(kernels) or

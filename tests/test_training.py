@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from medqa import batches, data, model as gpt, settings, split, train
+from medqa import batches, data, model as gpt, settings, split, train, training_run
 from medqa.errors import MedQAError
 from tests.sample_data import write_sample_csv
 
@@ -178,8 +178,9 @@ def clocked(setup, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "time", clock)
+        mp.setattr(training_run, "time", clock)
         mp.setattr(train, "train_step", lasting(1.0, train.train_step))
-        mp.setattr(train, "save_torch_atomic", lasting(100.0, train.save_torch_atomic))
+        mp.setattr(training_run, "save_torch_atomic", lasting(100.0, training_run.save_torch_atomic))
         history = train.train(model, train_set, SlowLoader(val_loader, clock, 1000.0), train.TrainingConfig.from_settings(s), out,
                               on_epoch_end=lasting(500.0, lambda epoch: None), log=lambda *_: None)
     return s, model, history, val_loader
@@ -199,4 +200,4 @@ def test_tokens_per_second_counts_the_train_steps_only(clocked):
 def test_the_validation_loss_is_that_of_the_whole_sample_it_is_given(clocked):
     s, model, history, val_loader = clocked
     assert len(val_loader) > s.EVAL_BATCHES  # the loader is the sample: all of it counts
-    assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader, torch.device("cpu")), abs=1e-5)
+    assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader), abs=1e-5)

@@ -1,5 +1,5 @@
-"""Training on a GPU's terms, checked on the CPU: a step that runs out of memory is run again in smaller
-micro-batches (then with gradient checkpointing) and ends as an undisturbed step would; a resumed run keeps what it
+"""Training on a GPU's terms, checked on the CPU: a step that runs out of memory (the CPU allocator's own error, as
+under a cgroup or `ulimit -v` limit) is run again in smaller micro-batches (then with gradient checkpointing) and ends as an undisturbed step would; a resumed run keeps what it
 adapted to and lets go of the loaded checkpoint; fp16 steps the gradient scaler skips leave the learning-rate
 schedule where it was; lines printed during training never land inside the progress bar."""
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from medqa import batches, model as gpt, train
+from transformers import GPT2LMHeadModel
+
+from medqa import batches, model as gpt, train, training_run
 from medqa.errors import MedQAError
-from tests.test_device import batch_of, fresh
 from tests.test_training import assert_same_run, losses, setup  # noqa: F401 - setup is a fixture
 
 CPU = torch.device("cpu")
@@ -30,56 +31,58 @@ def no_dropout(model):
 
 
 class OutOfMemory:
-    """train.loss_sum that runs out of memory on training passes (not validation ones) wider than `rows` rows, or
-    without gradient checkpointing where `needs_checkpointing`, once `after` training passes went through."""
+    """GPT-2's forward that runs out of memory on training passes (not validation ones) wider than `rows` rows, or
+    without gradient checkpointing where `needs_checkpointing`, once `after` training passes went through: it asks
+    the CPU allocator for more than any machine has, which raises the allocator's own RuntimeError."""
 
-    def __init__(self, rows=0, needs_checkpointing=False, after=0):
+    def __init__(self, mp, rows=0, needs_checkpointing=False, after=0):
         self.rows, self.needs_checkpointing, self.after = rows, needs_checkpointing, after
-        self.real, self.passes = train.loss_sum, []
+        self.passes, real = [], GPT2LMHeadModel.forward
 
-    def __call__(self, model, batch, device, precision=None):
-        if model.training:
-            rows = len(batch["input_ids"])
-            self.passes.append(rows)
-            if len(self.passes) > self.after and (rows > self.rows or
-                                                  (self.needs_checkpointing and not checkpointing(model))):
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.53 GiB")
-        return self.real(model, batch, device, precision)
+        def forward(model, *args, **kwargs):
+            if model.training:
+                rows = len(kwargs["input_ids"])
+                self.passes.append(rows)
+                if len(self.passes) > self.after and (rows > self.rows or
+                                                      (self.needs_checkpointing and not checkpointing(model))):
+                    torch.empty(2 ** 62, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+            return real(model, *args, **kwargs)
 
-
-def test_a_step_that_runs_out_of_memory_is_run_again_in_halves_and_ends_as_an_undisturbed_step(tiny_model,
-                                                                                             monkeypatch):
-    group = [batch_of(8, seed=0), batch_of(8, seed=1)]  # two batches: the first one's gradients are in when it fails
-    a, b = no_dropout(fresh(tiny_model)), no_dropout(fresh(tiny_model))  # the same numbers both ways
-    # the step as it runs undisturbed in the micro-batches the retry ends with (that micro-batches change no numbers
-    # is test_device.test_micro_batches_give_the_same_step_as_the_whole_batch's to show): bit for bit the same
-    undisturbed = train.train_step(a, train.make_optimizer(a, 1e-3, 0.1, CPU), group, CPU, "fp32", micro_batch=2)
-    oom = OutOfMemory(rows=2, after=1)
-    monkeypatch.setattr(train, "loss_sum", oom)
-    asked = []
-    adapted = train.train_step(b, train.make_optimizer(b, 1e-3, 0.1, CPU), group, CPU, "fp32", micro_batch=8,
-                               on_oom=lambda rows: asked.append(rows) or -(-rows // 2))
-    assert asked == [8, 4] and oom.passes[:3] == [8, 8, 4]  # failed with 8 rows, then with 4; fine with 2
-    assert adapted[1:] == undisturbed[1:] and torch.equal(adapted[0], undisturbed[0])
-    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))  # no gradient counted twice
-    with pytest.raises(torch.OutOfMemoryError):  # without on_oom, the error is the caller's
-        train.train_step(b, train.make_optimizer(b, 1e-3, 0.1, CPU), group, CPU, "fp32", micro_batch=8)
+        mp.setattr(GPT2LMHeadModel, "forward", forward)
 
 
-def run(setup, out_dir, lines, val_loader=None, **overrides):  # noqa: F811
+def run(setup, out_dir, lines, val_loader=None, micro_batch=None, **overrides):  # noqa: F811
     s, train_set, setup_val_loader, source = setup
     s = replace(s, OUTPUT_DIR=str(out_dir), EPOCHS=1, DROPOUT=0.0, **overrides)
     model = gpt.load_model(source, CPU, s.DROPOUT)
     plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, s.PRECISION)
+    plan.micro_batch = micro_batch or plan.micro_batch
     history = train.train(model, train_set, val_loader or setup_val_loader, train.TrainingConfig.from_settings(s), out_dir, log=lines.append, plan=plan)
     return model, history, plan
+
+
+def test_a_step_that_runs_out_of_memory_is_run_again_in_halves_and_ends_as_an_undisturbed_step(setup, tmp_path,
+                                                                                             monkeypatch):
+    """The step as it runs undisturbed in the micro-batches the retry ends with (that micro-batches change no numbers
+    is test_hardware.test_micro_batches_give_the_same_step_as_the_whole_batch's to show): bit for bit the same, so no
+    gradient of a failed pass is counted twice. Two batches a step: the first one's gradients are in when it fails."""
+    s = setup[0]
+    undisturbed, _, _ = run(setup, tmp_path / "a", [], MAX_STEPS=1, micro_batch=1)
+    lines = []
+    with monkeypatch.context() as mp:
+        oom = OutOfMemory(mp, rows=1, after=1)
+        adapted, _, plan = run(setup, tmp_path / "b", lines, MAX_STEPS=1)
+    assert s.BATCH_SIZE == 4 and s.GRAD_ACCUM == 2
+    assert oom.passes[:4] == [4, 4, 2, 1]  # failed with 4 rows (after the first batch), then with 2; fine with 1
+    assert plan.micro_batch == 1 and len([line for line in lines if line.startswith("Out of memory")]) == 2
+    assert all(torch.equal(pa, pb) for pa, pb in zip(undisturbed.parameters(), adapted.parameters()))
 
 
 def test_training_adapts_to_running_out_of_memory_records_it_and_a_resumed_run_starts_with_it(setup, tmp_path,
                                                                                                 monkeypatch):
     def adapting(out_dir, lines, max_steps):  # from the third step on, only one row at a time with checkpointing fits
         with monkeypatch.context() as mp:
-            mp.setattr(train, "loss_sum", OutOfMemory(rows=1, needs_checkpointing=True, after=2 * 2))
+            OutOfMemory(mp, rows=1, needs_checkpointing=True, after=2 * 2)
             return run(setup, out_dir, lines, MAX_STEPS=max_steps)
 
     lines = []
@@ -98,7 +101,8 @@ def test_training_adapts_to_running_out_of_memory_records_it_and_a_resumed_run_s
     lines, steps = [], []
     with monkeypatch.context() as mp:  # the same machine, nothing runs out of memory now: a fresh plan takes 4 rows
         real = train.train_step
-        mp.setattr(train, "train_step", lambda m, *a, **k: steps.append((a[5], checkpointing(m))) or real(m, *a, **k))
+        mp.setattr(train, "train_step", lambda m, opt, group, plan, *a: steps.append((plan.micro_batch, checkpointing(m)))
+                   or real(m, opt, group, plan, *a))
         resumed, resumed_history, plan = run(setup, tmp_path / "adapted", lines, MAX_STEPS=6)
     assert "It ran out of memory here before, so it goes on with micro-batches of 1 row" in " ".join(lines)
     assert steps == [(1, True), (1, True)] and plan.adaptations == adapted
@@ -113,7 +117,7 @@ def test_when_one_row_with_checkpointing_does_not_fit_the_error_names_the_fix_an
                                                                                                      tmp_path,
                                                                                                      monkeypatch):
     lines = []
-    monkeypatch.setattr(train, "loss_sum", OutOfMemory(rows=0, after=4 * 2))  # from step 5 nothing fits
+    OutOfMemory(monkeypatch, rows=0, after=4 * 2)  # from step 5 nothing fits
     with pytest.raises(MedQAError, match="Out of cpu memory at step 5 even one row at a time with gradient "
                                          "checkpointing.*resumes from the last checkpoint.*MAX_LENGTH.*MODEL.*LORA_R"):
         run(setup, tmp_path, lines, CHECKPOINT_EVERY=4)
@@ -128,7 +132,7 @@ def test_a_resumed_run_lets_go_of_the_checkpoint_it_loaded(setup, tmp_path, monk
         pass
 
     watched = []
-    real_load = train.load_checkpoint
+    real_load = training_run.load_checkpoint
 
     def load(path):
         ckpt = Loaded(real_load(path))
@@ -137,7 +141,7 @@ def test_a_resumed_run_lets_go_of_the_checkpoint_it_loaded(setup, tmp_path, monk
 
     alive = []
     real_step = train.train_step
-    monkeypatch.setattr(train, "load_checkpoint", load)
+    monkeypatch.setattr(training_run, "load_checkpoint", load)
     monkeypatch.setattr(train, "train_step", lambda *a, **k: alive.append([r() is not None for r in watched])
                         or real_step(*a, **k))
     run(setup, tmp_path, [], MAX_STEPS=3)

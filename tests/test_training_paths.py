@@ -15,10 +15,17 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import GPT2LMHeadModel
 
-from medqa import batches, disk, evaluate, generate, model as gpt, settings, train
+from medqa import batches, disk, evaluate, generate, hardware, model as gpt, settings, train, training_run
+from medqa.hardware import Plan
 from medqa.errors import MedQAError
 
 CPU = torch.device("cpu")
+
+
+def watch_forward(mp, watch):
+    """GPT-2's forward calls `watch(model, input_ids)` first: every pass, training or not, goes through it."""
+    real = GPT2LMHeadModel.forward
+    mp.setattr(GPT2LMHeadModel, "forward", lambda model, *a, **k: watch(model, k["input_ids"]) or real(model, *a, **k))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +81,7 @@ def test_a_half_precision_folder_loads_as_fp32_master_weights(tiny_model, tmp_pa
 
 
 def test_no_copy_to_the_device_is_asynchronous_from_unpinned_memory(tiny_model, monkeypatch):
-    from tests.test_device import batch_of, fresh
+    from tests.test_hardware import batch_of, fresh
 
     asked = []
     real = torch.Tensor.to
@@ -85,27 +92,25 @@ def test_no_copy_to_the_device_is_asynchronous_from_unpinned_memory(tiny_model, 
 
     model = fresh(tiny_model)
     monkeypatch.setattr(torch.Tensor, "to", to)
-    train.train_step(model, train.make_optimizer(model, 1e-3, 0.1, CPU), [batch_of(4)], CPU, "fp32",
-                     micro_batch=2)
-    train.mean_loss(model, [batch_of(4)], CPU, "fp32", micro_batch=2)
+    train.train_step(model, train.make_optimizer(model, 1e-3, 0.1), [batch_of(4)], Plan("fp32", micro_batch=2))
+    train.mean_loss(model, [batch_of(4)], Plan("fp32", micro_batch=2))
     assert asked and not any(asked)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: non_blocking)
-    assert not train.devices.to_device(torch.ones(2), torch.device("mps"))  # MPS: never asynchronous
-    assert not train.devices.to_device(torch.ones(2), torch.device("cuda"))  # not pinned
+    assert not hardware.to_device(torch.ones(2), torch.device("mps"))  # MPS: never asynchronous
+    assert not hardware.to_device(torch.ones(2), torch.device("cuda"))  # not pinned
 
 
 def test_validation_and_reference_perplexity_run_in_the_plans_micro_batches(small, tmp_path, monkeypatch):
     s, data, val, source = small
     model = gpt.load_model(source, CPU, 0.0)
-    whole = train.mean_loss(model, val, CPU, "fp32")
+    whole = train.mean_loss(model, val, Plan("fp32"))
     rows = []
-    real = train.loss_sum
-    monkeypatch.setattr(train, "loss_sum", lambda m, b, *a: rows.append((m.training, len(b["input_ids"])))
-                        or real(m, b, *a))
-    assert train.mean_loss(model, val, CPU, "fp32", micro_batch=1) == pytest.approx(whole, rel=1e-5)
+    watch_forward(monkeypatch, lambda m, ids: rows.append((m.training, len(ids))))
+    assert train.mean_loss(model, val, Plan("fp32", micro_batch=1)) == pytest.approx(whole, rel=1e-5)
     assert rows and {r for _, r in rows} == {1}
     rows.clear()
-    assert evaluate.reference_perplexity(model, val, CPU, "fp32", 2)["loss"] == pytest.approx(whole, abs=1e-4)
+    assert evaluate.reference_perplexity(model, val, Plan("fp32", micro_batch=2))["loss"] == pytest.approx(whole,
+                                                                                                           abs=1e-4)
     assert rows and max(r for _, r in rows) == 2
     rows.clear()
     plan = train.plan_run(model, s.BATCH_SIZE, s.MAX_LENGTH, "fp32")
@@ -172,17 +177,16 @@ def test_an_interrupt_writes_a_checkpoint_at_the_step_reached_and_the_rerun_cont
 
 
 def test_ctrl_c_during_a_step_lands_after_it(small, uninterrupted, tmp_path, monkeypatch):
-    real, passes = train.loss_sum, []
+    passes = []
 
-    def signalled(model, batch, *args):
+    def signalled(model, ids):
         if model.training:
             passes.append(1)
             if len(passes) == 4 * 1 + 1:  # the first pass of step 5 (one pass a step)
                 os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch, *args)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train, "loss_sum", signalled)
+        watch_forward(mp, signalled)
         with pytest.raises(KeyboardInterrupt, match="Interrupted at step 5 of 10"):
             run(small, tmp_path)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 5
@@ -225,7 +229,7 @@ def test_a_finished_run_continues_for_more_epochs_with_a_new_schedule(small, tmp
 
 def test_ctrl_c_as_a_new_schedule_begins_leaves_a_checkpoint_that_continues_exactly(small, tmp_path, monkeypatch):
     run(small, tmp_path / "one", EPOCHS=1)
-    real, calls = train.make_schedule, []
+    real, calls = training_run.make_schedule, []
 
     def signalled(run_):
         calls.append(1)
@@ -234,7 +238,7 @@ def test_ctrl_c_as_a_new_schedule_begins_leaves_a_checkpoint_that_continues_exac
         return real(run_)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train, "make_schedule", signalled)
+        mp.setattr(training_run, "make_schedule", signalled)
         with pytest.raises(KeyboardInterrupt, match="Interrupted at step 5 of 10"):
             run(small, tmp_path / "one", EPOCHS=2)
     run(small, tmp_path / "straight", EPOCHS=1)
@@ -258,8 +262,8 @@ def test_a_disk_too_small_stops_the_run_before_training_with_the_figures_and_the
     need = disk.estimate(tiny_model, out).needed_bytes
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage(10 * need, 9 * need, need // 2))
-    with pytest.raises(MedQAError, match=r"Not enough disk.*writes up to .* GB into .*run.*checkpoint .* GB, "
-                                         r"twice.*GB free.*short.*OUTPUT_DIR.*LORA_R"):
+    with pytest.raises(MedQAError, match=r"Not enough disk.*writes up to .* [GM]iB into .*run.*checkpoint .* [GM]iB, "
+                                         r"twice.*[GM]iB free.*short.*OUTPUT_DIR.*LORA_R"):
         train.plan_run(tiny_model, 8, 64, "fp32", out)
     assert not out.exists()
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage(10 * need, 0, 2 * need))
@@ -267,21 +271,30 @@ def test_a_disk_too_small_stops_the_run_before_training_with_the_figures_and_the
     assert "memory plan:" in plan.summary() and "disk: the run writes up to" in plan.summary()
 
 
+@pytest.mark.parametrize("short, says", [(1, "1 MiB short"), (100 * 2 ** 20, "100 MiB short"),
+                                         (int(1.25 * 2 ** 30), "1.2 GiB short")])
+def test_the_disk_refusal_never_says_a_zero_shortfall(tiny_model, tmp_path, monkeypatch, short, says):
+    need = disk.estimate(tiny_model, tmp_path).needed_bytes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage(10 * need, 0, need - short))
+    with pytest.raises(MedQAError, match=says) as refused:
+        train.plan_run(tiny_model, 8, 64, "fp32", tmp_path)
+    assert " 0.0 " not in str(refused.value) and " 0 MiB" not in str(refused.value)
+
+
 def test_max_steps_past_epochs_is_refused_before_the_run_claims_its_folder():
     """The notebook checks the run's length before claim_output_dir writes run.json, the splits and the answers
     before fine-tuning: a refused MAX_STEPS leaves the folder as it was."""
     import json
     from pathlib import Path
-    from types import SimpleNamespace
 
     from medqa import settings
 
     cfg = settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 11}, env={})
-    loader = SimpleNamespace(batch_sampler=list(range(10)))  # 10 batches an epoch, 1 epoch
     with pytest.raises(MedQAError, match="MAX_STEPS=11 goes past the 10 optimizer steps"):
-        train.check_length(train.TrainingConfig.from_settings(cfg), loader)
-    train.check_length(train.TrainingConfig.from_settings(settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 10},
-                                                                            env={})), loader)
+        train.check_max_steps(train.TrainingConfig.from_settings(cfg), 10)  # 10 batches an epoch, 1 epoch
+    train.check_max_steps(train.TrainingConfig.from_settings(settings.resolve({"PROFILE": "smoke", "MAX_STEPS": 10},
+                                                                               env={})), 10)
     notebook = json.loads((Path(__file__).resolve().parent.parent / "llm.ipynb").read_text())
     source = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
-    assert -1 < source.index("train.check_length(") < source.index("settings.claim_output_dir(")
+    assert -1 < source.index("train.check_max_steps(") < source.index("settings.claim_output_dir(")
