@@ -50,8 +50,18 @@ def cpu_name() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them a CPU emulates bf16 and runs it slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """AVX-512 BF16 or AMX, and kernels allowed to use them: without them a CPU emulates bf16 and runs it
+    slower than fp32.
+
+    The flags come from the CPU itself; ATEN_CPU_CAPABILITY (PyTorch's own kernels) and ONEDNN_MAX_CPU_ISA
+    (oneDNN's matrix products) can hold the kernels below AVX-512, and then bf16 is emulated as on a CPU
+    without it."""
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    try:
+        onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's ISA, after ONEDNN_MAX_CPU_ISA
+    except (AttributeError, RuntimeError):  # a private op: a torch without it says nothing either way
+        onednn = True
+    return bool(flags and onednn and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def _available_ram() -> int | None:
