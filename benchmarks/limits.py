@@ -76,9 +76,10 @@ def answer_flops(config, prompt_lengths, new_tokens) -> int:
     """FLOPs of the forward passes that give each prompt its new tokens, with a KV cache: the useful work."""
     layers, head = layer_weights(config), config.n_embd * config.vocab_size
     attention = 4 * config.n_layer * config.n_embd
-    prompts = sum(p * (2 * layers + attention * p) + 2 * head for p, k in zip(prompt_lengths, new_tokens) if k)
+    rows = [(p, k) for p, k in zip(prompt_lengths, new_tokens) if k]
+    prompts = sum(p * (2 * layers + attention * p) + 2 * head for p, _ in rows)
     steps = sum(2 * (layers + head) + attention * (p + j)
-                for p, k in zip(prompt_lengths, new_tokens) for j in range(1, k))
+                for p, k in rows for j in range(1, k))
     return prompts + steps
 
 

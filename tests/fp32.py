@@ -31,3 +31,14 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """‖got − want‖ / ‖want‖, in float64."""
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def network_bound(config) -> float:
+    """Relative rounding error that float32 allows GPT-2's logits (normwise), one way against exact.
+
+    The logits come out of 4 * n_layer + 1 matrix products in sequence (attention's two, the MLP's two per
+    layer; the head), each rounding its output by at most sum_bound of its inner length (the longest: the
+    MLP's 4 * n_embd); LayerNorm keeps the scale, and the residual stream adds the errors up rather than
+    multiplying them. Elementwise steps (GELU, softmax over the few positions here) round by a few u each,
+    below one product's share."""
+    return (4 * config.n_layer + 1) * sum_bound(4 * config.n_embd)

@@ -191,7 +191,8 @@ def test_tokens_per_second_counts_the_train_steps_only(clocked):
     previous = {"step": 0, "tokens_seen": 0}
     for h in history:
         steps, tokens = h["step"] - previous["step"], h["tokens_seen"] - previous["tokens_seen"]
-        assert h["tokens_per_s"] == pytest.approx(tokens / steps, abs=0.05)  # one second per step
+        # one second per step; the history keeps one decimal
+        assert h["tokens_per_s"] == pytest.approx(tokens / steps, abs=0.05)
         assert h["train_seconds"] == h["step"] and h["seconds"] > h["step"] + 1000
         previous = h
 
@@ -199,4 +200,5 @@ def test_tokens_per_second_counts_the_train_steps_only(clocked):
 def test_the_validation_loss_is_that_of_the_whole_sample_it_is_given(clocked):
     s, model, history, val_loader = clocked
     assert len(val_loader) > s.EVAL_BATCHES  # the loader is the sample: all of it counts
+    # the same computation on the same weights; the history keeps 5 decimals (5e-6)
     assert history[-1]["val_loss"] == pytest.approx(train.mean_loss(model, val_loader, torch.device("cpu")), abs=1e-5)

@@ -47,6 +47,7 @@ class OutOfMemory:
         return self.real(model, batch, device, precision)
 
 
+@pytest.mark.numerics
 def test_a_step_that_runs_out_of_memory_is_run_again_in_halves_and_ends_as_an_undisturbed_step(tiny_model,
                                                                                              monkeypatch):
     group = [batch_of(8, seed=0), batch_of(8, seed=1)]  # two batches: the first one's gradients are in when it fails
