@@ -17,6 +17,10 @@ Both ways use the same architecture, weights, examples and limits. The project's
 medqa.cpu_kernels.fastest_linears picks on this machine ("project") and each candidate forced: PyTorch's default
 fp32 layers, oneDNN's fp32 layers, bf16 weights (where the CPU computes bf16 natively).
 
+Each way's work is counted in FLOPs from the model's shape and set against the limits measured in the same
+process: the matmul peak of the precision it computes in, and, for answering, the memory bandwidth
+(benchmarks/limits.py says how).
+
 Random weights never write end-of-text, so every answer is stopped where its reference answer ends: end-of-text is
 forced after min(reference length, new-token limit) tokens, the same for every way, and only those tokens count.
 """
