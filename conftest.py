@@ -27,3 +27,12 @@ def pytest_configure(config):
         "XDG_CACHE_HOME": str(work / "cache"),  # the random models the notebook builds: not in the user's ~/.cache
     })
     config.medqa_data_path = data_path
+
+
+def pytest_report_header(config):
+    """The kernels this run computes with: tests/test_cpu_capabilities.py runs the numerical tests again with
+    them capped below what the CPU has."""
+    import torch
+
+    return (f"CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'all the CPU has')}")

@@ -17,6 +17,10 @@ Both ways use the same architecture, weights, examples and limits. The project's
 medqa.cpu_kernels.fastest_linears picks on this machine ("project") and each candidate forced: PyTorch's default
 fp32 layers, oneDNN's fp32 layers, bf16 weights (where the CPU computes bf16 natively).
 
+Each way's work is counted in FLOPs from the model's shape and set against the limits measured in the same
+process: the matmul peak of the precision it computes in, and, for answering, the memory bandwidth
+(benchmarks/limits.py says how).
+
 Random weights never write end-of-text, so every answer is stopped where its reference answer ends: end-of-text is
 forced after min(reference length, new-token limit) tokens, the same for every way, and only those tokens count.
 """
@@ -44,6 +48,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from transformers import LogitsProcessor  # noqa: E402
 
+from benchmarks.limits import answer_flops, matmul_peak, matmul_weights, peaks, training_flops  # noqa: E402
 from medqa import batches, cpu_kernels, data, generate, gpt2_tokenizer, hardware, split, train  # noqa: E402
 from medqa.batches import EOT, IGNORE  # noqa: E402
 from medqa.generate import Decoding, generate_ids  # noqa: E402
@@ -117,7 +122,7 @@ def run_training(way: str, arch: dict, dataset: batches.QADataset, max_length: i
     warm_up = val_pairs is None
     if warm_up:
         float(run_step(make([(p[:16], a[:16]) for p, a in (dataset[j] for j in order[0])]))[0])
-    curve, tokens, padded, elapsed = [], 0, 0, 0.0
+    curve, tokens, padded, elapsed, flops = [], 0, 0, 0.0, 0
     for i, idx in enumerate(order):
         batch = make([dataset[j] for j in idx])
         t = time.perf_counter()
@@ -127,11 +132,18 @@ def run_training(way: str, arch: dict, dataset: batches.QADataset, max_length: i
             elapsed += time.perf_counter() - t
             tokens += n_tokens
             padded += batch["input_ids"].numel()
+            flops += training_flops(model.config, batch["attention_mask"].sum(1).tolist())
         if val_pairs is not None and (i + 1) % eval_every == 0:
             curve.append({"step": i + 1, "train_loss": loss / int((batch["labels"] != IGNORE).sum()),
                           "val_loss": _val_loss(model, val_pairs, max_length)})
-    return {"real_tokens": tokens, "padded_tokens": padded, "seconds": round(elapsed, 2),
-            "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None, "curve": curve}
+    result = {"real_tokens": tokens, "padded_tokens": padded, "seconds": round(elapsed, 2),
+              "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None, "curve": curve}
+    if warm_up:  # throughput runs: against the peak of the precision this way computes in, here and now
+        precision = hardware.Plan.default(device).precision if way == "project" else "fp32"
+        peak = matmul_peak({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+        result.update(precision=precision, flops_per_s=flops / elapsed, peak_flops_per_s=peak,
+                      peak_fraction=flops / elapsed / peak)
+    return result
 
 
 @torch.no_grad()
@@ -191,14 +203,19 @@ def stop_where_reference_ends(model, limits: dict):
     model.generate = generate_
 
 
-def answer_ways(hardware: dict) -> list[str]:
-    return ["textbook", "project", "default", "onednn"] + (["bf16"] if hardware["native_bf16"] else [])
+def answer_ways(machine: dict) -> list[str]:
+    return ["textbook", "project", "default", "onednn"] + (["bf16"] if machine["native_bf16"] else [])
 
 
 def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int], ways: list[str]):
-    """Every way answers the same prompts once, in the order given; the models share weights."""
+    """Every way answers the same prompts once, in the order given; the models share weights. Each way's
+    FLOP/s against the matmul peak of its precision, and the weights its forward passes read per second against
+    the copy bandwidth, both measured in this process after the ways (benchmarks/limits.py)."""
     models = {way: make_model(arch, way).eval() for way in ("textbook", "project")}
     stop_where_reference_ends(models["project"], {tuple(p): n for p, n in zip(prompts_, limits)})
+    passes = []
+    for model in models.values():  # every forward pass reads all the weights once
+        model.transformer.register_forward_pre_hook(lambda *_: passes.append(1))
     # the choice is made once per process: not timed
     cpu_kernels.fastest_linears(models["project"], prompts_, pad=generate.left_pad)
     out = {}
@@ -211,14 +228,25 @@ def run_generation_round(arch: dict, prompts_: list[list[int]], limits: list[int
             answer_all = lambda: generate_ids(models["project"], prompts_, Decoding(max(limits)))  # noqa: E731
             answer_all_warm = lambda: generate_ids(models["project"], prompts_[:2], Decoding(2))  # noqa: E731
         answer_all_warm()  # not timed
+        passes.clear()
         t = time.perf_counter()
         answers = answer_all()
         elapsed = time.perf_counter() - t
         answers = [a[:n] for a, n in zip(answers, limits)]
         new = sum(len(a) for a in answers)
         out[way] = {"new_tokens": new, "seconds": round(elapsed, 2), "tokens_per_s": round(new / elapsed, 1),
-                    "answers": answers}
+                    "answers": answers, "precision": "bf16" if way == "bf16" else "fp32",
+                    "passes_per_s": len(passes) / elapsed,
+                    "flops_per_s": answer_flops(models["project"].config, [len(p) for p in prompts_],
+                                                       [len(a) for a in answers]) / elapsed}
     cpu_kernels.FORCED_KERNELS = None
+    peak = peaks(sorted({out[way]["precision"] for way in ways}))
+    for way in ways:
+        res, config = out[way], models["project"].config
+        weight_bytes = matmul_weights(config) * (2 if res["precision"] == "bf16" else 4)
+        res["peak_fraction"] = res["flops_per_s"] / peak[f"matmul_{res['precision']}_flops"]
+        res["bandwidth_fraction"] = res["passes_per_s"] * weight_bytes / peak["copy_bytes_per_s"]
+    out["peaks"] = peak
     chosen = cpu_kernels.chosen_kernels(models["project"])
     out["chosen_kernels"] = chosen and chosen["kernels"]
     out["probe"] = chosen and chosen["measured"]
@@ -242,9 +270,19 @@ def cpu_info() -> dict:
     return info
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2), "rounds": [round(v, 2) for v in values]}
+def spread(values: list[float], digits: int = 2) -> dict:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "rounds": [round(v, digits) for v in values]}
+
+
+def against_limits(runs: list[dict]) -> dict:
+    """A way's achieved GFLOP/s and its fractions of the limits measured beside it, over the rounds."""
+    out = {"precision": runs[0]["precision"],
+           "gflops_per_s": spread([r["flops_per_s"] / 1e9 for r in runs], 1),
+           "peak_fraction": spread([r["peak_fraction"] for r in runs], 3)}
+    if "bandwidth_fraction" in runs[0]:
+        out["bandwidth_fraction"] = spread([r["bandwidth_fraction"] for r in runs], 3)
+    return out
 
 
 def _child(fn, args, queue):
@@ -290,7 +328,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer examples and prompts, no loss curves")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every way (medians over these)")
+    ap.add_argument("--shape", choices=["gpt2", "tiny"], default="gpt2",
+                    help="tiny: the tiny GPT-2 everywhere, to check the script quickly (not for figures)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
     args = ap.parse_args(argv)
+    arch = GPT2_124M if args.shape == "gpt2" else TINY
     q = args.quick
     cfg = {"train_batches": 3 if q else 20, "train_max_length": 512, "batch_size": 8,
            "train_draw": "each way's first train_batches of its epoch order over the whole train split, seeded by "
@@ -300,8 +342,8 @@ def main(argv=None):
     started = time.perf_counter()
     train_df, val_df, test_df = load_splits()
     caps = hardware.capabilities(torch.device("cpu"))
-    hardware = {"cpu": caps.name, "cores": os.cpu_count(), "flags": [], **cpu_info(), "native_bf16": caps.native_bf16}
-    results = {"quick": q, "settings": cfg, "hardware": hardware, "torch": torch.__version__,
+    machine = {"cpu": caps.name, "cores": os.cpu_count(), "flags": [], **cpu_info(), "native_bf16": caps.native_bf16}
+    results = {"quick": q, "shape": args.shape, "settings": cfg, "hardware": machine, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "training_precision": hardware.choose_precision(caps)[0],
                "note": "medians over rounds in which the ways take turns"}
 
@@ -319,18 +361,20 @@ def main(argv=None):
     test = test_df.head(cfg["gen_prompts"])
     test_prompts = list(test["prompt_ids"])
     limits = [min(len(a), cfg["gen_new_tokens"]) for a in test["answer_ids"]]
-    ways = answer_ways(hardware)
+    ways = answer_ways(machine)
     rounds = []
     for r in range(cfg["rounds"]):
         order = ways[r % len(ways):] + ways[: r % len(ways)]
-        rounds.append(isolated(run_generation_round, GPT2_124M, test_prompts, limits, order))
+        rounds.append(isolated(run_generation_round, arch, test_prompts, limits, order))
         print(f"answers, round {r + 1}:", {w: rounds[-1][w]["tokens_per_s"] for w in ways},
               "chosen:", rounds[-1]["chosen_kernels"], flush=True)
     gen = {"new_tokens": sum(limits), "limits": "min(reference answer length, gen_new_tokens) per prompt",
            "chosen_kernels": [r["chosen_kernels"] for r in rounds], "probe": rounds[0]["probe"],
-           "peak_rss_mb_all_ways": max(r["peak_rss_mb"] for r in rounds)}
+           "peak_rss_mb_all_ways": max(r["peak_rss_mb"] for r in rounds),
+           "peaks": [{k: round(v / 1e9, 1) for k, v in r["peaks"].items()} for r in rounds]}
     for way in ways:
-        gen[way] = {"tokens_per_s": spread([r[way]["tokens_per_s"] for r in rounds])}
+        gen[way] = {"tokens_per_s": spread([r[way]["tokens_per_s"] for r in rounds]),
+                    "limits": against_limits([r[way] for r in rounds])}
         if way != "textbook":
             gen[way]["over_textbook"] = spread([r[way]["tokens_per_s"] / r["textbook"]["tokens_per_s"]
                                                 for r in rounds])
@@ -345,7 +389,7 @@ def main(argv=None):
         same = sum(a == b for a, b in zip(answers["bf16"], answers["default"]))
         gen["identical_answers_bf16_vs_fp32"] = f"{same}/{n}"
     results["answers"] = gen
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if training is cut short
+    args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if training is cut short
 
     # 3. Training throughput, GPT-2 124M architecture (random weights), batch 8, MAX_LENGTH 512: one process per
     #    way and round (its peak memory is its own), project and textbook taking turns.
@@ -358,14 +402,15 @@ def main(argv=None):
     runs = {"project": [], "textbook": []}
     for r in range(cfg["rounds"]):
         for way in (("project", "textbook") if r % 2 == 0 else ("textbook", "project")):
-            res = isolated(run_training, way, GPT2_124M, split, 512, 8, 5e-5, 123 + r, cfg["train_batches"])
+            res = isolated(run_training, way, arch, split, 512, 8, 5e-5, 123 + r, cfg["train_batches"])
             res.pop("curve")
             runs[way].append(res)
             print(f"train {way}, round {r + 1}:", res, flush=True)
     results["training"] = {
         way: {"tokens_per_s": spread([x["tokens_per_s"] for x in runs[way]]),
               "real_over_padded_tokens": [round(x["real_tokens"] / x["padded_tokens"], 3) for x in runs[way]],
-              "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[way])} for way in runs}
+              "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[way]), "limits": against_limits(runs[way]),
+              "matmul_peak_gflops": [round(x["peak_flops_per_s"] / 1e9, 1) for x in runs[way]]} for way in runs}
     results["training"]["ratio"] = spread([p["tokens_per_s"] / t["tokens_per_s"]
                                            for p, t in zip(runs["project"], runs["textbook"])])
 
@@ -379,7 +424,7 @@ def main(argv=None):
         results["loss_curves"] = {way: {"final_val_loss": round(c["curve"][-1]["val_loss"], 4),
                                         "tokens_per_s": c["tokens_per_s"]} for way, c in curves.items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
 
@@ -390,10 +435,26 @@ def print_table(r):
     rows.append(("training, real tokens/s (GPT-2 124M, batch 8, MAX_LENGTH 512)",
                  med(tr["project"]["tokens_per_s"]), med(tr["textbook"]["tokens_per_s"]), med(tr["ratio"])))
     rows.append(("training, peak memory (MB)", tr["project"]["peak_rss_mb"], tr["textbook"]["peak_rss_mb"], ""))
+    lim = {way: tr[way]["limits"] for way in ("project", "textbook")}
+    rows.append(("training, GFLOP/s (precision)", f"{med(lim['project']['gflops_per_s'])} {lim['project']['precision']}",
+                 f"{med(lim['textbook']['gflops_per_s'])} {lim['textbook']['precision']}", ""))
+    rows.append(("training, fraction of that precision's matmul peak", med(lim["project"]["peak_fraction"]),
+                 med(lim["textbook"]["peak_fraction"]), ""))
     for way in [w for w in ("project", "default", "onednn", "bf16") if w in gen]:
         rows.append((f"answers, new tokens/s, {way}" + (f" (chose {gen['chosen_kernels']})" if way == "project" else ""),
                      med(gen[way]["tokens_per_s"]), med(gen["textbook"]["tokens_per_s"]),
                      med(gen[way]["over_textbook"])))
+    for way in [w for w in ("project", "default", "onednn", "bf16") if w in gen]:
+        mine, book = gen[way]["limits"], gen["textbook"]["limits"]
+        rows.append((f"answers, {way}: GFLOP/s, fraction of the {mine['precision']} matmul peak",
+                     f"{mine['gflops_per_s']['median']}, {med(mine['peak_fraction'])}",
+                     f"{book['gflops_per_s']['median']}, {med(book['peak_fraction'])}", ""))
+        rows.append((f"answers, {way}: weights read / copy bandwidth", med(mine["bandwidth_fraction"]),
+                     med(book["bandwidth_fraction"]), ""))
+    peak = gen["peaks"][0]
+    matmul = ", ".join(f"{k.split('_')[1]} {v}" for k, v in peak.items() if k.startswith("matmul"))
+    rows.append(("limits (round 1): GFLOP/s of a 2048^2 matmul; GB/s of a 1 GiB copy",
+                 f"{matmul}; {peak['copy_bytes_per_s']} GB/s", "", ""))
     rows.append(("identical greedy answers, fp32 ways", gen["identical_answers_fp32_ways"], "", ""))
     if "identical_answers_bf16_vs_fp32" in gen:
         rows.append(("identical greedy answers, bf16 vs fp32", gen["identical_answers_bf16_vs_fp32"], "", ""))

@@ -1,17 +1,7 @@
-"""Which matrix-product kernels GPT-2's linear layers use while answering on the CPU: one call,
-`fastest_linears`.
-
-PyTorch sends fp32 matrix products on the CPU to MKL, whose kernels for a few rows at a time (one new token
-per prompt) are slow on some processors and not on others. So the first call large enough to repay it times a
-few greedy steps of each candidate on this machine and keeps the fastest for the model's shape
-(benchmarks/bench.py reports the figures, with the CPU's name). Candidates:
-
-- "default": PyTorch's own layers;
-- "onednn": oneDNN's fp32 kernels on a copy of the weights packed once in oneDNN's blocked layout (the
-  same fp32 arithmetic up to rounding);
-- "bf16": bf16 copies of the weights, for CPUs that compute bf16 natively; it changes answers, so only
-  FORCED_KERNELS (the benchmarks) selects it.
-"""
+"""Which matrix-product kernels GPT-2's linear layers answer with on the CPU: `fastest_linears`. MKL's fp32
+kernels for a few rows at a time (one new token per prompt) are slow on some processors and not on others, so
+the first call large enough to repay it times a few greedy steps of each candidate (candidate_kernels) here
+and keeps the fastest for the model's shape (benchmarks/bench.py reports the figures, with the CPU's name)."""
 
 from __future__ import annotations
 
@@ -25,22 +15,15 @@ from transformers.pytorch_utils import Conv1D
 
 from medqa.batches import EOT
 
-# What a private oneDNN op may raise, above all where torch is not the pinned version (Colab's, say):
-# AttributeError for an op that this build does not have (torch.ops.mkldnn._no_such_op), NotImplementedError
-# for one without a CPU kernel (a RuntimeError in Python, named for the reader), RuntimeError for one that
-# refuses its inputs ("could not create a primitive descriptor", under bf16 autocast).
+# What a private oneDNN op may raise where torch is not the pinned version: AttributeError (an op this build
+# lacks), NotImplementedError (no CPU kernel), RuntimeError ("could not create a primitive descriptor").
 PRIVATE_OP_ERRORS = (RuntimeError, AttributeError, NotImplementedError)
 
 
 class OneDNNLinear(torch.nn.Module):
-    """y = x W^T + b computed by oneDNN, on its own copy of the weight, packed once in oneDNN's blocked
-    layout.
-
-    The two ops are those torch.compile's CPU backend emits for linear layers; they are internal to PyTorch
-    (hence the underscores and the pinned torch), and tests/test_speed.py checks that this layer computes what
-    the model's own layers do. Where either op fails (PRIVATE_OP_ERRORS), the layer is PyTorch's own from then
-    on.
-    """
+    """y = x W^T + b computed by oneDNN on its own copy of the weight, packed once in its blocked layout, with
+    the private ops torch.compile's CPU backend emits for linear layers (hence the pinned torch). Where either
+    op fails (PRIVATE_OP_ERRORS), the layer is PyTorch's own from then on."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):  # weight: (out, in)
         super().__init__()
@@ -93,26 +76,20 @@ def _swapped_linears(model, layer):
             setattr(parent, child_name, child)
 
 
-def _fp32_on_cpu(model) -> bool:
+def _onednn_applies(model) -> bool:
+    """fp32 weights on the CPU, and oneDNN there and on."""
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32
-
-
-def _onednn_on() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return on and p.device.type == "cpu" and p.dtype == torch.float32
 
 
 @contextmanager
 def onednn_linears(model):
-    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL.
-
-    oneDNN does the same fp32 arithmetic up to rounding (its sums run in another order: GPT-2's logits differ
-    by a few millionths). The packed weights are a copy (about 0.5 GB for GPT-2 124M), held only while inside.
-    A layer whose oneDNN op fails falls back to PyTorch's own product.
-    Elsewhere (CUDA, bf16 weights, no oneDNN, or `torch.backends.mkldnn.enabled = False`) the model is left as
-    is.
-    """
-    if not (_fp32_on_cpu(model) and _onednn_on()):
+    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL: the same fp32
+    arithmetic, its sums in another order (tests/test_speed.py bounds the difference by float32's rounding),
+    on a packed copy of the layers' weights held only while inside. Elsewhere (CUDA, bf16 weights, oneDNN off
+    or absent) the model is left as is."""
+    if not _onednn_applies(model):
         yield model
         return
     with _swapped_linears(model, OneDNNLinear):
@@ -137,13 +114,10 @@ PROBE_PAYBACK = 20  # a call is probed only if its work is this many times the p
 def candidate_kernels(model) -> list[str]:
     """The kernels fastest_linears may choose between: PyTorch's default fp32 layers always, and oneDNN's fp32
     layers where oneDNN is on. Both do the same fp32 arithmetic up to rounding, which can flip a greedy choice
-    only where two tokens are nearly tied (benchmarks/bench.py counts identical answers).
-
-    bf16 copies of the weights are faster on some CPUs but change answers: a notebook and a later
-    `python -m medqa.ask` should give the same text, so bf16 runs only when FORCED_KERNELS asks for it."""
-    if not _fp32_on_cpu(model):
-        return ["default"]
-    return ["default", "onednn"] if _onednn_on() else ["default"]
+    only where two tokens are nearly tied (benchmarks/bench.py counts identical answers). bf16 copies of the
+    weights change answers, and a notebook and a later `python -m medqa.ask` should give the same text: only
+    FORCED_KERNELS (the benchmarks) selects them."""
+    return ["default", "onednn"] if _onednn_applies(model) else ["default"]
 
 
 def _probe(model, kernels: str, ids, mask) -> tuple[float, list]:
@@ -155,23 +129,16 @@ def _probe(model, kernels: str, ids, mask) -> tuple[float, list]:
 
 
 def measure_kernels(model, prompts: list[list[int]], pad) -> dict:
-    """A few greedy decoding steps of every candidate on the model itself and (the first of) the prompts it is
-    about to answer, padded by `pad(rows, device) -> (ids, mask)` as they will be answered, interleaved
-    (A B C A B C ...) so that a busy moment hurts every candidate alike.
-
-    Returns each candidate's median seconds, whether its tokens equal the default's, or the error that ruled
-    it out.
-    """
-    # Whole prompts, as they will be answered (bf16 must agree on those); only a prompt too long to leave room
-    # for the probe's tokens is cut, for the probe alone.
+    """A few greedy decoding steps of every candidate on the model and the first of the prompts it is about to
+    answer, padded by `pad(rows, device) -> (ids, mask)` as they will be, interleaved (A B A B ...) so that a
+    busy moment hurts every candidate alike: each one's median seconds and whether its tokens equal the
+    default's, or the error that ruled it out."""
+    # whole prompts, as they will be answered; only one too long to leave room for the probe's tokens is cut
     rows = [p[-(model.config.n_positions - PROBE_TOKENS):] for p in prompts[:PROBE_PROMPTS]]
     ids, mask = pad(rows, next(model.parameters()).device)
-    seconds: dict[str, list[float]] = {}
-    tokens, failed = {}, {}
+    seconds, tokens, failed = {}, {}, {}
     for _ in range(PROBE_ROUNDS):
-        for kernels in candidate_kernels(model):
-            if kernels in failed:
-                continue
+        for kernels in [k for k in candidate_kernels(model) if k not in failed]:
             try:
                 took, tokens[kernels] = _probe(model, kernels, ids, mask)
             except PRIVATE_OP_ERRORS as err:  # a private op this torch (or an outer autocast) does not take
@@ -184,8 +151,7 @@ def measure_kernels(model, prompts: list[list[int]], pad) -> dict:
 
 def choose_kernels(measured: dict) -> str:
     """The fastest candidate that beats PyTorch's default by MARGIN; bf16 only if its greedy tokens in the
-    probe equal fp32's too (bf16 rounds the logits: where two tokens are nearly tied it may pick the other
-    one)."""
+    probe equal fp32's too (where two tokens are nearly tied, bf16's rounding may pick the other one)."""
     best, best_s = "default", measured["default"]["seconds"] / MARGIN
     for kernels, m in measured.items():
         ok = "seconds" in m and (kernels != "bf16" or m["same_tokens"])
@@ -195,25 +161,19 @@ def choose_kernels(measured: dict) -> str:
 
 
 def worth_probing(n_kernels: int, n_prompts: int, max_new_tokens: int) -> bool:
-    """Whether a call of `n_prompts` answers of up to `max_new_tokens` is large enough to pay for a probe.
-
-    Work is counted as prompts x new tokens. The probe's is PROBE_ROUNDS x candidates x PROBE_PROMPTS x
-    PROBE_TOKENS, all of it spent before the first answer and on few rows a step, where a call decodes up to a
-    whole batch at once: a probe's token costs more than a call's. At PROBE_PAYBACK times the probe's work,
-    the probe adds a modest share to the first such call of a process where no candidate beats the default
-    (benchmarks/bench.py measures it). Smaller calls, such as a few questions to `python -m medqa.ask` in a
-    fresh process, answer on the default layers: a probe could make them much slower than PyTorch's default.
-    """
+    """Whether a call of `n_prompts` answers of up to `max_new_tokens` is large enough to pay for a probe:
+    its prompts x new tokens against PROBE_PAYBACK times the probe's (on few rows a step, where a call decodes
+    whole batches). Smaller calls, such as a few questions to `python -m medqa.ask` in a fresh process, answer
+    on the default layers: a probe could make them much slower than PyTorch's default."""
     probe = PROBE_ROUNDS * n_kernels * PROBE_PROMPTS * PROBE_TOKENS
     return n_prompts * max_new_tokens >= PROBE_PAYBACK * probe
 
 
 def fastest_linears(model, prompts: list[list[int]], max_new_tokens: int | None = None, *, pad):
     """The context in which this model answers fastest here: measured once per model shape, process and thread
-    count (measure_kernels, on these prompts padded by `pad`), then reused, so that a reloaded copy of a model
-    answers the same way. A call too small to repay the probe (worth_probing) answers on the default layers
-    until a larger call has measured; `max_new_tokens` None asks for the choice whatever it costs (the
-    benchmarks make it before they time anything). FORCED_KERNELS overrides the choice."""
+    count (measure_kernels), then reused, so that a reloaded copy answers the same way. A call too small to
+    repay the probe (worth_probing) answers on the default layers until a larger one has measured;
+    `max_new_tokens` None asks for the choice whatever it costs. FORCED_KERNELS overrides the choice."""
     if FORCED_KERNELS is not None:
         return KERNELS[FORCED_KERNELS](model)
     candidates = candidate_kernels(model)

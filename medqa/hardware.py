@@ -54,8 +54,14 @@ def cpu_name() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them a CPU emulates bf16 and runs it slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """AVX-512 BF16 or AMX, and kernels allowed to use them (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can hold
+    them below AVX-512): otherwise a CPU emulates bf16 and runs it slower than fp32."""
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    try:
+        onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's ISA, after ONEDNN_MAX_CPU_ISA
+    except (AttributeError, RuntimeError):  # a private op: a torch without it says nothing either way
+        onednn = True
+    return bool(flags and onednn and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def _read_bytes(path: Path) -> int | None:

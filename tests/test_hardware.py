@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from medqa import batches, hardware, model as gpt, store, train, training_run
 from medqa.hardware import Plan, Workload
 from medqa.errors import MedQAError
+from tests import fp32
 
 GiB = hardware.GiB
 
@@ -210,15 +211,32 @@ def fresh(tiny_model):
     return copy.deepcopy(tiny_model).train()
 
 
+@pytest.mark.numerics
 def test_micro_batches_give_the_same_step_as_the_whole_batch(tiny_model):
-    a, b = fresh(tiny_model).eval(), fresh(tiny_model).eval()  # no dropout: the same numbers both ways
     group = [batch_of(6)]
-    la = train.train_step(a, train.make_optimizer(a, 1e-3, 0.1), group, Plan("fp32"))
-    lb = train.train_step(b, train.make_optimizer(b, 1e-3, 0.1), group, Plan("fp32", micro_batch=4))
+
+    def step(model, micro_batch=None):
+        """The step's result and the gradients AdamW steps with (accumulated and clipped). Not the weights
+        after it: AdamW's first update is about lr * g / |g|, so a gradient near zero that rounds to the other
+        sign moves its weight by 2 * lr either way."""
+        opt, seen = train.make_optimizer(model, 1e-3, 0.1), {}
+        opt.register_step_pre_hook(lambda *_: seen.update(grads=[p.grad.clone() for p in model.parameters()]))
+        return train.train_step(model, opt, group, Plan("fp32", micro_batch=micro_batch)), seen["grads"]
+
+    whole, g_whole = step(fresh(tiny_model).eval())  # eval: no dropout, the same numbers both ways
+    parts, g_parts = step(fresh(tiny_model).eval(), micro_batch=4)
+    exact, g_exact = step(fresh(tiny_model).double().eval())  # float64 (but for the loss's float32 logits)
     assert len(train.micro_batches(group[0], 4)) == 2
-    assert la[1:] == lb[1:] and float(la[0]) == pytest.approx(float(lb[0]), rel=1e-5)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+    assert whole[1:] == parts[1:] == exact[1:]  # the same targets and tokens counted
+    # Each way against float64 (and so against each other, within twice the bound). The loss sums n_targets
+    # log-sum-exps over the vocabulary; the gradients' longest sum is the norm that clipping takes over every
+    # gradient element, and its rounding scales every gradient alike.
+    vocab, n_grads = tiny_model.config.vocab_size, sum(g.numel() for g in g_exact)
+    for loss in (whole.loss, parts.loss):
+        assert fp32.relative_error(loss, exact.loss) <= fp32.sum_bound(whole.n_targets * vocab)
+    for name, a, b, want in zip([n for n, _ in tiny_model.named_parameters()], g_whole, g_parts, g_exact):
+        assert fp32.relative_error(a, want) <= fp32.sum_bound(n_grads), name
+        assert fp32.relative_error(b, want) <= fp32.sum_bound(n_grads), name
 
 
 def test_the_fp16_path_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tiny_model):

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from medqa import export, generate, model as gpt, settings, train
+from tests import fp32
 from tests.test_training import Crashing, KernelDied, assert_same_run, setup  # noqa: F401 - a fixture
 
 CPU = torch.device("cpu")
@@ -68,7 +69,9 @@ def test_the_saved_folder_is_a_plain_gpt2_with_the_adapters_merged(uninterrupted
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
         untuned = gpt.load_model(setup[3], CPU)(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # W + scale * B A merged against x W + scale * (x A) B: the same products rounded apart (the merge rounds
+    # each weight once more, by u)
+    assert fp32.relative_error(got, want) <= 2 * fp32.network_bound(model.config) + fp32.U
     assert (untuned - want).abs().max() > 1e-2  # the adapters did change the answers: merging mattered
     assert gpt.count_trainable(model) > 0 and any("lora_A" in k for k in model.state_dict())  # still LoRA after saving
 

@@ -61,6 +61,7 @@ def run(setup, out_dir, lines, val_loader=None, micro_batch=None, **overrides): 
     return model, history, plan
 
 
+@pytest.mark.numerics
 def test_a_step_that_runs_out_of_memory_is_run_again_in_halves_and_ends_as_an_undisturbed_step(setup, tmp_path,
                                                                                              monkeypatch):
     """The step as it runs undisturbed in the micro-batches the retry ends with (that micro-batches change no numbers
