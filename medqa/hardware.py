@@ -8,6 +8,7 @@ made-up ones (a 16 GiB T4 without bf16, an 80 GiB H100, a 16 GiB Mac, a CPU) to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,8 @@ def cpu_name() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX, and kernels allowed to use them (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can hold
-    them below AVX-512): otherwise a CPU emulates bf16 and runs it slower than fp32."""
+    """AVX-512 BF16 or AMX, and kernels allowed to use them (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can
+    hold them below AVX-512): otherwise a CPU emulates bf16 and runs it slower than fp32."""
     flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     try:
         onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's ISA, after ONEDNN_MAX_CPU_ISA
@@ -117,15 +118,10 @@ def capabilities(device: torch.device) -> Capabilities:
     return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), free_ram())
 
 
-_CAPS: dict = {}
-
-
+@functools.cache
 def capabilities_cached(device: torch.device) -> Capabilities:
     """The capabilities without the free memory (which changes), read once per device and process."""
-    key = str(device)
-    if key not in _CAPS:
-        _CAPS[key] = dataclasses.replace(capabilities(device), free_bytes=None)
-    return _CAPS[key]
+    return dataclasses.replace(capabilities(device), free_bytes=None)
 
 
 def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:

@@ -34,8 +34,8 @@ def loss_curve(history: list[dict]) -> str:
     gap = last["val_loss"] - last["train_loss"]
     return (f"From step {first['step']} to step {last['step']} the train loss {moved['train_loss']} from "
             f"{first['train_loss']:.2f} to {last['train_loss']:.2f} and the validation loss "
-            f"{moved['val_loss']} from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest {low['val_loss']:.2f}, at step "
-            f"{low['step']}). Each train point is the mean over the steps since the point before, while the "
+            f"{moved['val_loss']} from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest "
+            f"{low['val_loss']:.2f}, at step {low['step']}). Each train point is the mean over the steps since the point before, while the "
             f"weights changed; each validation point is measured at its step, on the same validation sample. "
             f"At the end the validation loss is {abs(gap):.2f} {'above' if gap > 0 else 'below'} the train "
             f"loss{': the model fits the answers it trained on better than new ones' if gap > 0 else ''}.")

@@ -381,8 +381,9 @@ def test_cuda_random_states_saved_on_more_gpus_restore_on_the_gpus_present(monke
 
 def test_the_default_precision_of_validation_on_pascal_is_fp32_too(monkeypatch):
     mock_cuda(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), 15 * GiB)
-    monkeypatch.setattr(hardware, "_CAPS", {})
+    hardware.capabilities_cached.cache_clear()
     assert Plan.default(torch.device("cuda")).precision == "fp32"
+    hardware.capabilities_cached.cache_clear()  # the mocked GPU stays out of later tests
 
 
 # ---------------------------------------------------------------- memory limits other than the machine's RAM
