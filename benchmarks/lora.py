@@ -1,6 +1,6 @@
 """LoRA (LORA_R=16) against full fine-tuning, GPT-2 124M shapes with random weights, the same MedQuAD examples.
 
-    MEDQA_DATA_PATH=../shared/data/medquad.csv python benchmarks/lora.py      # about 9 minutes on a 2-core CPU
+    MEDQA_DATA_PATH=data/medquad.csv python benchmarks/lora.py      # about 9 minutes on a 2-core CPU
 
 Each run is a fresh process (its peak memory is its own) that builds the same random GPT-2 124M, takes the same
 length-grouped batches and trains them with the project's own step (train.train_step, train.make_optimizer, bf16

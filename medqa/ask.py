@@ -32,6 +32,7 @@ NOTICE = "Not medical advice: these answers come from a small language model and
 
 
 def check_model_folder(folder) -> Path:
+    """--model, checked as a saved model folder, with the fix for a run folder given instead."""
     return model_folder.check_model_folder(folder, "--model", how="point --model at OUTPUT_DIR/model of a "
                                                                   "finished run, not at OUTPUT_DIR itself")
 
@@ -85,6 +86,7 @@ def decoding_defaults(folder: Path) -> dict:
 
 
 def parse_args(argv=None):
+    """The command's flags."""
     p = argparse.ArgumentParser(prog="python -m medqa.ask",
                                 description=__doc__.split("\n\n")[0] + " " + NOTICE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +170,7 @@ def decoding_from_flags(args, saved: dict) -> Decoding:
 
 
 def main(argv=None) -> int:
+    """Answer the questions given; the exit status is 2, with a message, for a problem the user can fix."""
     args = parse_args(argv)
     try:
         folder = check_model_folder(args.model)

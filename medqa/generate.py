@@ -32,6 +32,7 @@ class Decoding:
 
     @classmethod
     def from_settings(cls, settings) -> Decoding:
+        """The notebook's decoding settings."""
         return cls(settings.MAX_NEW_TOKENS, settings.TEMPERATURE, settings.REPETITION_PENALTY,
                    settings.GEN_BATCH_SIZE, settings.SEED, settings.NO_REPEAT_NGRAM_SIZE)
 

@@ -35,7 +35,8 @@ def loss_curve(history: list[dict]) -> str:
     return (f"From step {first['step']} to step {last['step']} the train loss {moved['train_loss']} from "
             f"{first['train_loss']:.2f} to {last['train_loss']:.2f} and the validation loss "
             f"{moved['val_loss']} from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest "
-            f"{low['val_loss']:.2f}, at step {low['step']}). Each train point is the mean over the steps since the point before, while the "
+            f"{low['val_loss']:.2f}, at step {low['step']}). Each train point is the mean over the steps "
+            f"since the point before, while the "
             f"weights changed; each validation point is measured at its step, on the same validation sample. "
             f"At the end the validation loss is {abs(gap):.2f} {'above' if gap > 0 else 'below'} the train "
             f"loss{': the model fits the answers it trained on better than new ones' if gap > 0 else ''}.")
@@ -61,10 +62,14 @@ def _mean(scores: dict, key: str) -> float:
 
 
 def empty_answers(new_ids: list[list[int]], prompts: list[list[int]], tokenizer) -> str:
-    """How many answers are empty, and what the model wrote instead: <|endoftext|> at once, or only blanks."""
+    """How many answers are empty, and what the model wrote instead: <|endoftext|> at once, or only blanks;
+    and how many of the tokens it wrote repeat the token just before them (the prompt's last, for the first)."""
     empty = [(ids, p) for ids, p in zip(new_ids, prompts) if not clean_answer(tokenizer.decode(ids))]
+    total = sum(len(ids) for ids in new_ids)
+    repeats = sum(a == b for ids, p in zip(new_ids, prompts) for a, b in zip(p[-1:] + ids, ids))
+    echoed = f" {repeats:,} of the {total:,} tokens written repeat the token just before them." if total else ""
     if not empty:
-        return f"None of the {len(new_ids)} answers is empty."
+        return f"None of the {len(new_ids)} answers is empty.{echoed}"
     blank = [(ids, p) for ids, p in empty if ids]
     said = [f"{len(empty) - len(blank)} end at once with <|endoftext|>"] if len(blank) < len(empty) else []
     if blank:
@@ -73,7 +78,7 @@ def empty_answers(new_ids: list[list[int]], prompts: list[list[int]], tokenizer)
         said.append(f"{len(blank)} hold only blanks, which the answer's cleaning strips: most often "
                     f"{tokenizer.decode([token])!r} (token {token}), and in {echo} of them the first token "
                     f"is the prompt's last one repeated")
-    return f"{len(empty)} of the {len(new_ids)} answers are empty: {'; '.join(said)}."
+    return f"{len(empty)} of the {len(new_ids)} answers are empty: {'; '.join(said)}.{echoed}"
 
 
 def print_answers(records: list[dict], width: int = 108) -> None:

@@ -25,8 +25,9 @@ PROFILES = {
                   WARMUP_STEPS=2, EVAL_EVERY=5, EVAL_BATCHES=4, MAX_NEW_TOKENS=32, N_BEFORE=3),
     # No network: a small GPT-2 shape trained from random weights on a CPU, to show learning.
     # MASK_PROMPT: a model that starts from nothing spends its few steps on the answers, not on the preamble.
-    # More examples seen once and more layers (the output layer, 50257 x 128, costs most of a step) learn more
-    # in the same steps than 3,000 examples seen twice by 4 layers (docs/measures.md).
+    # 6,000 examples seen once by 8 layers (the output layer, 50257 x 128, costs most of a step, so depth
+    # is cheap); fp32 on every CPU, so that the stored run's losses reproduce on CPUs without bf16
+    # (docs/speed.md).
     "demo": dict(MODEL="random-gpt2-mini-deep", N_SAMPLES=6000, MAX_LENGTH=128, EPOCHS=1, LEARNING_RATE=2e-3,
                  WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3,
                  MASK_PROMPT=True, PRECISION="fp32"),
@@ -211,7 +212,7 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
         if isinstance(values[name], str) and values[name].startswith("~"):
             values[name] = os.path.expanduser(values[name])
-    from medqa.judge import check_ollama_host  # before any work, not in the judge after training
+    from medqa.ollama_api import check_ollama_host  # before any work, not in the judge after training
 
     values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])
     settings = Settings(**values)

@@ -50,6 +50,7 @@ class TrainingConfig:
 
     @classmethod
     def from_settings(cls, settings) -> TrainingConfig:
+        """The run settings this config names, in capitals."""
         return cls(**{f.name: getattr(settings, f.name.upper()) for f in dataclasses.fields(cls)})
 
 

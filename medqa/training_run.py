@@ -45,10 +45,12 @@ class TrainingState:
     schedules: list = field(default_factory=list)
 
     def saved(self) -> dict:
+        """The state as the checkpoint keeps it."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def restored(cls, saved: dict, device) -> TrainingState:
+        """The state a checkpoint kept, on `device` (names this class lacks are left out)."""
         names = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in saved.items() if k in names})
         state.window_loss = state.window_loss.to(device)
@@ -74,6 +76,7 @@ class Training:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps over all the epochs."""
         return self.config.epochs * self.steps_per_epoch
 
 

@@ -53,8 +53,10 @@ def test_empty_answers_are_counted_and_what_the_model_wrote_is_said(tokenizer):
     text = readings.empty_answers(new_ids, prompts, tokenizer)
     assert text == ("3 of the 4 answers are empty: 1 end at once with <|endoftext|>; 2 hold only blanks, which "
                     "the answer's cleaning strips: most often '\\n' (token 198), and in 1 of them the first "
-                    "token is the prompt's last one repeated.")
-    assert readings.empty_answers([[464]], [[1]], tokenizer) == "None of the 1 answers is empty."
+                    "token is the prompt's last one repeated. 3 of the 6 tokens written repeat the token just "
+                    "before them.")
+    assert readings.empty_answers([[464, 464, 11]], [[1]], tokenizer) == (
+        "None of the 1 answers is empty. 1 of the 3 tokens written repeat the token just before them.")
 
 
 def test_answers_are_printed_whole(capsys):

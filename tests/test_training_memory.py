@@ -108,10 +108,13 @@ def test_training_adapts_to_running_out_of_memory_records_it_and_a_resumed_run_s
     assert "It ran out of memory here before, so it goes on with micro-batches of 1 row" in " ".join(lines)
     assert steps == [(1, True), (1, True)] and plan.adaptations == adapted
     assert_same_run(adapting(tmp_path / "uninterrupted", [], 6)[:2], (resumed, resumed_history))
-    # the same losses as a run that never ran out of memory, to rounding: the sums run in another order (and AdamW's
-    # first steps turn a rounding difference in a near-zero gradient into a full step, so the weights differ more)
+    # A run that never ran out of memory trains alike. No rounding bound holds here: its sums run in another order,
+    # and AdamW turns a rounding difference in a near-zero gradient into a step of about the learning rate, so after
+    # 6 steps the weights may differ by up to 12 * lr each. That the micro-batches change a step only by rounding is
+    # test_hardware.test_micro_batches_give_the_same_step_as_the_whole_batch's claim, with a bound from float32;
+    # here a coarse 1% says only that the adapted run is the same training, not another.
     _, undisturbed_history, _ = run(setup, tmp_path / "undisturbed", [], MAX_STEPS=6)
-    assert losses(resumed_history) == pytest.approx(losses(undisturbed_history), rel=1e-4)
+    assert losses(resumed_history) == pytest.approx(losses(undisturbed_history), rel=1e-2)
 
 
 def test_when_one_row_with_checkpointing_does_not_fit_the_error_names_the_fix_and_keeps_the_checkpoint(setup,
