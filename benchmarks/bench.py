@@ -197,9 +197,9 @@ def stop_where_reference_ends(model, limits: dict):
     """model.generate, with each prompt's answer ending after its limit (prompts not in `limits` run free)."""
     plain = model.generate
 
-    def generate_(input_ids, attention_mask, **kw):
+    def generate_(input_ids, attention_mask, logits_processor=(), **kw):  # the decoding's own rules stay
         return plain(input_ids=input_ids, attention_mask=attention_mask,
-                     logits_processor=[EndAt(limits, input_ids, attention_mask)], **kw)
+                     logits_processor=[*logits_processor, EndAt(limits, input_ids, attention_mask)], **kw)
     model.generate = generate_
 
 
