@@ -352,8 +352,6 @@ def choose_profile(caps: Capabilities) -> tuple[str, str]:
     return "full", f"{caps.name}: gpt2-medium fits with {how}"
 
 
-# ---------------------------------------------------------------- running out of memory
-
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether an error is the device running out of memory: CUDA's torch.OutOfMemoryError, and the plain
     RuntimeErrors of MPS ("MPS backend out of memory"), the CPU's allocator ("DefaultCPUAllocator: can't
@@ -393,8 +391,6 @@ def release_cached_memory(device: torch.device) -> None:
     elif device.type == "mps":
         torch.mps.empty_cache()
 
-
-# ---------------------------------------------------------------- copies
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor copied to `device`, the one way the project does it: asynchronous only from pinned
