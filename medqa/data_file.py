@@ -1,10 +1,6 @@
 """Reading one data file into the common table: a MedQuAD CSV (`question, answer, source, focus_area`) or
-Alpaca JSON / JSON Lines (`instruction, input, output`), each mapped onto the columns `instruction`, `input`,
-`output`, `source`, `focus_area`. A file that does not read is then judged by its bytes, so that the error
-says what it is and how to make it readable.
-"""
-
-from __future__ import annotations
+Alpaca JSON / JSON Lines (`instruction, input, output`). A file that does not read is then judged by its
+bytes (diagnose), so that the error says what it is and how to make it readable."""
 
 import csv
 import io
@@ -23,27 +19,7 @@ SUFFIXES = (".csv", ".json", ".jsonl")
 
 
 def read_table(path) -> pd.DataFrame:
-    """Read a MedQuAD CSV or an Alpaca JSON / JSON Lines file into the common table.
-
-    The file is read as its extension says. Only when that fails is it judged by its bytes (diagnose): a
-    compressed file, a workbook, UTF-16 text, a CSV with another separator, or JSON under the other JSON
-    extension is named as what it is.
-    """
-    path = _existing_file(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
-                         f"(chmod u+r) or copy it somewhere you can read it.") from None
-    try:
-        return _parse(path, raw.decode("utf-8-sig"))
-    except (MedQAError, UnicodeDecodeError):
-        diagnose(path, raw)
-        raise
-
-
-def _existing_file(path) -> Path:
-    """DATA_PATH as a Path, refused unless it names a regular file on this machine."""
+    """A MedQuAD CSV or an Alpaca JSON / JSON Lines file as the common table, read as its extension says."""
     refuse_url(path)
     path = Path(path)
     if not path.exists():
@@ -56,18 +32,26 @@ def _existing_file(path) -> Path:
     if not path.is_file():
         raise MedQAError(f"DATA_PATH {str(path)!r} is not a regular file (a pipe or a device): copy the "
                          f"data into a file and point DATA_PATH at it.")
-    return path
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise MedQAError(f"DATA_PATH {str(path)!r} cannot be read ({err.strerror or err}): make it readable "
+                         f"(chmod u+r) or copy it somewhere you can read it.") from None
+    try:
+        return _parse(path, raw.decode("utf-8-sig"))
+    except (MedQAError, UnicodeDecodeError):
+        diagnose(path, raw)
+        raise
 
 
 def _parse(path: Path, text: str) -> pd.DataFrame:
-    """The common table from the text of a file, read as its extension says."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         kind = _content_kind(text, suffix)
         raise MedQAError(f"DATA_PATH {str(path)!r} has the extension {suffix or '(none)'!r}, which is not "
                          "read: use a .csv (MedQuAD columns) or .json / .jsonl (Alpaca records). It looks "
                          f"like {_KIND_NAMES[kind]}: if so, rename it to end in {_KIND_SUFFIX[kind]}.")
-    df = _from_csv(path, text) if suffix == ".csv" else _from_records(path, _json_records(path, text, suffix))
+    df = _from_csv(path, text) if suffix == ".csv" else _from_json(path, text, suffix)
     for col, what in (("output", "answer"), ("instruction", "question")):
         if not df[col].str.strip().astype(bool).any():
             raise MedQAError(f"{path}: every {what} is empty or blank, so there is nothing to learn from. "
@@ -114,25 +98,22 @@ def _from_csv(path: Path, text: str) -> pd.DataFrame:
                          "source": df.get("source", ""), "focus_area": df.get("focus_area", "")})
 
 
-def _json_records(path: Path, text: str, suffix: str):
+def _from_json(path: Path, text: str, suffix: str) -> pd.DataFrame:
     if suffix == ".json":
         try:
-            return json.loads(text)
+            records = json.loads(text)
         except json.JSONDecodeError as err:
             raise MedQAError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
                              f"Fix the file there, or export it again.") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise MedQAError(f"{path} is not valid JSON Lines: line {lineno}, column {err.colno}: "
-                                 f"{err.msg}. Each line must be one JSON object.") from None
-    return records
-
-
-def _from_records(path: Path, records) -> pd.DataFrame:
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise MedQAError(f"{path} is not valid JSON Lines: line {lineno}, column {err.colno}: "
+                                     f"{err.msg}. Each line must be one JSON object.") from None
     if isinstance(records, dict):
         inner = [k for k, v in records.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
         hint = (f" The records seem to be the list under {inner[0]!r}: save that list alone as the file."
@@ -159,22 +140,16 @@ def _from_records(path: Path, records) -> pd.DataFrame:
                          "must be strings: write them in quotes (\"\" for an empty input) or drop those "
                          "records.")
     df = pd.DataFrame.from_records(records)
-    out = pd.DataFrame({c: df[c] if c in df.columns else "" for c in COLUMNS})
-    return out.fillna("").astype(str)
+    return pd.DataFrame({c: df.get(c, "") for c in COLUMNS}).fillna("").astype(str)
 
-
-# ---------------------------------------------------------------- what a file that does not read is
 
 def diagnose(path: Path, raw: bytes) -> None:
-    """Raise a MedQAError that says what the file whose bytes are `raw` is, when it is not what its
-    extension promises: empty, binary (compressed, a workbook, UTF-16), not UTF-8, the other kind of JSON or
-    a CSV, or a CSV split by another separator. Returns when the file is what its name says."""
+    """Raise a MedQAError that says what the file is when it is not what its extension promises; return when
+    it is."""
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():
         raise MedQAError(f"{path} is empty: point DATA_PATH at a MedQuAD CSV or Alpaca JSON file with rows "
                          "in it.")
-    binary = _what_binary(path, raw)
-    if binary:
-        raise MedQAError(binary)
+    _refuse_binary(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -183,7 +158,7 @@ def diagnose(path: Path, raw: bytes) -> None:
             f"Windows-1252, convert it first, e.g. `iconv -f cp1252 -t utf-8 {path.name} > "
             f"{path.stem}-utf8{path.suffix}`, and point DATA_PATH at the converted file.") from None
     suffix = path.suffix.lower()
-    expected = {v: k for k, v in _KIND_SUFFIX.items()}.get(suffix)
+    expected = dict(zip(SUFFIXES, _KIND_NAMES)).get(suffix)
     kind, columns = _content_kind(text, suffix), _header(text)
     if expected and kind != expected and (kind != "csv" or {"question", "answer"} <= set(columns)):
         raise MedQAError(f"{path} holds {_KIND_NAMES[kind]}, not {_KIND_NAMES[expected]} as its name says: "
@@ -215,11 +190,11 @@ _MAGIC = [
 ]
 
 
-def _what_binary(path: Path, raw: bytes) -> str | None:
-    """What a file that is not UTF-8 text is, with the fix, or None if it may be text."""
+def _refuse_binary(path: Path, raw: bytes) -> None:
+    """Refuse a file that is not UTF-8 text, saying what it is and the fix."""
     for magic, what, fix in _MAGIC:
         if raw.startswith(magic) and not (magic == b"BZh" and raw[3:4] not in b"123456789"):
-            return f"{path} is {what}, not a text file: {fix.format(name=path.name)}."
+            raise MedQAError(f"{path} is {what}, not a text file: {fix.format(name=path.name)}.")
     if raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         try:
             with zipfile.ZipFile(io.BytesIO(raw)) as z:
@@ -227,40 +202,36 @@ def _what_binary(path: Path, raw: bytes) -> str | None:
         except zipfile.BadZipFile:
             names = []
         if any(n.startswith("xl/") for n in names):
-            return f"{path} is an Excel workbook (.xlsx), not a CSV: {_SAVE_AS_CSV}."
+            raise MedQAError(f"{path} is an Excel workbook (.xlsx), not a CSV: {_SAVE_AS_CSV}.")
         inside = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        return (f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and point "
-                f"DATA_PATH at the CSV or JSON file inside.")
+        raise MedQAError(f"{path} is a zip archive ({inside or 'unreadable'}), not a CSV: unpack it and "
+                         f"point DATA_PATH at the CSV or JSON file inside.")
     head = raw[:4000]
     odd, even = head[1::2].count(0), head[0::2].count(0)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or max(odd, even) > len(head) // 4 > 10 * min(odd, even):
-        return (f"{path} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8: convert it, e.g. "
-                f"`iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`, or {_SAVE_AS_CSV}.")
+        raise MedQAError(f"{path} is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8: convert "
+                         f"it, e.g. `iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix}`, "
+                         f"or {_SAVE_AS_CSV}.")
     if 0 in head:
-        return (f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH at a "
-                f"MedQuAD CSV or an Alpaca JSON / JSON Lines file.")
-    return None
+        raise MedQAError(f"{path} is a binary file, not text (byte {head.index(0)} is NUL): point DATA_PATH "
+                         f"at a MedQuAD CSV or an Alpaca JSON / JSON Lines file.")
 
 
 def _content_kind(text: str, suffix: str) -> str:
-    """'json', 'jsonl' or 'csv', by what the text holds (the name decides only where both fit: one object on
-    one line is a JSON document and JSON Lines alike)."""
+    """'json', 'jsonl' or 'csv', by what the text holds; the name decides only where both JSON kinds fit (one
+    object on one line)."""
     body = text.lstrip()
-    if body.startswith("["):
-        return "json"
-    if body.startswith("{"):
-        try:
-            json.loads(body)
-        except json.JSONDecodeError as err:
-            return "jsonl" if err.msg == "Extra data" else "json"
-        if len(body.strip().splitlines()) > 1:
-            return "json"
-        return "json" if suffix == ".json" else "jsonl"
-    return "csv"
+    if not body.startswith("{"):
+        return "json" if body.startswith("[") else "csv"
+    try:
+        json.loads(body)
+    except json.JSONDecodeError as err:
+        return "jsonl" if err.msg == "Extra data" else "json"
+    return "json" if suffix == ".json" or len(body.strip().splitlines()) > 1 else "jsonl"
 
 
 _KIND_NAMES = {"csv": "a CSV", "json": "one JSON document", "jsonl": "JSON Lines (one JSON object per line)"}
-_KIND_SUFFIX = dict(zip(("csv", "json", "jsonl"), SUFFIXES))
+_KIND_SUFFIX = dict(zip(_KIND_NAMES, SUFFIXES))
 _DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 
 
@@ -278,8 +249,8 @@ _DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L
 
 
 def refuse_url(data_path) -> None:
-    """DATA_PATH names a file on this machine: a URL (https://, s3://, ...) is refused with the way to
-    download it, before a path made from it loses a slash."""
+    """Refuse a DATA_PATH that is a URL (https://, s3://, ...), with the way to download it, before a path
+    made from it loses a slash."""
     text = str(data_path).strip()
     name = store.url_scheme(text)
     if name is None:
