@@ -1,8 +1,5 @@
 """Find MedQuAD (a given file, a local copy, or a download), read it into one table (medqa.data_file), clean
-it, and say what was read.
-"""
-
-from __future__ import annotations
+it, and say what was read."""
 
 import html
 import math
@@ -41,8 +38,6 @@ def check_enough(df: pd.DataFrame, val_fraction: float, test_fraction: float) ->
                          f"larger data file or N_SAMPLES), or raise the smaller fraction.")
 
 
-# ---------------------------------------------------------------- finding or downloading the data
-
 def _download(action, what: str, retries: int, backoff: float):
     """`action()` with retries; a download that keeps failing ends in one MedQAError that says why."""
     try:
@@ -57,8 +52,7 @@ def _download(action, what: str, retries: int, backoff: float):
 
 def download_url(url: str, dest: Path, timeout: float = 60, retries: int = 3, backoff: float = 2.0,
                  validate=None) -> Path:
-    """Download `url` to `dest` through a temporary file that is renamed into place only once `validate`
-    passes."""
+    """Download `url` to `dest` through a temporary file, renamed into place only once `validate` passes."""
 
     def attempt():
         # the temporary name ends in dest's name, so that `validate` sees its extension
@@ -92,14 +86,6 @@ def parse_medquad_xml(files) -> pd.DataFrame:
     if not rows:
         raise ValueError("no question/answer pairs found in the XML files")
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _write_csv_atomic(df: pd.DataFrame, dest: Path) -> Path:
-    with store.atomic_write(dest) as tmp:
-        medquad = df.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input")
-        medquad.to_csv(tmp, index=False)
-        read_table(tmp)  # only a file that reads back replaces anything
-    return dest
 
 
 def fetch_from_gdrive(data_dir: Path, retries: int = 3, backoff: float = 2.0) -> Path:
@@ -142,7 +128,12 @@ def fetch_from_github(data_dir: Path, url: str = GITHUB_ZIP, **kw) -> Path:
         zpath.unlink()  # our own download, and unusable: the next run fetches it again
         raise MedQAError(f"{zpath} is not a readable MedQuAD release ({err}); it was removed, so the next "
                          f"run downloads it again.") from None
-    return _write_csv_atomic(table, data_dir / "medquad.csv")
+    dest = data_dir / "medquad.csv"
+    with store.atomic_write(dest) as tmp:
+        medquad = table.rename(columns={"instruction": "question", "output": "answer"}).drop(columns="input")
+        medquad.to_csv(tmp, index=False)
+        read_table(tmp)  # only a file that reads back replaces anything
+    return dest
 
 
 # Where MedQuAD is downloaded from, in this order, when DATA_PATH is not set and data/ holds no copy.
@@ -173,8 +164,6 @@ def locate_data(data_path: str | None, data_dir: Path = DATA_DIR, log=print) -> 
                      f"({'; '.join(failures)}). Fix: {NO_DATA_HELP}.")
 
 
-# ---------------------------------------------------------------- cleaning
-
 def normalise_whitespace(text: str) -> str:
     """One space between words, no blanks at line ends, at most one empty line in a row."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -187,32 +176,25 @@ MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>", re.DOTALL)
 
 
 def text_of(field: str) -> str:
-    """What a question or answer says: the text left after removing markup tags, entities' markup
-    (`&nbsp;`) and white space. `<p></p>` and `<div><br/></div>` say nothing."""
+    """What a question or answer says once markup tags, entities (`&nbsp;`) and white space are removed."""
     return html.unescape(MARKUP.sub(" ", field)).strip()
 
 
 def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Normalise whitespace, drop rows without a question or answer, or whose answer or question is markup
-    without text (text_of), and exact duplicate pairs. Answers with markup and text are kept as they are.
-
-    Returns the cleaned table and how many rows each rule removed.
-    """
-    df = df.copy()
-    for col in ("instruction", "input", "output"):
-        df[col] = df[col].map(normalise_whitespace)
+    """The table with whitespace normalised and without rows lacking a question or answer (or their text), or
+    repeating a pair; and how many rows each rule removed. Markup with text is kept as it is."""
+    df = df.assign(**{col: df[col].map(normalise_whitespace) for col in ("instruction", "input", "output")})
     report = {"rows read": len(df)}
     rules = {"empty answer": df["output"] == "", "empty question": df["instruction"] == "",
              "answer only markup": df["output"].map(text_of) == "",
-             "question only markup": df["instruction"].map(text_of) == ""}
+             "question only markup": df["instruction"].map(text_of) == "",
+             # the rules above look only at the pair, so they drop every copy of a pair or none
+             "duplicate pair": df.duplicated(subset=["instruction", "input", "output"])}
     drop = pd.Series(False, index=df.index)
     for rule, hits in rules.items():
         report[rule] = int((hits & ~drop).sum())
         drop |= hits
-    df = df[~drop]
-    dup = df.duplicated(subset=["instruction", "input", "output"])
-    report["duplicate pair"] = int(dup.sum())
-    df = df[~dup].reset_index(drop=True)
+    df = df[~drop].reset_index(drop=True)
     report["rows kept"] = len(df)
     return df, report
 
@@ -223,9 +205,8 @@ MEDQUAD_SOURCES = {"CancerGov", "CDC", "GARD", "GHR", "MPlusHealthTopics", "NHLB
 
 
 def describe(path, table: pd.DataFrame) -> dict:
-    """What data a run read, for its records: the file's name, its rows, and whether it is MedQuAD: every
-    row that has an answer comes from one of MEDQUAD_SOURCES (a MedQuAD CSV, its download, or splits of it
-    saved as Alpaca JSON); other data is the user's."""
+    """What data a run read, for its records: the file's name, its rows, and whether it is MedQuAD (every
+    answered row comes from one of MEDQUAD_SOURCES)."""
     answered = table.loc[table["output"].str.strip() != "", "source"]
     medquad = len(answered) > 0 and bool(answered.isin(MEDQUAD_SOURCES).all())
     return {"file": Path(path).name, "rows": len(table), "medquad": medquad}

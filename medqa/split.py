@@ -1,55 +1,38 @@
 """A leak-free train / validation / test split: related questions and answers never span two parts."""
 
-from __future__ import annotations
-
 import math
 import random
 import re
 from collections import Counter
 
+import numpy as np
 import pandas as pd
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from medqa.data import MIN_PER_SPLIT
 from medqa.errors import MedQAError
 
 
 def same_text_key(text: str) -> str:
-    """What two spellings of one text share: case, punctuation, hyphens and spaces ignored.
-
-    "Cri-du-chat" and "Cri du chat", or "Stiff-Person" and "Stiff person", are one key.
-    """
+    """What two spellings of one text ("Cri-du-chat", "cri du chat") share: case, punctuation and spaces
+    ignored."""
     return re.sub(r"[\W_]+", "", text.lower())
 
 
 def related_groups(df: pd.DataFrame) -> tuple[list[int], dict]:
     """A group id per row: rows that share a question or an answer (same_text_key), directly or through
-    others.
-
-    MedQuAD reuses boilerplate answers across questions and spells some questions two ways; a split that kept
-    only identical questions together would test on answers the model was trained on. Returns the ids and what
-    the grouping joined: `rows joined` counts rows in a group with more than one distinct question.
-    """
-    parent = list(range(len(df)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for column in ("instruction", "output"):
-        first = {}
-        for i, text in enumerate(df[column]):
-            key = same_text_key(text)
-            if key:  # an empty key (punctuation only) says nothing about what two rows share
-                parent[root(i)] = root(first.setdefault(key, i))
-    groups = [root(i) for i in range(len(df))]
-    questions = {}
-    for g, text in zip(groups, df["instruction"]):
-        questions.setdefault(g, set()).add(same_text_key(text))
-    stats = {"rows": len(df), "groups": len(questions),
-             "rows joined": sum(len(questions[g]) > 1 for g in groups),
-             "largest group": max(Counter(groups).values(), default=0)}
+    others; and what the grouping joined (`rows joined`: rows in a group with more than one question)."""
+    keys = {column: df[column].map(same_text_key) for column in ("instruction", "output")}
+    first = {}  # each question's and each answer's first row; an empty key (punctuation only) joins nothing
+    links = np.array([(i, first.setdefault((column, key), i)) for column, texts in keys.items()
+                      for i, key in enumerate(texts) if key], dtype=int).reshape(-1, 2)
+    graph = coo_array((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(len(df), len(df)))
+    groups = connected_components(graph, directed=False)[1].tolist()
+    questions = keys["instruction"].groupby(groups).transform("nunique")
+    sizes = Counter(groups)
+    stats = {"rows": len(df), "groups": len(sizes), "rows joined": int((questions > 1).sum()),
+             "largest group": max(sizes.values(), default=0)}
     return groups, stats
 
 
@@ -57,12 +40,10 @@ GROUP_SHARE = 0.05
 
 
 def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, log=print):
-    """Shuffle with `seed` and cut into train / val / test so that no question and no answer is in two splits.
+    """Train / val / test, with whole groups of related rows (related_groups) in one part each.
 
-    Whole groups of related rows (related_groups) move together, so the test set never asks something the
-    model was trained on, nor expects an answer it was trained to write. In a seeded order, a group goes to
-    test then validation, while it fits their share; the rest train. A group larger than GROUP_SHARE of a
-    split's share stays in training, so that one boilerplate answer shared by hundreds of rows cannot fill it.
+    In a seeded order, a group goes to test, else validation, while it fits their share; the rest train. A
+    group over GROUP_SHARE of a share stays in training, so that one boilerplate answer cannot fill a split.
     """
     groups, stats = related_groups(df)
     order = list(dict.fromkeys(groups))
