@@ -1,7 +1,5 @@
 """Tokenized examples, a Dataset, the collate function and length-grouped batches."""
 
-from __future__ import annotations
-
 import random
 import statistics
 from functools import partial
@@ -29,8 +27,7 @@ def example_lengths(df) -> list[int]:
 
 
 class QADataset(Dataset):
-    """Tokenized examples that fit: a prompt of `max_length` tokens or more leaves no room to learn an
-    answer."""
+    """Tokenized examples whose prompt leaves room to learn an answer (is shorter than `max_length`)."""
 
     def __init__(self, df, max_length: int):
         fits = df["prompt_ids"].map(len) < max_length
@@ -91,10 +88,7 @@ def collate(batch, max_length: int, mask_prompt: bool = False, pad_id: int = EOT
 
 class LengthGroupedBatches:
     """Batches of similar length: shuffled, sorted within windows of `window` batches, the batches shuffled.
-
-    The order differs every epoch and is a pure function of (seed, epoch), so a resumed run sees the same
-    batches as an uninterrupted one. With shuffle=False the batches are simply sorted by length.
-    """
+    The order is a pure function of (seed, epoch): a resumed run sees the batches of an uninterrupted one."""
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 64):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
@@ -102,18 +96,17 @@ class LengthGroupedBatches:
 
     def batches(self, epoch: int) -> list[list[int]]:
         idx = list(range(len(self.lengths)))
-        key = self.lengths.__getitem__
-        if not self.shuffle:
-            idx.sort(key=key, reverse=True)  # longest first: a memory problem shows at once
-            return [idx[i: i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        key, size = self.lengths.__getitem__, self.batch_size
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        rng.shuffle(idx)
-        span = self.batch_size * self.window
-        out = []
-        for start in range(0, len(idx), span):
-            chunk = sorted(idx[start: start + span], key=key)
-            out += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(out)
+        if self.shuffle:
+            rng.shuffle(idx)
+            span = size * self.window
+            windows = [sorted(idx[start: start + span], key=key) for start in range(0, len(idx), span)]
+        else:
+            windows = [sorted(idx, key=key, reverse=True)]  # longest first: a memory problem shows at once
+        out = [w[i: i + size] for w in windows for i in range(0, len(w), size)]
+        if self.shuffle:
+            rng.shuffle(out)
         return out
 
     def __iter__(self):  # as a DataLoader's batch_sampler: the first epoch's order (train() asks per epoch)
@@ -125,19 +118,15 @@ class LengthGroupedBatches:
 
 def make_loader(dataset: QADataset, batch_size: int, max_length: int, *, shuffle: bool, seed: int = 0,
                 mask_prompt: bool = False) -> DataLoader:
+    """A DataLoader of length-grouped, collated batches."""
     sampler = LengthGroupedBatches(dataset.lengths, batch_size, seed=seed, shuffle=shuffle)
     return DataLoader(dataset, batch_sampler=sampler,
                       collate_fn=partial(collate, max_length=max_length, mask_prompt=mask_prompt))
 
 
 def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, dict]:
-    """A fixed, seeded random sample of `n` examples (all of them when there are no more), and what it is.
-
-    The validation loss is measured on it at every point: the same examples each time, drawn from the whole
-    set, so that the loss speaks for the set (its first batches, sorted by length, would hold only the longest
-    examples). The description is what metrics.json records: how many of how many, and their mean length
-    against the set's.
-    """
+    """A fixed, seeded random sample of `n` examples (all when there are no more), and what metrics.json says
+    of it. Drawn from the whole set: its first batches, sorted by length, would hold only the longest."""
     sampled = n < len(dataset)
     everything = range(len(dataset))
     rows = sorted(random.Random(seed).sample(everything, n)) if sampled else list(everything)
@@ -166,9 +155,8 @@ def plot_lengths(lengths, max_length: int):
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"MAX_LENGTH = {max_length}")
     over = sum(n > max_length for n in lengths)
     share = over / max(len(lengths), 1)
-    ax.set_title(f"{len(lengths)} examples; {over} ({share:.0%}) longer than MAX_LENGTH")
-    ax.set_xlabel("tokens per example (prompt + answer + end-of-text)")
-    ax.set_ylabel("examples")
+    ax.set(title=f"{len(lengths)} examples; {over} ({share:.0%}) longer than MAX_LENGTH",
+           xlabel="tokens per example (prompt + answer + end-of-text)", ylabel="examples")
     ax.legend()
     fig.tight_layout()
     return fig

@@ -1,8 +1,6 @@
 """The picture of the prompt layout (images/alpaca-style.png): what the model reads, what it learns to
 write."""
 
-from __future__ import annotations
-
 from medqa.prompts import PREAMBLE
 
 

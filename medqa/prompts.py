@@ -1,7 +1,5 @@
 """Alpaca-style prompts: the instruction, an optional input, and where the response begins."""
 
-from __future__ import annotations
-
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 
