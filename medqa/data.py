@@ -25,6 +25,11 @@ GITHUB_ZIP = "https://github.com/abachaa/MedQuAD/archive/refs/heads/master.zip" 
 MIN_PER_SPLIT = 5  # fewer training, validation or test examples than this make no run worth the time
 NO_DATA_HELP = ("set DATA_PATH (or MEDQA_DATA_PATH) to a MedQuAD CSV or an Alpaca JSON / JSON Lines file, "
                 "or put medquad.csv into data/")
+# A markup tag (<p>, </div>, <br/>) or comment; "<" before a digit or a space ("<10 ug/dL") is text.
+MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>", re.DOTALL)
+# MedQuAD's sources of the answers it publishes (the `source` of its XML documents).
+MEDQUAD_SOURCES = {"CancerGov", "CDC", "GARD", "GHR", "MPlusHealthTopics", "NHLBI", "NIDDK",
+                   "NIHSeniorHealth", "NINDS"}
 
 
 def check_enough(df: pd.DataFrame, val_fraction: float, test_fraction: float) -> None:
@@ -171,10 +176,6 @@ def normalise_whitespace(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-# A markup tag (<p>, </div>, <br/>) or comment; "<" before a digit or a space ("<10 ug/dL") is text.
-MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>", re.DOTALL)
-
-
 def text_of(field: str) -> str:
     """What a question or answer says once markup tags, entities (`&nbsp;`) and white space are removed."""
     return html.unescape(MARKUP.sub(" ", field)).strip()
@@ -197,11 +198,6 @@ def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     df = df[~drop].reset_index(drop=True)
     report["rows kept"] = len(df)
     return df, report
-
-
-# MedQuAD's sources of the answers it publishes (the `source` of its XML documents).
-MEDQUAD_SOURCES = {"CancerGov", "CDC", "GARD", "GHR", "MPlusHealthTopics", "NHLBI", "NIDDK",
-                   "NIHSeniorHealth", "NINDS"}
 
 
 def describe(path, table: pd.DataFrame) -> dict:

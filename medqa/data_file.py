@@ -16,6 +16,29 @@ from medqa.errors import MedQAError
 
 COLUMNS = ["instruction", "input", "output", "source", "focus_area"]
 SUFFIXES = (".csv", ".json", ".jsonl")
+_CSV_FIELDS = 2**31 - 1  # the csv module refuses fields over 128 KiB by default; a long answer is still fine
+_KIND_NAMES = {"csv": "a CSV", "json": "one JSON document", "jsonl": "JSON Lines (one JSON object per line)"}
+_KIND_SUFFIX = dict(zip(_KIND_NAMES, SUFFIXES))
+_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+# What a file that is not text really is, by its first bytes, and how to get a CSV from it.
+_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point "
+                "DATA_PATH at that file")
+_UNPACK = "unpack it first (`{tool} -k {name}`) and point DATA_PATH at the unpacked file"
+_MAGIC = [
+    (b"\x1f\x8b", "gzip-compressed", _UNPACK.replace("{tool}", "gunzip")),
+    (b"\xfd7zXZ\x00", "xz-compressed", _UNPACK.replace("{tool}", "unxz")),
+    (b"BZh", "bzip2-compressed", _UNPACK.replace("{tool}", "bunzip2")),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file",
+     _SAVE_AS_CSV),
+    (b"%PDF", "a PDF document", "export the questions and answers as a CSV"),
+    (b"PAR1", "a Parquet file",
+     "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as a CSV"),
+]
+# How to copy a file named by a URL onto this machine, by the URL's scheme.
+_DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L -o data/medquad.csv '{url}'",
+                "ftp": "curl -o data/medquad.csv '{url}'", "s3": "aws s3 cp '{url}' data/medquad.csv",
+                "gs": "gsutil cp '{url}' data/medquad.csv"}
 
 
 def read_table(path) -> pd.DataFrame:
@@ -57,9 +80,6 @@ def _parse(path: Path, text: str) -> pd.DataFrame:
             raise MedQAError(f"{path}: every {what} is empty or blank, so there is nothing to learn from. "
                              f"Check that the {what} column holds the {what}s.")
     return df
-
-
-_CSV_FIELDS = 2**31 - 1  # the csv module refuses fields over 128 KiB by default; a long answer is still fine
 
 
 def _from_csv(path: Path, text: str) -> pd.DataFrame:
@@ -173,23 +193,6 @@ def diagnose(path: Path, raw: bytes) -> None:
                     f"`pandas.read_csv(path, sep={delimiter!r}).to_csv('medquad.csv', index=False)`.")
 
 
-# What a file that is not text really is, by its first bytes, and how to get a CSV from it.
-_SAVE_AS_CSV = ("open it in Excel or LibreOffice, save it as 'CSV UTF-8 (comma delimited)' and point "
-                "DATA_PATH at that file")
-_UNPACK = "unpack it first (`{tool} -k {name}`) and point DATA_PATH at the unpacked file"
-_MAGIC = [
-    (b"\x1f\x8b", "gzip-compressed", _UNPACK.replace("{tool}", "gunzip")),
-    (b"\xfd7zXZ\x00", "xz-compressed", _UNPACK.replace("{tool}", "unxz")),
-    (b"BZh", "bzip2-compressed", _UNPACK.replace("{tool}", "bunzip2")),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Excel workbook (.xls) or another old Office file",
-     _SAVE_AS_CSV),
-    (b"%PDF", "a PDF document", "export the questions and answers as a CSV"),
-    (b"PAR1", "a Parquet file",
-     "convert it, e.g. `pandas.read_parquet(path).to_csv('medquad.csv', index=False)`"),
-    (b"SQLite format 3\x00", "an SQLite database", "export the table as a CSV"),
-]
-
-
 def _refuse_binary(path: Path, raw: bytes) -> None:
     """Refuse a file that is not UTF-8 text, saying what it is and the fix."""
     for magic, what, fix in _MAGIC:
@@ -230,22 +233,11 @@ def _content_kind(text: str, suffix: str) -> str:
     return "json" if suffix == ".json" or len(body.strip().splitlines()) > 1 else "jsonl"
 
 
-_KIND_NAMES = {"csv": "a CSV", "json": "one JSON document", "jsonl": "JSON Lines (one JSON object per line)"}
-_KIND_SUFFIX = dict(zip(_KIND_NAMES, SUFFIXES))
-_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
-
-
 def _header(text: str, delimiter: str = ",") -> list[str]:
     try:
         return [str(c).strip().lower() for c in next(csv.reader(io.StringIO(text), delimiter=delimiter), [])]
     except csv.Error:
         return []
-
-
-# How to copy a file named by a URL onto this machine, by the URL's scheme.
-_DOWNLOADERS = {"http": "curl -L -o data/medquad.csv '{url}'", "https": "curl -L -o data/medquad.csv '{url}'",
-                "ftp": "curl -o data/medquad.csv '{url}'", "s3": "aws s3 cp '{url}' data/medquad.csv",
-                "gs": "gsutil cp '{url}' data/medquad.csv"}
 
 
 def refuse_url(data_path) -> None:

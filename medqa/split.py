@@ -13,6 +13,8 @@ from scipy.sparse.csgraph import connected_components
 from medqa.data import MIN_PER_SPLIT
 from medqa.errors import MedQAError
 
+GROUP_SHARE = 0.05
+
 
 def same_text_key(text: str) -> str:
     """What two spellings of one text ("Cri-du-chat", "cri du chat") share: case, punctuation and spaces
@@ -34,9 +36,6 @@ def related_groups(df: pd.DataFrame) -> tuple[list[int], dict]:
     stats = {"rows": len(df), "groups": len(sizes), "rows joined": int((questions > 1).sum()),
              "largest group": max(sizes.values(), default=0)}
     return groups, stats
-
-
-GROUP_SHARE = 0.05
 
 
 def split_by_question(df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, log=print):
