@@ -95,6 +95,7 @@ class LengthGroupedBatches:
         self.shuffle, self.window = shuffle, window
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`, each a list of example indices."""
         idx = list(range(len(self.lengths)))
         key, size = self.lengths.__getitem__, self.batch_size
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -128,8 +129,7 @@ def sample_examples(dataset: QADataset, n: int, seed: int) -> tuple[QADataset, d
     """A fixed, seeded random sample of `n` examples (all when there are no more), and what metrics.json says
     of it. Drawn from the whole set: its first batches, sorted by length, would hold only the longest."""
     sampled = n < len(dataset)
-    everything = range(len(dataset))
-    rows = sorted(random.Random(seed).sample(everything, n)) if sampled else list(everything)
+    rows = sorted(random.Random(seed).sample(range(len(dataset)), n)) if sampled else range(len(dataset))
     subset = QADataset(dataset.frame.iloc[rows], dataset.max_length)
     return subset, {"examples": len(subset), "of": len(dataset), "sampled": sampled, "seed": seed,
                     "mean_tokens": _mean_length(subset), "mean_tokens_of_all": _mean_length(dataset)}
