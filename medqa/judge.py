@@ -28,11 +28,9 @@ from medqa.ollama_api import (REPLY_TOKENS, JudgeUnavailable, Transient, Unscore
                               context_size, tokens_needed)
 from medqa.store import update_json, write_json_atomic
 
-JUDGE_PROMPT = (
-    "Given the input `{question}` and correct output `{reference}`, score the model response "
-    "`{response}` on a scale from 0 to 100, where 100 is the best score. "
-    'Respond with JSON only, in the form {{"score": <integer from 0 to 100>}}.'
-)
+JUDGE_PROMPT = ("Given the input `{question}` and correct output `{reference}`, score the model response "
+                "`{response}` on a scale from 0 to 100, where 100 is the best score. "
+                'Respond with JSON only, in the form {{"score": <integer from 0 to 100>}}.')
 # The project's defaults (settings.COMMON holds the same values for the notebook).
 DEFAULT_MODEL, DEFAULT_HOST, DEFAULT_BUDGET_S, DEFAULT_SEED = "llama3", ollama_api.DEFAULT_HOST, 3600.0, 123
 N_ANCHORS = 5                # test items judged twice more (reference against itself / another reference)
@@ -280,13 +278,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from "
                                         f"metrics.json, else {DEFAULT_MODEL})")
     parser.add_argument("--host", help=f"where Ollama runs (default: $OLLAMA_HOST, else {DEFAULT_HOST})")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds the judge may take in all before it stops asking "
-                             "(default: %(default)g)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds the judge may "
+                        "take in all before it stops asking (default: %(default)g)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="seconds one request may take (default: %(default)g)")
-    parser.add_argument("--seed", type=int,
-                        help="seed of the judge and of the sanity items (default: the run's SEED)")
+    parser.add_argument("--seed", type=int, help="seed of the judge and of the sanity items (default: the "
+                                                 "run's SEED)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0) or not args.timeout_s > 0:
         parser.error("--budget-s and --timeout-s must be positive numbers of seconds")

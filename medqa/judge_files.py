@@ -46,8 +46,7 @@ class Progress:
 
     def finish(self) -> None:
         """Every request has its reply in the answers file: nothing is left to resume."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 def load_answers(path: Path) -> list[dict]:
