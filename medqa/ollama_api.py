@@ -167,8 +167,8 @@ def check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:
                            f"Ollama running there, and not stuck?"}.get(reason)
         if said is None and reason.startswith("HTTP"):
             said = f"Ollama at {host} answered {reason} ({err.error}) when asked about model {model!r}"
-        raise JudgeUnavailable(said or f"{host} did not answer like Ollama ({type(err).__name__}: {err})") \
-            from None
+        said = said or f"{host} did not answer like Ollama ({type(err).__name__}: {err})"
+        raise JudgeUnavailable(said) from None
     lengths = [v for k, v in (shown.modelinfo or {}).items()
                if k.endswith(".context_length") and isinstance(v, int)]
     return (lengths[0] if lengths else DEFAULT_CONTEXT), "thinking" in (shown.capabilities or [])
