@@ -128,8 +128,7 @@ def _ask_all(ask, requests: list, budget: Budget, bar, progress: Progress) -> tu
         except JudgeUnavailable as err:
             return replies, str(err)
         except Unscored as err:  # no reply worth keeping: a re-run asks again
-            reply = (None, str(err))
-            failures_in_row += 1
+            reply, failures_in_row = (None, str(err)), failures_in_row + 1
         replies[key] = reply
         bar.update()
         try:
