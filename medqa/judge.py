@@ -1,16 +1,6 @@
-"""An LLM served by Ollama scores each answer 0-100 against the reference (optional, after the run is saved).
-
-The notebook and the command line share one code path:
-
-    python -m medqa.judge OUTPUT_DIR/test_responses.json [--model llama3] [--host URL] [--budget-s 3600]
-
-Nothing here raises into a finished run: `judge_file`, the notebook's call, turns whatever it meets (no
-Ollama, a bad host, unreadable replies, a damaged file, a full disk) into one line and a summary that says so
-(scores it could not get are None, counted by reason). Replies are kept as they come in a progress file beside
-the answers (test_responses.judge-progress.json), so that a judge killed or stopped with Ctrl-C asks, when run
-again, only for what is missing; the file goes once every request has its reply. metrics.json keeps one result
-per answers file under evaluation.judge.
-"""
+"""An LLM served by Ollama scores each answer 0-100 against the reference, after the run is saved: judge_file
+in the notebook, `python -m medqa.judge OUTPUT_DIR/test_responses.json` on the command line. It never raises
+into a finished run; replies are kept as they come, so a judge run again asks only for what is missing."""
 
 from __future__ import annotations
 
@@ -29,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from tqdm.std import tqdm  # text, as training's bar: tqdm.auto would store a widget that GitHub cannot show
+
 from medqa import ollama_api
 from medqa.errors import MedQAError, retry
 from medqa.judge_files import Progress, load_answers, read_metrics, record_result
@@ -36,11 +28,9 @@ from medqa.ollama_api import (REPLY_TOKENS, JudgeUnavailable, Transient, Unscore
                               context_size, tokens_needed)
 from medqa.store import update_json, write_json_atomic
 
-JUDGE_PROMPT = (
-    "Given the input `{question}` and correct output `{reference}`, score the model response "
-    "`{response}` on a scale from 0 to 100, where 100 is the best score. "
-    'Respond with JSON only, in the form {{"score": <integer from 0 to 100>}}.'
-)
+JUDGE_PROMPT = ("Given the input `{question}` and correct output `{reference}`, score the model response "
+                "`{response}` on a scale from 0 to 100, where 100 is the best score. "
+                'Respond with JSON only, in the form {{"score": <integer from 0 to 100>}}.')
 # The project's defaults (settings.COMMON holds the same values for the notebook).
 DEFAULT_MODEL, DEFAULT_HOST, DEFAULT_BUDGET_S, DEFAULT_SEED = "llama3", ollama_api.DEFAULT_HOST, 3600.0, 123
 N_ANCHORS = 5                # test items judged twice more (reference against itself / another reference)
@@ -48,7 +38,6 @@ MAX_FAILURES_IN_ROW = 3      # requests that failed one after another before the
 TRIES = 3                    # per request, for server errors and dropped connections only
 CHECK_TIMEOUT_S = 10.0       # /api/show answers at once, so a host that never answers is found in seconds
 INTERRUPTED = "interrupted (Ctrl-C)"
-UNRECORDED = "answers file not recorded"  # the key of a result under evaluation.judge that names no file
 
 
 def judge_prompt(record: dict, response: str) -> str:
@@ -56,8 +45,6 @@ def judge_prompt(record: dict, response: str) -> str:
     question = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     return JUDGE_PROMPT.format(question=question, reference=record["output"], response=response)
 
-
-# ---------------------------------------------------------------- judging a list of answers
 
 @dataclass
 class Hooks:
@@ -106,42 +93,34 @@ class Budget:
         """Seconds since the judging began."""
         return HOOKS.clock() - self.start
 
-    def spent(self) -> bool:
-        """Whether the budget is used up, checked before each request."""
-        return self.elapsed() >= self.seconds
 
-
-def _tasks(records: list[dict], n_anchors: int, seed: int) -> tuple[list, list[int]]:
-    """(what, index, prompt) for every request, anchors first so that a reader can weigh the mean even if the
-    budget runs out; and the seeded anchor items. Empty answers get no request."""
+def _tasks(records: list[dict], n_anchors: int, seed: int) -> list[tuple[str, int, str]]:
+    """(what, index, prompt) for every request, the seeded anchors first, so that a reader can weigh the mean
+    even if the budget runs out. Empty answers get no request."""
     rng = random.Random(seed)
     with_reference = [i for i, r in enumerate(records) if r["output"].strip()]
-    anchors = rng.sample(with_reference, min(n_anchors, len(with_reference)))
     tasks = []
-    for i in anchors:
+    for i in rng.sample(with_reference, min(n_anchors, len(with_reference))):
         tasks.append(("self", i, judge_prompt(records[i], records[i]["output"])))
         others = [j for j in with_reference if records[j]["output"].strip() != records[i]["output"].strip()]
         if others:
             tasks.append(("other", i, judge_prompt(records[i], records[rng.choice(others)]["output"])))
-    tasks += [("answer", i, judge_prompt(r, r["model_response"])) for i, r in enumerate(records)
-              if r["model_response"].strip()]
-    return tasks, anchors
+    return tasks + [("answer", i, judge_prompt(r, r["model_response"])) for i, r in enumerate(records)
+                    if r["model_response"].strip()]
 
 
 def reply_key(model: str, options: dict, think, prompt: str) -> str:
-    """What identifies a request: a kept reply is reused only for exactly the same question to the same
-    judge."""
+    """What identifies a request: a kept reply is reused only for the same question to the same judge."""
     asked = json.dumps([model, options, think, prompt], sort_keys=True)
     return hashlib.sha256(asked.encode()).hexdigest()[:32]
 
 
 def _ask_all(ask, requests: list, budget: Budget, bar, progress: Progress) -> tuple[dict, str | None]:
-    """`ask(prompt)` for each (key, prompt) until done, the budget or MAX_FAILURES_IN_ROW failures in a row;
-    each reply is kept in `progress` as it comes. Returns {key: (score, how)} (how: the reason when score is
-    None) and why it stopped early, if it did."""
+    """`ask(prompt)` for each (key, prompt), each reply kept in `progress` as it comes, until done, the budget
+    or MAX_FAILURES_IN_ROW failures in a row; {key: (score, how)} and why it stopped early, if it did."""
     replies, failures_in_row = {}, 0
     for key, prompt in requests:
-        if budget.spent():
+        if budget.elapsed() >= budget.seconds:
             return replies, f"the time budget of {budget.seconds:g} s (JUDGE_BUDGET_S) ran out"
         try:
             reply = retry(lambda: ask(prompt), tries=TRIES, backoff=HOOKS.retry_wait_s, retry_on=(Transient,))
@@ -149,21 +128,20 @@ def _ask_all(ask, requests: list, budget: Budget, bar, progress: Progress) -> tu
         except JudgeUnavailable as err:
             return replies, str(err)
         except Unscored as err:  # no reply worth keeping: a re-run asks again
-            reply = (None, str(err))
-            failures_in_row += 1
+            reply, failures_in_row = (None, str(err)), failures_in_row + 1
         replies[key] = reply
         bar.update()
-        if failures_in_row == 0:
-            try:
+        try:
+            if failures_in_row == 0:
                 progress.keep(key, reply)
-            except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
-                return replies, f"replies could not be kept ({err})"
+        except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
+            return replies, f"replies could not be kept ({err})"
         if failures_in_row >= MAX_FAILURES_IN_ROW:
             return replies, f"{failures_in_row} requests in a row failed (last: {reply[1]})"
     return replies, None
 
 
-def _summarise(summary: Summary, records: list, tasks: list, replies: dict, keys: list, anchors: list):
+def _summarise(summary: Summary, records: list, tasks: list, replies: dict, keys: list) -> list:
     """Fill in the summary from the replies; the per-answer scores (empty answers 0, unasked None)."""
     scores: list[int | None] = [0 if not r["model_response"].strip() else None for r in records]
     reasons, sanity = Counter(), {"self": [], "other": []}
@@ -176,12 +154,12 @@ def _summarise(summary: Summary, records: list, tasks: list, replies: dict, keys
         elif score is not None:
             sanity[what].append(score)
     scored = [s for s in scores if s is not None]
-    mean = {k: round(statistics.fmean(v), 2) if v else None for k, v in sanity.items()}
     summary.mean = round(statistics.fmean(scored), 2) if scored else None
     summary.median = statistics.median(scored) if scored else None
     summary.scored, summary.unscored = len(scored), len(records) - len(scored)
     summary.unscored_by_reason = {k: n for k, n in reasons.items() if n}
-    summary.sanity = {**mean, "n": len(anchors)}
+    summary.sanity = {**{k: round(statistics.fmean(v), 2) if v else None for k, v in sanity.items()},
+                      "n": sum(what == "self" for what, _, _ in tasks)}
     return scores
 
 
@@ -190,15 +168,13 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = DEFAU
           progress: Progress | None = None) -> tuple[Summary, list]:
     """Score each `{instruction, input, output, model_response}` 0-100; (summary, per-answer scores or None).
 
-    First N_ANCHORS seeded test items are judged twice more, as anchors: the reference answer against itself
-    (a judge that can judge scores it high) and against another question's reference (it should score low).
-    Empty answers score 0 without asking. Replies kept in `progress` are not asked again, and each new one is
-    kept there. Requests stop when `budget_s` has passed, after MAX_FAILURES_IN_ROW failed requests in a row,
-    or on Ctrl-C; one line then says why and how to judge again.
-    """
+    N_ANCHORS seeded items are judged twice more: the reference against itself (a judge that can judge scores
+    it high) and against another question's (low). Empty answers score 0 without asking; replies in
+    `progress` are not asked again. Requests stop at `budget_s`, after MAX_FAILURES_IN_ROW failures in a row
+    or on Ctrl-C, and one line says why and how to judge again."""
     budget, progress = Budget(budget_s), progress or Progress()
     summary = Summary(model=model, n=len(records), unscored=len(records))
-    tasks, anchors = _tasks(records, HOOKS.n_anchors, seed)
+    tasks = _tasks(records, HOOKS.n_anchors, seed)
     try:
         host = check_ollama_host(host)
         limit, thinks = ollama_api.check_model(host, model, min(timeout_s, CHECK_TIMEOUT_S))
@@ -217,20 +193,16 @@ def judge(records: list[dict], host: str, model: str, *, budget_s: float = DEFAU
     requests = [(k, p) for k, (_, _, p) in zip(keys, tasks) if k not in progress.replies]
     summary.too_long_for_context = sum(tokens_needed(p) > summary.num_ctx for _, _, p in tasks)
     summary.reused = len(tasks) - len(requests)
-    # text on stdout, as training's bar: tqdm.auto would store a widget in the notebook, which GitHub cannot
-    # show
-    from tqdm.std import tqdm
-
     stopped, replies = None, {}
-    with ollama_api.client(host, timeout_s) as client, \
-            tqdm(total=len(requests), desc=f"judging with {model}", unit="request", file=sys.stdout,
-                 disable=not HOOKS.show_bar) as bar:
+    with (ollama_api.client(host, timeout_s) as client,
+          tqdm(total=len(requests), desc=f"judging with {model}", unit="request", file=sys.stdout,
+               disable=not HOOKS.show_bar) as bar):
         try:
             ask = lambda prompt: ollama_api.ask(client, host, model, prompt, options, think)  # noqa: E731
             replies, stopped = _ask_all(ask, requests, budget, bar, progress)
         except KeyboardInterrupt:
             stopped = INTERRUPTED
-    scores = _summarise(summary, records, tasks, {**progress.replies, **replies}, keys, anchors)
+    scores = _summarise(summary, records, tasks, {**progress.replies, **replies}, keys)
     if stopped:
         asked = sum(key in progress.replies or key in replies for key, _ in requests)
         not_asked = summary.unscored_by_reason.get("not asked", 0)
@@ -248,26 +220,22 @@ def describe(summary: Summary) -> str:
         return f"LLM judge ({summary.model}){about}: not run, so its mean and sanity anchors are null."
     sanity, empty = summary.sanity, summary.empty_answers
     empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
-    lines = [f"LLM judge ({summary.model}){about}: mean {summary.mean} over {summary.scored} of "
-             f"{summary.n} answers{empty}",
-             f"  sanity on {sanity['n']} test items: reference judged against itself {sanity['self']}, "
-             f"against another question's reference {sanity['other']}"]
-    if summary.reused:
-        lines.append(f"  {summary.reused} replies kept from an earlier, unfinished judging")
-    if summary.unscored:
-        lines.append(f"  unscored: {summary.unscored_by_reason}")
-    if summary.too_long_for_context:
-        lines.append(f"  {summary.too_long_for_context} prompts longer than num_ctx={summary.num_ctx} "
-                     f"(cut by the server)")
-    return "\n".join(lines)
+    lines = [(True, f"LLM judge ({summary.model}){about}: mean {summary.mean} over {summary.scored} of "
+                    f"{summary.n} answers{empty}"),
+             (True, f"  sanity on {sanity['n']} test items: reference judged against itself "
+                    f"{sanity['self']}, against another question's reference {sanity['other']}"),
+             (summary.reused, f"  {summary.reused} replies kept from an earlier, unfinished judging"),
+             (summary.unscored, f"  unscored: {summary.unscored_by_reason}"),
+             (summary.too_long_for_context, f"  {summary.too_long_for_context} prompts longer than "
+                                            f"num_ctx={summary.num_ctx} (cut by the server)")]
+    return "\n".join(line for shown, line in lines if shown)
 
 
 def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
                   seed: int = DEFAULT_SEED, timeout_s: float = 120.0, log=print) -> tuple[Summary, list]:
     """judge_file's work; a MedQAError says what is wrong with the files (the command line exits 2 on it)."""
     path = Path(path)
-    records = load_answers(path)
-    metrics_path = path.with_name("metrics.json")
+    records, metrics_path = load_answers(path), path.with_name("metrics.json")
     read_metrics(metrics_path)
     progress = Progress(path, log)
     summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed, timeout_s=timeout_s, log=log,
@@ -277,9 +245,7 @@ def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDG
     if summary.scored - summary.empty_answers == 0 and earlier:
         log(f"Kept the earlier judge scores in {path} and {metrics_path.name}.")
         return summary, scores
-    for record, score in zip(records, scores):
-        record["judge_score"] = score
-    write_json_atomic(path, records)
+    write_json_atomic(path, [{**record, "judge_score": score} for record, score in zip(records, scores)])
     update_json(metrics_path, partial(record_result, summary=asdict(summary)))
     if summary.requests_left == 0:  # every reply is in the files: nothing to resume
         progress.finish()
@@ -288,28 +254,15 @@ def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDG
 
 def judge_file(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S, seed: int = DEFAULT_SEED,
                timeout_s: float = 120.0, log=print) -> tuple[Summary, list]:
-    """Judge the answers in `path` and write the scores back: `judge_score` into each answer of `path`, the
-    summary into `metrics.json` beside it under `evaluation.judge[<file name>]` (the rest is kept).
-
-    Both files are checked before any request and written atomically afterwards; replies are kept as they come
-    (Progress). A judging that scored nothing never replaces earlier judge scores. Never raises: whatever goes
-    wrong is one line and a summary that says so. Returns (summary, per-answer scores).
-    """
+    """Judge the answers in `path`: `judge_score` into each answer, the summary into metrics.json beside it
+    under evaluation.judge[<file name>]; (summary, per-answer scores). A judging that scored nothing keeps
+    earlier judge scores. Never raises: whatever goes wrong is one line and a summary that says so."""
     try:
         return judge_answers(path, host, model, budget_s=budget_s, seed=seed, timeout_s=timeout_s, log=log)
     except Exception as err:  # noqa: BLE001 -- the judge is optional: a finished run never fails in it
         reason = str(err) if isinstance(err, MedQAError) else f"{type(err).__name__}: {err}"
         log(f"LLM judge skipped: {reason}")
         return Summary(answers=Path(path).name, model=model, stopped=reason), []
-
-
-def _host(given: str | None) -> str:
-    """--host, else $OLLAMA_HOST, else the default, checked under the name the user gave it."""
-    if given is not None:
-        return check_ollama_host(given, "--host")
-    if os.environ.get("OLLAMA_HOST"):
-        return check_ollama_host(os.environ["OLLAMA_HOST"])
-    return DEFAULT_HOST
 
 
 def main(argv=None) -> int:
@@ -324,19 +277,19 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Ollama model that judges (default: the run's JUDGE_MODEL from "
                                         f"metrics.json, else {DEFAULT_MODEL})")
     parser.add_argument("--host", help=f"where Ollama runs (default: $OLLAMA_HOST, else {DEFAULT_HOST})")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds the judge may take in all before it stops asking "
-                             "(default: %(default)g)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds the judge may "
+                        "take in all before it stops asking (default: %(default)g)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="seconds one request may take (default: %(default)g)")
-    parser.add_argument("--seed", type=int,
-                        help="seed of the judge and of the sanity items (default: the run's SEED)")
+    parser.add_argument("--seed", type=int, help="seed of the judge and of the sanity items (default: the "
+                                                 "run's SEED)")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.budget_s) and args.budget_s > 0) or not args.timeout_s > 0:
         parser.error("--budget-s and --timeout-s must be positive numbers of seconds")
     path = Path(args.answers)
     try:
-        host = _host(args.host)
+        host = (check_ollama_host(args.host, "--host") if args.host is not None  # else Ollama's own variable
+                else check_ollama_host(os.environ.get("OLLAMA_HOST") or DEFAULT_HOST))
         run = (read_metrics(path.with_name("metrics.json")) if path.is_file() else {}).get("settings")
         run = run if isinstance(run, dict) else {}
         summary, _ = judge_answers(path, host, args.model or run.get("JUDGE_MODEL") or DEFAULT_MODEL,

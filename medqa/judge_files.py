@@ -1,5 +1,5 @@
-"""The judge's files: the answers file it reads, the progress file that keeps its replies until all have come,
-and its result in metrics.json beside them (one per answers file, under evaluation.judge)."""
+"""The judge's files: the answers it reads, the progress file that keeps its replies until all have come, and
+its result in metrics.json beside them (one per answers file, under evaluation.judge)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,17 @@ class Progress:
         self.answers, self.replies = answers, {}
         self.path = progress_path(answers) if answers is not None else None
         self.rerun = f"python -m medqa.judge {answers}" if answers is not None else RERUN
-        if self.path is not None and self.path.exists():
-            self.replies = self._read(log)
-
-    def _read(self, log) -> dict:
-        """The kept replies; a damaged progress file only costs asking again."""
-        try:
+        if self.path is None or not self.path.exists():
+            return
+        try:  # a damaged progress file only costs asking again
             kept = {k: (score, how) for k, (score, how) in read_json(self.path, "")["replies"].items()}
-            if all((score is None or type(score) is int) and isinstance(how, str)
-                   for score, how in kept.values()):
-                return kept
         except (MedQAError, KeyError, TypeError, ValueError, AttributeError):
-            pass
-        log(f"note: {self.path.name} is damaged; the judge asks again for every reply it held.")
-        return {}
+            kept = None
+        if kept is not None and all((score is None or type(score) is int) and isinstance(how, str)
+                                    for score, how in kept.values()):
+            self.replies = kept
+        else:
+            log(f"note: {self.path.name} is damaged; the judge asks again for every reply it held.")
 
     def keep(self, key: str, reply: tuple) -> None:
         """`reply` to the request `key`, on disk before the next request is made."""
@@ -49,13 +46,11 @@ class Progress:
 
     def finish(self) -> None:
         """Every request has its reply in the answers file: nothing is left to resume."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
-def load_answers(path) -> list[dict]:
-    """The records of an answers file (`test_responses.json`), checked; a MedQAError names what is wrong."""
-    path = Path(path)
+def load_answers(path: Path) -> list[dict]:
+    """The records of the answers file `path`, checked; a MedQAError names what is wrong."""
     hint = "pass the answers file the notebook writes, OUTPUT_DIR/test_responses.json"
     if path.is_dir():
         inside = path / "test_responses.json"
@@ -91,10 +86,9 @@ def read_metrics(path: Path) -> dict:
 
 def record_result(metrics: dict, summary: dict) -> None:
     """The judge's result for its answers file into metrics.json's evaluation.judge; the rest stays. A result
-    that is not keyed by an answers file (it names its model and mean itself) is kept under UNRECORDED."""
+    that names its model and mean itself, not keyed by an answers file, is kept under UNRECORDED."""
     evaluation = metrics.get("evaluation")
     evaluation = evaluation if isinstance(evaluation, dict) else {}
-    judged = evaluation.get("judge")
-    judged = {} if not isinstance(judged, dict) else {UNRECORDED: judged} \
-        if "model" in judged and "mean" in judged else judged
+    judged = evaluation.get("judge") if isinstance(evaluation.get("judge"), dict) else {}
+    judged = {UNRECORDED: judged} if "model" in judged and "mean" in judged else judged
     metrics["evaluation"] = {**evaluation, "judge": {**judged, summary["answers"]: summary}}
