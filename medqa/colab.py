@@ -1,9 +1,6 @@
-"""On Google Colab only: install what the project needs and Colab lacks, and keep what Colab has.
-
-The notebook's first cell runs this file (`runpy.run_path`) right after fetching the project, before any of
-the project's packages are installed: it uses the standard library only, and never imports the package around
-it.
-"""
+"""On Google Colab only: install what the project needs and Colab lacks, and keep what Colab has. The
+notebook's first cell runs this file (`runpy.run_path`) before the project's packages are installed: it uses
+the standard library only, and never imports the package around it."""
 
 import json
 import os
@@ -13,10 +10,9 @@ import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
-# Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the general-purpose
-# ones, and replacing any of them can force a restart. They are installed (pinned) only where missing, and a
-# pip constraint keeps the project's packages from replacing them as a dependency. The project's own packages
-# (transformers 5, peft, tiktoken, ...) are installed at their pinned versions: its code needs those.
+# Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the others, and
+# replacing any can force a restart. They are installed (pinned) only where missing, and a pip constraint
+# keeps them as a dependency; the project's own packages are installed at their pinned versions.
 KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm")
 
 
@@ -24,7 +20,7 @@ def run(cmd: list[str], what: str) -> None:
     """Runs cmd; if it fails, stops with one line: what failed, and the command's own first error line."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        said = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
+        said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         errors = [line for line in said if line.lower().startswith(("error", "fatal"))] or said[-1:]
         raise RuntimeError(f"{what} failed: {errors[0] if errors else f'exit status {done.returncode}'}")
 
@@ -35,6 +31,7 @@ def dist(name: str) -> str:
 
 
 def installed(name: str) -> str | None:
+    """The installed version of a package, or None."""
     try:
         return version(name)
     except PackageNotFoundError:
@@ -42,11 +39,13 @@ def installed(name: str) -> str | None:
 
 
 def wanted(pin: str) -> bool:
+    """Whether to install a requirements line: not jupyter (Colab has its own server), nor a kept package."""
     name = dist(re.split(r"[=<>!~;\[ ]", pin)[0])
-    return name != "jupyter" and not (name in KEEP and installed(name))  # jupyter: Colab has its own server
+    return name != "jupyter" and not (name in KEEP and installed(name))
 
 
 def install(requirements: str = "requirements.txt") -> None:
+    """Install the requirements Colab lacks; stop for a restart where pip replaced an imported module."""
     with open(requirements) as f:
         pins = [p for p in (line.split("#")[0].strip() for line in f) if p and wanted(p)]
     kept = [f"{n}=={installed(n)}" for n in KEEP if installed(n)]
