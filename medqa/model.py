@@ -8,6 +8,8 @@ from pathlib import Path
 
 import platformdirs
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import enable_progress_bars
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -17,9 +19,8 @@ from medqa.store import save_model_atomic
 
 
 def cache_root() -> Path:
-    """Where locally built models live (`$XDG_CACHE_HOME/medqa/random-init`, else ~/.cache/medqa/random-init
-    on Linux): outside OUTPUT_DIR, so that OVERWRITE never deletes them and nothing is written into OUTPUT_DIR
-    before the run has claimed it."""
+    """Where locally built models live (on Linux $XDG_CACHE_HOME or ~/.cache, then medqa/random-init): outside
+    OUTPUT_DIR, so that OVERWRITE never deletes them and nothing is written there before the run claims it."""
     return platformdirs.user_cache_path("medqa", appauthor=False) / "random-init"
 
 
@@ -62,11 +63,8 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
 
     The weights load as fp32 whatever the files hold: training keeps fp32 master weights under autocast, where
     updates of a small learning rate do not round away and fp16's gradient scaler can unscale."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import enable_progress_bars
-
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
-    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
         enable_progress_bars()  # a download of a few GiB shows that it moves (the call above hid its bar)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:

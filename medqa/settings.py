@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from medqa import run_folder, setting_names
 from medqa.errors import MedQAError
 from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder, require
+from medqa.ollama_api import DEFAULT_HOST, check_ollama_host
 from medqa.store import on_read_only_mount, update_json, url_scheme
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -35,43 +36,44 @@ PROFILES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
+    """Every setting of a run; the defaults are those the profiles share (COMMON)."""
     PROFILE: str
     MODEL: str
-    DATA_PATH: str | None
+    DATA_PATH: str | None = None
     N_SAMPLES: int | None
     MAX_LENGTH: int
-    BATCH_SIZE: int
-    GRAD_ACCUM: int
+    BATCH_SIZE: int = 8
+    GRAD_ACCUM: int = 1
     EPOCHS: int
     LEARNING_RATE: float
-    WEIGHT_DECAY: float
+    WEIGHT_DECAY: float = 0.1
     WARMUP_STEPS: int
-    DROPOUT: float
-    LORA_R: int | None
-    LORA_ALPHA: int | None
-    PRECISION: str | None
-    MAX_STEPS: int | None
+    DROPOUT: float = 0.0
+    LORA_R: int | None = None
+    LORA_ALPHA: int | None = None
+    PRECISION: str | None = None
+    MAX_STEPS: int | None = None
     EVAL_EVERY: int
     EVAL_BATCHES: int
-    CHECKPOINT_EVERY: int
-    MASK_PROMPT: bool
-    VAL_FRACTION: float
-    TEST_FRACTION: float
-    SEED: int
+    CHECKPOINT_EVERY: int = 200
+    MASK_PROMPT: bool = False
+    VAL_FRACTION: float = 0.10
+    TEST_FRACTION: float = 0.05
+    SEED: int = 123
     MAX_NEW_TOKENS: int
-    GEN_BATCH_SIZE: int
-    TEMPERATURE: float
-    REPETITION_PENALTY: float
-    NO_REPEAT_NGRAM_SIZE: int
+    GEN_BATCH_SIZE: int = 32
+    TEMPERATURE: float = 0.0
+    REPETITION_PENALTY: float = 1.0
+    NO_REPEAT_NGRAM_SIZE: int = 3
     N_BEFORE: int
-    BASELINE_EVAL: bool
-    JUDGE_MODEL: str
-    JUDGE_BUDGET_S: float
-    OLLAMA_HOST: str
-    OUTPUT_DIR: str
-    OVERWRITE: bool
+    BASELINE_EVAL: bool = True
+    JUDGE_MODEL: str = "llama3"
+    JUDGE_BUDGET_S: float = 3600.0
+    OLLAMA_HOST: str = DEFAULT_HOST
+    OUTPUT_DIR: str = None  # resolve() makes it runs/<PROFILE>
+    OVERWRITE: bool = False
 
     def show(self) -> None:
         """Print every setting, one a line."""
@@ -80,12 +82,8 @@ class Settings:
             print(f"{name:<{width}} = {value!r}")
 
 
-# Defaults shared by every profile; a profile's own entries override these. OUTPUT_DIR None: runs/<PROFILE>.
-COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, LORA_R=None,
-              LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None, CHECKPOINT_EVERY=200, MASK_PROMPT=False,
-              VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123, GEN_BATCH_SIZE=32, TEMPERATURE=0.0,
-              REPETITION_PENALTY=1.0, NO_REPEAT_NGRAM_SIZE=3, BASELINE_EVAL=True, JUDGE_MODEL="llama3",
-              JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434", OUTPUT_DIR=None, OVERWRITE=False)
+# The defaults every profile shares; a profile's own entries override these.
+COMMON = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
@@ -156,15 +154,15 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     env = os.environ if env is None else env
     setting_names.refuse_unknown(params, env, list(_TYPES))
 
-    def given(name):
+    def given(name, default=None):
         if params.get(name) is not None:
-            return True, params[name]
+            return params[name]
         if f"MEDQA_{name}" in env:
-            return True, _parse_env(name, env[f"MEDQA_{name}"])
-        return False, None
+            return _parse_env(name, env[f"MEDQA_{name}"])
+        return default
 
-    has_profile, profile = given("PROFILE")
-    if not has_profile or profile is None:
+    profile = given("PROFILE")
+    if profile is None:
         profile, why = profile_choice()
         log(f"PROFILE not set: {profile!r} for this machine ({why}).")
     if not isinstance(profile, str) or profile not in PROFILES:
@@ -172,21 +170,16 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
         raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "
                          f"choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
-    for name in _TYPES:
-        has, value = given(name)
-        if has:
-            values[name] = value
-    if not given("OLLAMA_HOST")[0] and env.get("OLLAMA_HOST"):
-        values["OLLAMA_HOST"] = env["OLLAMA_HOST"]  # Ollama's own variable
+    if env.get("OLLAMA_HOST"):  # Ollama's own variable, below MEDQA_OLLAMA_HOST
+        values["OLLAMA_HOST"] = env["OLLAMA_HOST"]
+    values = {name: given(name, values[name]) for name in _TYPES}
     if values["OUTPUT_DIR"] is None:
         values["OUTPUT_DIR"] = f"runs/{profile}"
     _check_types(values)
     for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
-        if isinstance(values[name], str) and values[name].startswith("~"):
+        if values[name] is not None:
             values[name] = os.path.expanduser(values[name])
-    from medqa.ollama_api import check_ollama_host  # before any work, not in the judge after training
-
-    values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])
+    values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])  # now, not in the judge after training
     settings = Settings(**values)
     validate(settings)
     return settings
@@ -296,12 +289,10 @@ _RANGES = (
 
 
 def validate(cfg: Settings) -> None:
-    """Reject values out of range before anything is read, trained or written."""
-    _check_types(asdict(cfg))
-    for name, kind in _TYPES.items():
-        value = getattr(cfg, name)
-        require(not (kind.startswith("float") and value is not None and not math.isfinite(value)),
-                f"{name}={value!r} is not a finite number: use a value like {_example(name)!r}.")
+    """Reject values out of range before anything is read, trained or written (resolve checked the types)."""
+    for name in [name for name, kind in _TYPES.items() if kind == "float"]:
+        require(math.isfinite(getattr(cfg, name)),
+                f"{name}={getattr(cfg, name)!r} is not a finite number: use a value like {_example(name)!r}.")
     for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
         require(getattr(cfg, name).strip() not in ("", "http://"), f"{name}={getattr(cfg, name)!r} is empty: "
                 f"set it to a value like {_example(name)!r}, or None for the default.")
