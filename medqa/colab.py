@@ -3,16 +3,16 @@ notebook's first cell runs this file (`runpy.run_path`) before the project's pac
 the standard library only, and never imports the package around it."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
 
 # Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the others, and
 # replacing any can force a restart. They are installed (pinned) only where missing, and a pip constraint
-# keeps them as a dependency; the project's own packages are installed at their pinned versions.
+# keeps a dependency from replacing them; the project's own packages are installed at their pinned versions.
 KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm")
 
 
@@ -51,13 +51,11 @@ def install(requirements: str = "requirements.txt") -> None:
     kept = [f"{n}=={installed(n)}" for n in KEEP if installed(n)]
     print(f"installing {' '.join(pins)}; keeping Colab's {' '.join(kept)}")
     with tempfile.TemporaryDirectory() as tmp:
-        constraints, report = os.path.join(tmp, "constraints.txt"), os.path.join(tmp, "report.json")
-        with open(constraints, "w") as f:
-            f.write("".join(k + "\n" for k in kept))
-        run([sys.executable, "-m", "pip", "install", "-q", "-c", constraints, "--report", report, *pins],
-            f"pip install of {requirements}")
-        with open(report) as f:
-            replaced = {dist(p["metadata"]["name"]) for p in json.load(f)["install"]}
+        constraints, report = Path(tmp, "constraints.txt"), Path(tmp, "report.json")
+        constraints.write_text("".join(k + "\n" for k in kept))
+        run([sys.executable, "-m", "pip", "install", "-q", "-c", str(constraints), "--report", str(report),
+             *pins], f"pip install of {requirements}")
+        replaced = {dist(p["metadata"]["name"]) for p in json.loads(report.read_text())["install"]}
     # a module imported before pip replaced its files keeps the old code in this session (or breaks it): going
     # on would run the notebook against a mix of old and new code
     stale = sorted(m for m, names in packages_distributions().items()

@@ -58,11 +58,9 @@ ACTIVATION = "gelu_pytorch_tanh"
 
 
 def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention, and the
-    fused GELU where the model has GPT-2's own. `dropout`, when given, replaces GPT-2's three dropout rates.
-
-    The weights load as fp32 whatever the files hold: training keeps fp32 master weights under autocast, where
-    updates of a small learning rate do not round away and fp16's gradient scaler can unscale."""
+    """`GPT2LMHeadModel.from_pretrained` with PyTorch's fused attention, the fused GELU for GPT-2's own, and
+    `dropout` (when given) for GPT-2's three dropout rates. The weights load as fp32 whatever the files hold:
+    fp32 master weights under autocast, where small updates do not round away and fp16's scaler unscales."""
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
     if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
         enable_progress_bars()  # a download of a few GiB shows that it moves (the call above hid its bar)

@@ -141,10 +141,8 @@ def profile_choice() -> tuple[str, str]:
 
 
 def notebook_params(namespace: dict) -> dict:
-    """The settings the parameters cell gave, from the notebook's `globals()` (papermill's injected cell too).
-
-    A name there that looks like a setting but is none (papermill's `-p LEARNIN_RATE 1e-4` only warns) is
-    refused, naming the setting it resembles (setting_names.refuse_strays)."""
+    """The settings the parameters cell gave, from the notebook's `globals()`. A name there that looks like a
+    setting but is none (papermill's `-p LEARNIN_RATE 1e-4` only warns) is refused (refuse_strays)."""
     setting_names.refuse_strays(namespace, list(_TYPES))
     return {k: v for k, v in namespace.items() if k in _TYPES}
 
