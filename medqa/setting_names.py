@@ -4,6 +4,7 @@ each refused with the setting it resembles (`LEARNIN_RATE`: did you mean `LEARNI
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import numbers
 
@@ -31,12 +32,9 @@ def injected_names(cells) -> set[str]:
     found = set()
     for source in cells if isinstance(cells, list) else []:
         if isinstance(source, str) and source.startswith("# Parameters\n"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                continue
-            found |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-                      for t in node.targets if isinstance(t, ast.Name)}
+            with contextlib.suppress(SyntaxError):
+                found |= {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                          for t in node.targets if isinstance(t, ast.Name)}
     return found
 
 
