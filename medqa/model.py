@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import copy
+import warnings
 from pathlib import Path
 
+import platformdirs
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import enable_progress_bars
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -15,9 +19,9 @@ from medqa.store import save_model_atomic
 
 
 def cache_root() -> Path:
-    """Where locally built models live: outside OUTPUT_DIR, so that OVERWRITE never deletes them and nothing
-    is written into OUTPUT_DIR before the run has claimed it."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medqa" / "random-init"
+    """Where locally built models live (on Linux $XDG_CACHE_HOME or ~/.cache, then medqa/random-init): outside
+    OUTPUT_DIR, so that OVERWRITE never deletes them and nothing is written there before the run claims it."""
+    return platformdirs.user_cache_path("medqa", appauthor=False) / "random-init"
 
 
 def build_random_gpt2(folder, shape: dict, seed: int) -> Path:
@@ -48,33 +52,22 @@ def model_source(model: str, seed: int, cache_dir=None) -> str:
 
 
 # GPT-2's GELU as one fused op. `gelu_new`, its config's default, is the same tanh approximation written out
-# in Python, which keeps three more 4 * n_embd tensors per layer for the backward pass than the fused op
-# (medqa.hardware.ACTIVATION_BYTES counts the fused one). The values agree to rounding
-# (tests/test_memory_plan.py).
+# in Python, which keeps three more 4 * n_embd tensors per layer for the backward pass (medqa.hardware's
+# ACTIVATION_BYTES counts the fused op); the values agree to rounding (tests/test_memory_plan.py).
 ACTIVATION = "gelu_pytorch_tanh"
-FUSABLE = ("gelu_new",)  # only GPT-2's own GELU is swapped: a folder saved with another activation keeps it
 
 
 def load_model(source: str, device: torch.device, dropout: float | None = None) -> GPT2LMHeadModel:
-    """`GPT2LMHeadModel.from_pretrained` on a hub id or a folder, with PyTorch's fused attention, and its
-    fused GELU where the model has GPT-2's own (the config says so, and so does the folder the model is saved
-    to).
-
-    `dropout` replaces GPT-2's three dropout rates (0.1 each) when given; None keeps what the folder says. The
-    weights load as fp32 whatever the files hold (a float16 or bfloat16 folder included): training keeps fp32
-    master weights and computes in half precision under autocast, where
-    updates of a small learning rate do not round away and fp16's gradient scaler can unscale.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import enable_progress_bars
-
+    """`GPT2LMHeadModel.from_pretrained` with PyTorch's fused attention, the fused GELU for GPT-2's own, and
+    `dropout` (when given) for GPT-2's three dropout rates. The weights load as fp32 whatever the files hold:
+    fp32 master weights under autocast, where small updates do not round away and fp16's scaler unscales."""
     hf_logging.disable_progress_bar()  # transformers' own loading bars only clutter the notebook ...
-    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:  # ... unless the user turned them off,
         enable_progress_bars()  # a download of a few GiB shows that it moves (the call above hid its bar)
     rates = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     try:
         config = GPT2Config.from_pretrained(source, **rates)
-        if config.activation_function in FUSABLE:
+        if config.activation_function == "gelu_new":  # a folder saved with another activation keeps it
             config.activation_function = ACTIVATION
         model = GPT2LMHeadModel.from_pretrained(source, config=config, attn_implementation="sdpa",
                                                 dtype=torch.float32)
@@ -88,8 +81,7 @@ def load_model(source: str, device: torch.device, dropout: float | None = None) 
         raise MedQAError(
             f"The model in {source!r} does not load as GPT-2 ({type(err).__name__}: {first}). Its files are "
             "damaged or hold another model: save or copy the folder again, or set MODEL to one of gpt2, "
-            "gpt2-medium, ... "
-            "or tiny.") from None
+            "gpt2-medium, ... or tiny.") from None
     return model.to(device)
 
 
@@ -102,9 +94,8 @@ def check_max_length(max_length: int, model: GPT2LMHeadModel) -> None:
 
 
 def enable_checkpointing(model) -> None:
-    """Gradient (activation) checkpointing: each layer keeps only its input and recomputes the rest in the
-    backward pass; non-reentrant, so that it needs no input that requires gradients and works with LoRA's
-    frozen weights. Through `activation_checkpointing_enable`, which transformers does not mark deprecated."""
+    """Gradient checkpointing: each layer keeps only its input and recomputes the rest in the backward pass;
+    non-reentrant, so that it needs no input that requires gradients and works with LoRA's frozen weights."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -113,21 +104,19 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_trainable(model) -> int:
+    """The parameters that require gradients (the adapters alone under LoRA)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 # GPT-2's projections, all Conv1D layers: attention's c_attn (q, k, v) and c_proj, the MLP's c_fc and c_proj.
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, seed: int = 0):
-    """The model wrapped with trainable low-rank adapters (peft); every original weight is frozen.
-
-    `alpha` None means 2 * r. GPT-2 keeps its projection weights as (in, out), hence fan_in_fan_out. The
-    adapters' random start depends on `seed` alone (not on whatever drew random numbers before), so that a
-    run started again starts alike. Only the adapters require gradients, so train.make_optimizer builds AdamW
-    over them alone, and the training checkpoint (the wrapper's state_dict, frozen weights included) resumes
-    as full fine-tuning does.
-    """
-    import warnings
-
+    """The model wrapped with trainable low-rank adapters (peft), every original weight frozen; `alpha` None
+    means 2 * r. GPT-2 keeps its projection weights as (in, out), hence fan_in_fan_out. The adapters' random
+    start depends on `seed` alone, so that a run started again starts alike."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
@@ -143,21 +132,8 @@ def apply_lora(model, r: int, alpha: int | None = None, dropout: float = 0.0, se
 
 
 def merge_lora(model):
-    """A plain GPT2LMHeadModel with the adapters added into a copy of its weights; a model without adapters
-    as it is.
-
-    A copy, so that the model keeps its adapters: a re-run training cell resumes from a LoRA checkpoint into
-    it.
-    """
+    """A plain GPT2LMHeadModel with the adapters added into a copy of its weights (the model keeps its
+    adapters: a re-run training cell resumes from a LoRA checkpoint into it); one without them as it is."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
-        return model
-    import copy
-
-    return copy.deepcopy(model).merge_and_unload()
-
-
-def count_trainable(model) -> int:
-    """The parameters that require gradients (the adapters alone under LoRA)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model

@@ -1,6 +1,5 @@
-"""What MODEL may name: a model the project knows by name, or a folder saved with `save_pretrained` that holds
-GPT-2 weights that load (checked before any data is prepared, by the notebook and by `python -m medqa.ask`).
-"""
+"""What MODEL may name: a model the project knows by name, or a folder saved with `save_pretrained` holding
+GPT-2 weights that load (checked before any data is prepared, by the notebook and by medqa.ask)."""
 
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ from medqa.errors import MedQAError
 # Pretrained GPT-2 on the Hugging Face hub.
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-TINY_MODEL = "tiny"  # a small random GPT-2 built locally (smoke profile); never reported as GPT-2
-# GPT-2's shapes, for the models built locally with random weights: they cost what the real ones cost (time,
-# memory) and answer noise, for measuring without a network; never reported as GPT-2 results. The tiny one
-# has GPT-2's vocabulary and context but two small layers.
+TINY_MODEL = "tiny"  # the smoke profile's: GPT-2's vocabulary and context, two small layers
+# GPT-2's shapes with random weights, built locally: they cost what the real ones cost (time, memory) and
+# answer noise, for measuring without a network; never reported as GPT-2 results.
 RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
                  "random-gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128),
                  "random-gpt2-mini-deep": dict(n_layer=8, n_head=4, n_embd=128),  # the demo profile's
@@ -24,33 +22,34 @@ RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
 KNOWN_MODELS = tuple(HUB_IDS) + tuple(RANDOM_SHAPES)
 
 
+def require(ok: bool, message: str) -> None:
+    """Raise MedQAError(message) unless `ok`: the project's checks of what a user gave, one line each."""
+    if not ok:
+        raise MedQAError(message)
+
+
 def check_model_folder(folder, label: str = "MODEL", how: str | None = None) -> Path:
-    """`folder` holds GPT-2 weights that load: checked from config.json and the weight files' headers and
-    sizes, without reading the weights, instead of failing after the data is prepared. `label` is what the
-    user set (MODEL, --model) and `how` the way to a good folder, both for the messages."""
+    """`folder` holds GPT-2 weights that load, checked from config.json and the weight files' headers and
+    sizes without reading the weights. `label` (MODEL, --model) and `how` (the fix) are for the messages."""
     folder = Path(folder)
     value = str(folder)
     how = how or (f"point {label} at a folder saved with save_pretrained from a GPT-2 model, or use one of "
                   f"{list(KNOWN_MODELS)}")
-    _check(folder.is_dir(), f"{label}={value!r}: no such folder. {how[0].upper() + how[1:]}.")
-    _check((folder / "config.json").is_file(),
-           f"{label}={value!r} is a folder without config.json, so it holds no saved model: it was not "
-           f"saved with save_pretrained (or the copy is incomplete). {how[0].upper() + how[1:]}.")
+    fix = how[0].upper() + how[1:]
+    require(folder.is_dir(), f"{label}={value!r}: no such folder. {fix}.")
+    require((folder / "config.json").is_file(),
+            f"{label}={value!r} is a folder without config.json, so it holds no saved model: it was not "
+            f"saved with save_pretrained (or the copy is incomplete). {fix}.")
     config = store.read_json(folder / "config.json", f"Fix: {how}.")
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    _check(model_type == "gpt2", f"{label}={value!r} holds a {model_type!r} model (config.json), not GPT-2: "
-                                 f"this notebook fine-tunes GPT-2 with GPT-2's tokenizer and context; {how}.")
+    require(model_type == "gpt2",
+            f"{label}={value!r} holds a {model_type!r} model (config.json), not GPT-2: this notebook "
+            f"fine-tunes GPT-2 with GPT-2's tokenizer and context; {how}.")
     weights = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin") and p.is_file()]
-    _check(bool(weights), f"{label}={value!r} holds no weights (model.safetensors or pytorch_model.bin): "
-                          f"{how}.")
+    require(bool(weights),
+            f"{label}={value!r} holds no weights (model.safetensors or pytorch_model.bin): {how}.")
     for p in weights:
         problem = store.safetensors_problem(p) if p.suffix == ".safetensors" else store.zip_problem(p)
-        _check(problem is None, f"{label}={value!r}: {p.name} {problem}; the copy is damaged or incomplete. "
-                                f"Copy or save the folder again, or {how}.")
+        require(problem is None, f"{label}={value!r}: {p.name} {problem}; the copy is damaged or incomplete. "
+                                 f"Copy or save the folder again, or {how}.")
     return folder
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise MedQAError(message)
-

@@ -4,10 +4,15 @@ each refused with the setting it resembles (`LEARNIN_RATE`: did you mean `LEARNI
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import numbers
 
 from medqa.errors import MedQAError
+
+# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
+PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
+
 
 def refuse_strays(namespace: dict, names: list[str]) -> None:
     """Refuse the names in the notebook's `namespace` (its globals) that look like settings but are none of
@@ -16,14 +21,10 @@ def refuse_strays(namespace: dict, names: list[str]) -> None:
     strays = sorted(k for k, v in namespace.items()
                     if k not in names and (k in injected or looks_like_setting(k, v, names)))
     if strays:
-        raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use"
-                         f"{hints(strays, names)}: the settings are {names}. A name stays defined in "
-                         f"the kernel after it is corrected in the cell: run `del {', '.join(strays)}` (or "
-                         f"restart the kernel) once the cell is right.")
-
-
-# What `papermill --inject-paths` (or --inject-input-path / --inject-output-path) adds to its cell.
-PAPERMILL_NAMES = {"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"}
+        raise MedQAError(f"Unknown setting(s) {strays}, which this run would not use{hints(strays, names)}: "
+                         f"the settings are {names}. A name stays defined in the kernel after it is "
+                         f"corrected in the cell: run `del {', '.join(strays)}` (or restart the kernel) once "
+                         f"the cell is right.")
 
 
 def injected_names(cells) -> set[str]:
@@ -31,12 +32,9 @@ def injected_names(cells) -> set[str]:
     found = set()
     for source in cells if isinstance(cells, list) else []:
         if isinstance(source, str) and source.startswith("# Parameters\n"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                continue
-            found |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-                      for t in node.targets if isinstance(t, ast.Name)}
+            with contextlib.suppress(SyntaxError):
+                found |= {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                          for t in node.targets if isinstance(t, ast.Name)}
     return found
 
 
@@ -45,9 +43,7 @@ def looks_like_setting(name: str, value, names: list[str]) -> bool:
     name in other capitals, or an upper-case name close to one."""
     if name.startswith("_") or not (value is None or isinstance(value, (str, bool, numbers.Number))):
         return False
-    if name.upper() in names:
-        return True
-    return name.isupper() and bool(difflib.get_close_matches(name, names, n=1, cutoff=0.8))
+    return name.upper() in names or (name.isupper() and bool(difflib.get_close_matches(name, names, 1, 0.8)))
 
 
 def closest(name, choices) -> str | None:
@@ -69,11 +65,10 @@ def refuse_unknown(params: dict, env, names: list[str]) -> None:
     """Names the run would not use, in the parameters or the environment, with the setting each resembles."""
     unknown = sorted(k for k in params if k not in names)
     if unknown:
-        raise MedQAError(f"Unknown setting(s) {unknown}{hints(unknown, names)}: "
-                         f"the settings are {names}.")
+        raise MedQAError(f"Unknown setting(s) {unknown}{hints(unknown, names)}: the settings are {names}.")
     unknown_env = sorted(k for k in env if k.upper().startswith("MEDQA_") and
                          (not k.startswith("MEDQA_") or k[6:] not in names))
     if unknown_env:
-        raise MedQAError("Unknown environment variable(s) "
-                         f"{unknown_env}{hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME "
-                         f"one of {names} (in capitals, as written here).")
+        raise MedQAError(f"Unknown environment variable(s) {unknown_env}"
+                         f"{hints(unknown_env, names, 'MEDQA_')}: use MEDQA_<NAME> with NAME one of {names} "
+                         f"(in capitals, as written here).")

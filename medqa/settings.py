@@ -1,21 +1,19 @@
-"""Resolve the notebook's settings from its parameters cell, `MEDQA_<NAME>` variables and a profile.
-
-Precedence, highest first: a value set in the parameters cell (or injected by papermill), the environment
-variable `MEDQA_<NAME>`, the profile's default. `None` in the parameters cell means "not set here".
-"""
+"""The notebook's settings: from its parameters cell (or papermill's; `None` there means "not set here"), else
+the variable `MEDQA_<NAME>`, else the profile's default; all checked before anything is written."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from medqa import run_folder, setting_names
 from medqa.errors import MedQAError
+from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder, require
+from medqa.ollama_api import DEFAULT_HOST, check_ollama_host
 from medqa.store import on_read_only_mount, update_json, url_scheme
-from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -23,94 +21,77 @@ PROFILES = {
     # No network: a tiny random GPT-2 and a few hundred examples, to check the whole notebook runs.
     "smoke": dict(MODEL=TINY_MODEL, N_SAMPLES=200, MAX_LENGTH=256, EPOCHS=1, LEARNING_RATE=5e-3,
                   WARMUP_STEPS=2, EVAL_EVERY=5, EVAL_BATCHES=4, MAX_NEW_TOKENS=32, N_BEFORE=3),
-    # No network: a small GPT-2 shape trained from random weights on a CPU, to show learning.
-    # MASK_PROMPT: a model that starts from nothing spends its few steps on the answers, not on the preamble.
-    # 6,000 examples seen once by 8 layers (the output layer, 50257 x 128, costs most of a step, so depth
-    # is cheap); fp32 on every CPU, so that the stored run's losses reproduce on CPUs without bf16
-    # (docs/speed.md).
+    # No network: a small GPT-2 shape trained from random weights on a CPU, to show learning. MASK_PROMPT: a
+    # model that starts from nothing spends its few steps on the answers. Deep, as the output layer
+    # (50257 x 128) costs most of a step; fp32, so that the stored losses reproduce on CPUs without bf16.
     "demo": dict(MODEL="random-gpt2-mini-deep", N_SAMPLES=6000, MAX_LENGTH=128, EPOCHS=1, LEARNING_RATE=2e-3,
                  WARMUP_STEPS=30, EVAL_EVERY=40, EVAL_BATCHES=4, MAX_NEW_TOKENS=64, N_BEFORE=3,
                  MASK_PROMPT=True, PRECISION="fp32"),
     # A laptop with a network: GPT-2 124M on about 1,000 examples.
-    "cpu": dict(MODEL="gpt2", N_SAMPLES=1000, MAX_LENGTH=512, EPOCHS=2, LEARNING_RATE=5e-5,
-                WARMUP_STEPS=10, EVAL_EVERY=20, EVAL_BATCHES=10, MAX_NEW_TOKENS=200, N_BEFORE=3),
+    "cpu": dict(MODEL="gpt2", N_SAMPLES=1000, MAX_LENGTH=512, EPOCHS=2, LEARNING_RATE=5e-5, WARMUP_STEPS=10,
+                EVAL_EVERY=20, EVAL_BATCHES=10, MAX_NEW_TOKENS=200, N_BEFORE=3),
     # A GPU: GPT-2 355M on all of MedQuAD.
     "full": dict(MODEL="gpt2-medium", N_SAMPLES=None, MAX_LENGTH=1024, EPOCHS=2, LEARNING_RATE=5e-5,
                  WARMUP_STEPS=100, EVAL_EVERY=100, EVAL_BATCHES=20, MAX_NEW_TOKENS=256, N_BEFORE=3),
 }
 
-# Where a run writes when OUTPUT_DIR is not set: runs/<PROFILE>.
-DEFAULT_OUTPUT_ROOT = "runs"
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
+    """Every setting of a run; the defaults are those the profiles share (COMMON)."""
     PROFILE: str
     MODEL: str
-    DATA_PATH: str | None
+    DATA_PATH: str | None = None
     N_SAMPLES: int | None
     MAX_LENGTH: int
-    BATCH_SIZE: int
-    GRAD_ACCUM: int
+    BATCH_SIZE: int = 8
+    GRAD_ACCUM: int = 1
     EPOCHS: int
     LEARNING_RATE: float
-    WEIGHT_DECAY: float
+    WEIGHT_DECAY: float = 0.1
     WARMUP_STEPS: int
-    DROPOUT: float
-    LORA_R: int | None
-    LORA_ALPHA: int | None
-    PRECISION: str | None
-    MAX_STEPS: int | None
+    DROPOUT: float = 0.0
+    LORA_R: int | None = None
+    LORA_ALPHA: int | None = None
+    PRECISION: str | None = None
+    MAX_STEPS: int | None = None
     EVAL_EVERY: int
     EVAL_BATCHES: int
-    CHECKPOINT_EVERY: int
-    MASK_PROMPT: bool
-    VAL_FRACTION: float
-    TEST_FRACTION: float
-    SEED: int
+    CHECKPOINT_EVERY: int = 200
+    MASK_PROMPT: bool = False
+    VAL_FRACTION: float = 0.10
+    TEST_FRACTION: float = 0.05
+    SEED: int = 123
     MAX_NEW_TOKENS: int
-    GEN_BATCH_SIZE: int
-    TEMPERATURE: float
-    REPETITION_PENALTY: float
-    NO_REPEAT_NGRAM_SIZE: int
+    GEN_BATCH_SIZE: int = 32
+    TEMPERATURE: float = 0.0
+    REPETITION_PENALTY: float = 1.0
+    NO_REPEAT_NGRAM_SIZE: int = 3
     N_BEFORE: int
-    BASELINE_EVAL: bool
-    JUDGE_MODEL: str
-    JUDGE_BUDGET_S: float
-    OLLAMA_HOST: str
-    OUTPUT_DIR: str
-    OVERWRITE: bool
+    BASELINE_EVAL: bool = True
+    JUDGE_MODEL: str = "llama3"
+    JUDGE_BUDGET_S: float = 3600.0
+    OLLAMA_HOST: str = DEFAULT_HOST
+    OUTPUT_DIR: str = None  # resolve() makes it runs/<PROFILE>
+    OVERWRITE: bool = False
 
     def show(self) -> None:
         """Print every setting, one a line."""
-        width = max(len(f.name) for f in fields(self))
+        width = max(map(len, asdict(self)))
         for name, value in asdict(self).items():
             print(f"{name:<{width}} = {value!r}")
 
 
-# Defaults shared by every profile; a profile's own entries override these.
-COMMON = dict(DATA_PATH=None, BATCH_SIZE=8, GRAD_ACCUM=1, WEIGHT_DECAY=0.1, DROPOUT=0.0, LORA_R=None,
-              LORA_ALPHA=None, PRECISION=None, MAX_STEPS=None,
-              CHECKPOINT_EVERY=200, MASK_PROMPT=False, VAL_FRACTION=0.10, TEST_FRACTION=0.05, SEED=123,
-              GEN_BATCH_SIZE=32, TEMPERATURE=0.0, REPETITION_PENALTY=1.0, NO_REPEAT_NGRAM_SIZE=3,
-              BASELINE_EVAL=True,
-              JUDGE_MODEL="llama3", JUDGE_BUDGET_S=3600.0, OLLAMA_HOST="http://localhost:11434",
-              OUTPUT_DIR=None, OVERWRITE=False)
+# The defaults every profile shares; a profile's own entries override these.
+COMMON = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
 
 # Settings that change what training produces: a resumed run must agree on all of them.
 RUN_DEFINING = ("MODEL", "DATA_PATH", "N_SAMPLES", "MAX_LENGTH", "BATCH_SIZE", "GRAD_ACCUM", "EPOCHS",
                 "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_STEPS", "DROPOUT", "LORA_R", "LORA_ALPHA",
-                "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT",
-                "VAL_FRACTION", "TEST_FRACTION", "SEED")
+                "EVAL_EVERY", "EVAL_BATCHES", "MASK_PROMPT", "VAL_FRACTION", "TEST_FRACTION", "SEED")
 
-
+_TYPES = {f.name: f.type for f in fields(Settings)}  # "int | None", ...
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "text"}
-
-
-def _field_type(name: str) -> str:
-    return {f.name: f.type for f in fields(Settings)}[name]
-
-
 # Values for messages, for the settings no profile sets to anything but None.
 EXAMPLES = {"LORA_R": 16, "LORA_ALPHA": 32, "MAX_STEPS": 100}
 
@@ -122,27 +103,21 @@ def _example(name: str):
 
 
 def _parse_env(name: str, text: str):
-    """Turn the text of `MEDQA_<name>` into the setting's type."""
-    kind = _field_type(name)
-    text = text.strip()
+    """The text of `MEDQA_<name>` as the setting's type."""
+    kind, text = _TYPES[name], text.strip()
+    base = kind.split(" ")[0]
     if "None" in kind and text.lower() in ("", "none", "null"):
         return None
+    if base == "bool":
+        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for True, "
+                         f"or 0, false or no for False.")
     try:
-        if kind.startswith("bool"):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise MedQAError(f"MEDQA_{name}={text!r} is not a yes/no value: set it to 1, true or yes for "
-                             f"True, or 0, false or no for False.")
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
+        return {"int": int, "float": float, "str": str}[base](text)
     except ValueError:
-        raise MedQAError(f"MEDQA_{name}={text!r} is not {_TYPE_WORDS[kind.split(' ')[0]]}: "
-                         f"set it to a value like {_example(name)!r}.") from None
-    return text
+        raise MedQAError(f"MEDQA_{name}={text!r} is not {_TYPE_WORDS[base]}: set it to a value like "
+                         f"{_example(name)!r}.") from None
 
 
 def default_profile() -> str:
@@ -151,9 +126,8 @@ def default_profile() -> str:
 
 
 def profile_choice() -> tuple[str, str]:
-    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`, and why in words
-    (medqa.hardware.choose_profile). A 16 GB Mac (MPS) gets `cpu`: `full` would fit it only one row at a time.
-    When the GPU's memory cannot be read, `full`: train() plans micro-batches so that it fits."""
+    """The profile for this machine (medqa.hardware.choose_profile) and why, in words; `full` on a CUDA GPU
+    whose free memory cannot be read, as train() plans micro-batches so that it fits."""
     from medqa import hardware
 
     where = hardware.pick_device()
@@ -167,32 +141,26 @@ def profile_choice() -> tuple[str, str]:
 
 
 def notebook_params(namespace: dict) -> dict:
-    """The settings the notebook's parameters cell gave, from its `globals()`, with papermill's injected cell.
-
-    A name given there that the run would not use (papermill's `-p LEARNIN_RATE 1e-4` injects
-    `LEARNIN_RATE = 0.0001` after the parameters cell and only warns) is refused, naming the setting it
-    resembles: upper-case names close to a setting's, any name in papermill's injected cell, and a setting's
-    name in other capitals (`learning_rate`) holding a plain value."""
-    names = [f.name for f in fields(Settings)]
-    setting_names.refuse_strays(namespace, names)
-    return {k: v for k, v in namespace.items() if k in names}
+    """The settings the parameters cell gave, from the notebook's `globals()`. A name there that looks like a
+    setting but is none (papermill's `-p LEARNIN_RATE 1e-4` only warns) is refused (refuse_strays)."""
+    setting_names.refuse_strays(namespace, list(_TYPES))
+    return {k: v for k, v in namespace.items() if k in _TYPES}
 
 
 def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
     """Combine the parameters cell (`params`, upper-case names), `MEDQA_*` variables and the profile."""
     env = os.environ if env is None else env
-    names = [f.name for f in fields(Settings)]
-    setting_names.refuse_unknown(params, env, names)
+    setting_names.refuse_unknown(params, env, list(_TYPES))
 
-    def given(name):
+    def given(name, default=None):
         if params.get(name) is not None:
-            return True, params[name]
+            return params[name]
         if f"MEDQA_{name}" in env:
-            return True, _parse_env(name, env[f"MEDQA_{name}"])
-        return False, None
+            return _parse_env(name, env[f"MEDQA_{name}"])
+        return default
 
-    has_profile, profile = given("PROFILE")
-    if not has_profile or profile is None:
+    profile = given("PROFILE")
+    if profile is None:
         profile, why = profile_choice()
         log(f"PROFILE not set: {profile!r} for this machine ({why}).")
     if not isinstance(profile, str) or profile not in PROFILES:
@@ -200,168 +168,142 @@ def resolve(params: dict, env: dict | None = None, log=print) -> Settings:
         raise MedQAError(f"PROFILE={profile!r} is unknown{f' (did you mean {close!r}?)' if close else ''}: "
                          f"choose one of {sorted(PROFILES)}.")
     values = {**COMMON, **PROFILES[profile], "PROFILE": profile}
-    for name in names:
-        has, value = given(name)
-        if has:
-            values[name] = value
-    if not given("OLLAMA_HOST")[0] and env.get("OLLAMA_HOST"):
-        values["OLLAMA_HOST"] = env["OLLAMA_HOST"]  # Ollama's own variable
+    if env.get("OLLAMA_HOST"):  # Ollama's own variable, below MEDQA_OLLAMA_HOST
+        values["OLLAMA_HOST"] = env["OLLAMA_HOST"]
+    values = {name: given(name, values[name]) for name in _TYPES}
     if values["OUTPUT_DIR"] is None:
-        values["OUTPUT_DIR"] = f"{DEFAULT_OUTPUT_ROOT}/{profile}"
+        values["OUTPUT_DIR"] = f"runs/{profile}"
     _check_types(values)
     for name in ("MODEL", "OUTPUT_DIR", "DATA_PATH"):  # "~/runs" is in the home folder, not in a folder "~"
-        if isinstance(values[name], str) and values[name].startswith("~"):
+        if values[name] is not None:
             values[name] = os.path.expanduser(values[name])
-    from medqa.ollama_api import check_ollama_host  # before any work, not in the judge after training
-
-    values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])
+    values["OLLAMA_HOST"] = check_ollama_host(values["OLLAMA_HOST"])  # now, not in the judge after training
     settings = Settings(**values)
     validate(settings)
     return settings
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise MedQAError(message)
-
-
 def _check_types(values: dict) -> None:
     """Every setting has its declared type: papermill's `-p OVERWRITE maybe` gives a string, `-p BATCH_SIZE
     8.0` a float, and Python counts True as the whole number 1."""
-    for f in fields(Settings):
-        value, base, nullable = values[f.name], f.type.split(" | ")[0], "None" in f.type
-        if value is None and nullable:
+    for name, kind in _TYPES.items():
+        value, base, nullable = values[name], kind.split(" | ")[0], "None" in kind
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        ok = {"int": number and isinstance(value, numbers.Integral), "float": number,
+              "bool": isinstance(value, bool), "str": isinstance(value, str)}[base]
+        if ok or (value is None and nullable):
             continue
-        ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
-              "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
-              "bool": isinstance(value, bool),
-              "str": isinstance(value, str)}.get(base, True)
-        if ok:
-            continue
+        or_none = " or None" if nullable else ""
         if base == "bool":
-            raise MedQAError(f"{f.name}={value!r} must be True or False (papermill: -p {f.name} True; in the "
-                             f"environment: MEDQA_{f.name}=1, true or yes, or 0, false or no).")
-        if base == "int" and isinstance(value, numbers.Real) and not isinstance(value, bool) \
-                and math.isfinite(value) and value == int(value):
-            raise MedQAError(f"{f.name}={value!r} must be a whole number: write {int(value)} without the "
+            raise MedQAError(f"{name}={value!r} must be True or False (papermill: -p {name} True; in the "
+                             f"environment: MEDQA_{name}=1, true or yes, or 0, false or no).")
+        if base == "int" and number and math.isfinite(value) and value == int(value):
+            raise MedQAError(f"{name}={value!r} must be a whole number: write {int(value)} without the "
                              f"decimal point.")
-        if isinstance(value, str) and base != "str":
-            _refuse_text(f.name, value, base, nullable)
-        raise MedQAError(f"{f.name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}"
-                         f"{' or None' if nullable else ''}, e.g. {_example(f.name)!r}.")
-
-
-def _refuse_text(name: str, value: str, base: str, nullable: bool) -> None:
-    """A number or True/False given as text ("8" in quotes, or papermill's -r): the fix names the type and
-    writes the value without quotes, for the cell and for papermill."""
-    try:
-        meant = _parse_env(name, value)
-    except MedQAError:
-        meant = None
-    meant = meant if meant is not None else _example(name)
-    raise MedQAError(f"{name}={value!r} is text (str), but {name} must be {_TYPE_WORDS[base]}"
-                     f"{' or None' if nullable else ''}: write it without quotes, e.g. {name} = {meant!r} in "
-                     f"the parameters cell (papermill: -p {name} {meant!r}).")
+        if isinstance(value, str):  # a number given as text ("8" in quotes, or papermill's -r)
+            try:
+                meant = _parse_env(name, value)
+            except MedQAError:
+                meant = None
+            meant = _example(name) if meant is None else meant
+            raise MedQAError(f"{name}={value!r} is text (str), but {name} must be {_TYPE_WORDS[base]}"
+                             f"{or_none}: write it without quotes, e.g. {name} = {meant!r} in the parameters "
+                             f"cell (papermill: -p {name} {meant!r}).")
+        raise MedQAError(f"{name}={value!r} ({type(value).__name__}) must be {_TYPE_WORDS[base]}{or_none}, "
+                         f"e.g. {_example(name)!r}.")
 
 
 def _check_output_dir(value: str) -> None:
     """OUTPUT_DIR can become the run's folder: nothing is written here, so a failed run leaves no trace."""
-    _check(value.strip() != "",
-           "OUTPUT_DIR='' names no folder (the run would write into the current folder): "
-                                "set it to a folder such as 'runs/mine', or None for runs/<PROFILE>.")
-    _check("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: "
-                                 f"set it to a folder such as 'runs/mine'.")
-    _check(url_scheme(value) is None,
-           f"OUTPUT_DIR={value!r} is a URL: a run writes into a folder on this machine. Set OUTPUT_DIR to a "
-           f"local folder (on Colab a mounted Drive folder such as '/content/drive/MyDrive/runs' works), and "
-           f"copy the folder to that storage when the run has ended.")
+    require(value.strip() != "",
+            "OUTPUT_DIR='' names no folder (the run would write into the current folder): set it to a folder "
+            "such as 'runs/mine', or None for runs/<PROFILE>.")
+    require("\x00" not in value, f"OUTPUT_DIR={value!r} holds a NUL character, which no folder name can: set "
+                                 f"it to a folder such as 'runs/mine'.")
+    require(url_scheme(value) is None,
+            f"OUTPUT_DIR={value!r} is a URL: a run writes into a folder on this machine. Set OUTPUT_DIR to "
+            f"a local folder (on Colab a mounted Drive folder such as '/content/drive/MyDrive/runs' works), "
+            f"and copy the folder to that storage when the run has ended.")
     path = Path(value)
     try:
         path.exists()
     except OSError as err:
         raise MedQAError(f"OUTPUT_DIR={value[:80]!r}... cannot be a folder ({err.strerror}): set it to a "
                          f"shorter folder such as 'runs/mine'.") from None
-    _check(not path.exists() or path.is_dir(),
-           f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if "
-           "missing).")
+    require(not path.exists() or path.is_dir(),
+            f"OUTPUT_DIR={value!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created if "
+            f"missing).")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    _check(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: "
-                              f"set OUTPUT_DIR to a folder.")
-    _check(not on_read_only_mount(existing),
-           f"OUTPUT_DIR={value!r} lies on a read-only file system ({str(existing)!r} is mounted read-only, "
-           f"so no permission change can help): set OUTPUT_DIR to a folder on a writable disk.")
-    _check(os.access(existing, os.W_OK | os.X_OK),
-           f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
-           f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
+    require(existing.is_dir(), f"OUTPUT_DIR={value!r} lies under {str(existing)!r}, which is a file: set "
+                               f"OUTPUT_DIR to a folder.")
+    require(not on_read_only_mount(existing),
+            f"OUTPUT_DIR={value!r} lies on a read-only file system ({str(existing)!r} is mounted read-only, "
+            f"so no permission change can help): set OUTPUT_DIR to a folder on a writable disk.")
+    require(os.access(existing, os.W_OK | os.X_OK),
+            f"OUTPUT_DIR={value!r} cannot be written: {str(existing)!r} is read-only for you. Make it "
+            f"writable (chmod u+w) or set OUTPUT_DIR to a folder you can write.")
 
 
 def _check_model(model: str, output_dir: str) -> None:
     """MODEL is a known model or a folder holding GPT-2 that the run does not write into."""
     if model in KNOWN_MODELS:
         return
-    _check(Path(model).is_dir(), f"MODEL={model!r} is neither a known model nor an existing folder: choose "
-                                 f"one of {list(KNOWN_MODELS)} or the path of a folder saved with "
-                                 "save_pretrained.")
+    require(Path(model).is_dir(), f"MODEL={model!r} is neither a known model nor an existing folder: choose "
+                                  f"one of {list(KNOWN_MODELS)} or the path of a folder saved with "
+                                  f"save_pretrained.")
     check_model_folder(model)
     folder, out = Path(model).resolve(), Path(output_dir).resolve()  # a run writes its files and model/ there
-    _check(folder != out and folder not in out.parents,
-           f"OUTPUT_DIR={output_dir!r} is the MODEL folder {model!r} (or inside it): the run would write "
-           f"into the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
+    require(folder != out and folder not in out.parents,
+            f"OUTPUT_DIR={output_dir!r} is the MODEL folder {model!r} (or inside it): the run would write "
+            f"into the model it loads. Set OUTPUT_DIR to another folder, e.g. 'runs/mine'.")
+
+
+# Ranges, checked in this order after the types, SEED and the folders: (names, rule, message).
+_RANGES = (
+    (("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
+      "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"), lambda v: isinstance(v, int) and v > 0,
+     "{name}={value!r} must be a positive whole number."),
+    (("N_SAMPLES", "MAX_STEPS"), lambda v: v is None or (isinstance(v, int) and v > 0),
+     "{name}={value!r} must be a positive whole number, or None for all."),
+    (("MAX_LENGTH",), lambda v: isinstance(v, int) and v >= 64,
+     "{name}={value!r} is too short for any prompt: the Alpaca preamble alone takes about 40 tokens; use at "
+     "least 64 (the profiles use 128 to 1024)."),
+    (("LEARNING_RATE",), lambda v: v > 0, "{name}={value!r} must be positive (e.g. 5e-5)."),
+    (("DROPOUT",), lambda v: 0 <= v < 1, "{name}={value!r} must lie in [0, 1) (0 = off)."),
+    (("WEIGHT_DECAY",), lambda v: v >= 0, "{name}={value!r} must be zero or positive."),
+    (("WARMUP_STEPS",), lambda v: isinstance(v, int) and v >= 0, "{name}={value!r} must be >= 0."),
+    (("LORA_R", "LORA_ALPHA"), lambda v: v is None or (isinstance(v, int) and v > 0),
+     "{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full fine-tuning)."),
+    (("PRECISION",), lambda v: v is None or v in PRECISIONS,
+     "{name}={value!r} is unknown: choose one of " + f"{list(PRECISIONS)}, or None to pick by hardware."),
+    (("JUDGE_BUDGET_S",), lambda v: v > 0, "{name}={value!r} must be a positive number of seconds."),
+    (("TEMPERATURE",), lambda v: v >= 0, "{name}={value!r} must be >= 0 (0 = greedy)."),
+    (("REPETITION_PENALTY",), lambda v: v >= 1.0, "{name}={value!r} must be >= 1.0 (1.0 = off)."),
+    (("NO_REPEAT_NGRAM_SIZE",), lambda v: v >= 0, "{name}={value!r} must be >= 0 (0 = off)."),
+    (("N_BEFORE",), lambda v: isinstance(v, int) and v >= 0, "{name}={value!r} must be >= 0."),
+    (("VAL_FRACTION", "TEST_FRACTION"), lambda v: 0 < v < 1,
+     "{name}={value!r} must lie between 0 and 1 so that the split is not empty."),
+)
 
 
 def validate(cfg: Settings) -> None:
-    """Reject values out of range before anything is read, trained or written."""
-    _check_types(asdict(cfg))
-    for f in fields(Settings):
-        value = getattr(cfg, f.name)
-        _check(not (f.type.startswith("float") and value is not None and not math.isfinite(value)),
-               f"{f.name}={value!r} is not a finite number: use a value like {_example(f.name)!r}.")
+    """Reject values out of range before anything is read, trained or written (resolve checked the types)."""
+    for name in [name for name, kind in _TYPES.items() if kind == "float"]:
+        require(math.isfinite(getattr(cfg, name)),
+                f"{name}={getattr(cfg, name)!r} is not a finite number: use a value like {_example(name)!r}.")
     for name in ("MODEL", "JUDGE_MODEL", "OLLAMA_HOST"):
-        _check(getattr(cfg, name).strip() not in ("", "http://"),
-               f"{name}={getattr(cfg, name)!r} is empty: set it to a value like {_example(name)!r}, or None "
-               "for the default.")
-    _check(0 <= cfg.SEED < 2**32, f"SEED={cfg.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. "
-                                "123.")
+        require(getattr(cfg, name).strip() not in ("", "http://"), f"{name}={getattr(cfg, name)!r} is empty: "
+                f"set it to a value like {_example(name)!r}, or None for the default.")
+    require(0 <= cfg.SEED < 2**32,
+            f"SEED={cfg.SEED!r} must lie between 0 and 2**32 - 1 (numpy's range), e.g. 123.")
     _check_output_dir(cfg.OUTPUT_DIR)
     _check_model(cfg.MODEL, cfg.OUTPUT_DIR)
-    for name in ("BATCH_SIZE", "GRAD_ACCUM", "EPOCHS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
-                 "GEN_BATCH_SIZE", "MAX_NEW_TOKENS"):
-        value = getattr(cfg, name)
-        _check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive whole number.")
-    for name in ("N_SAMPLES", "MAX_STEPS"):
-        value = getattr(cfg, name)
-        _check(value is None or (isinstance(value, int) and value > 0),
-               f"{name}={value!r} must be a positive whole number, or None for all.")
-    _check(isinstance(cfg.MAX_LENGTH, int) and cfg.MAX_LENGTH >= 64,
-           f"MAX_LENGTH={cfg.MAX_LENGTH!r} is too short for any prompt: the Alpaca preamble alone takes "
-           f"about 40 tokens; use at least 64 (the profiles use 128 to 1024).")
-    _check(cfg.LEARNING_RATE > 0, f"LEARNING_RATE={cfg.LEARNING_RATE!r} must be positive (e.g. 5e-5).")
-    _check(0 <= cfg.DROPOUT < 1, f"DROPOUT={cfg.DROPOUT!r} must lie in [0, 1) (0 = off).")
-    _check(cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY={cfg.WEIGHT_DECAY!r} must be zero or positive.")
-    _check(isinstance(cfg.WARMUP_STEPS, int) and cfg.WARMUP_STEPS >= 0,
-           f"WARMUP_STEPS={cfg.WARMUP_STEPS!r} must be >= 0.")
-    for name in ("LORA_R", "LORA_ALPHA"):
-        value = getattr(cfg, name)
-        _check(value is None or (isinstance(value, int) and value > 0),
-               f"{name}={value!r} must be a positive whole number (e.g. 16), or None (LORA_R: full "
-               "fine-tuning).")
-    _check(cfg.PRECISION is None or cfg.PRECISION in PRECISIONS,
-           f"PRECISION={cfg.PRECISION!r} is unknown: choose one of {list(PRECISIONS)}, or None to pick by "
-           "hardware.")
-    _check(cfg.JUDGE_BUDGET_S > 0,
-           f"JUDGE_BUDGET_S={cfg.JUDGE_BUDGET_S!r} must be a positive number of seconds.")
-    _check(cfg.TEMPERATURE >= 0, f"TEMPERATURE={cfg.TEMPERATURE!r} must be >= 0 (0 = greedy).")
-    _check(cfg.REPETITION_PENALTY >= 1.0,
-           f"REPETITION_PENALTY={cfg.REPETITION_PENALTY!r} must be >= 1.0 (1.0 = off).")
-    _check(cfg.NO_REPEAT_NGRAM_SIZE >= 0,
-           f"NO_REPEAT_NGRAM_SIZE={cfg.NO_REPEAT_NGRAM_SIZE!r} must be >= 0 (0 = off).")
-    _check(isinstance(cfg.N_BEFORE, int) and cfg.N_BEFORE >= 0, f"N_BEFORE={cfg.N_BEFORE!r} must be >= 0.")
-    for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        value = getattr(cfg, name)
-        _check(0 < value < 1, f"{name}={value!r} must lie between 0 and 1 so that the split is not empty.")
-    _check(cfg.VAL_FRACTION + cfg.TEST_FRACTION < 1,
-           f"VAL_FRACTION + TEST_FRACTION = {cfg.VAL_FRACTION + cfg.TEST_FRACTION} leaves no training data: "
-           f"keep their sum below 1 (default 0.10 + 0.05).")
+    for names, ok, message in _RANGES:
+        for name in names:
+            require(ok(getattr(cfg, name)), message.format(name=name, value=getattr(cfg, name)))
+    require(cfg.VAL_FRACTION + cfg.TEST_FRACTION < 1,
+            f"VAL_FRACTION + TEST_FRACTION = {cfg.VAL_FRACTION + cfg.TEST_FRACTION} leaves no training data: "
+            f"keep their sum below 1 (default 0.10 + 0.05).")
 
 
 def run_signature(cfg: Settings) -> dict:
@@ -370,9 +312,8 @@ def run_signature(cfg: Settings) -> dict:
 
 
 def claim_output_dir(cfg: Settings, data_file=None, model_source=None, data: dict | None = None) -> Path:
-    """Make OUTPUT_DIR this run's (see run_folder.claim): the last step before the run writes its first file
-    there, after the data is read and the model loaded. `data`, what was read (medqa.data.describe), goes
-    into metrics.json at once, so that every record of the run names its data."""
+    """Make OUTPUT_DIR this run's (run_folder.claim), once the data is read and the model loaded. `data`
+    (medqa.data.describe) goes into metrics.json at once, so that every record of the run names its data."""
     out = run_folder.claim(cfg.OUTPUT_DIR, run_signature(cfg), cfg.OVERWRITE, data_file, model_source)
     if data is not None:
         update_json(out / "metrics.json", data=data)
