@@ -66,9 +66,8 @@ def decoding_defaults(folder: Path) -> dict:
            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
            "repetition_penalty": saved.get("answer_repetition_penalty", COMMON["REPETITION_PENALTY"]),
            "no_repeat_ngram_size": saved.get("answer_no_repeat_ngram_size", COMMON["NO_REPEAT_NGRAM_SIZE"])}
-    if not all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size")) or not all(
-            isinstance(out[k], (int, float)) and not isinstance(out[k], bool)
-            for k in ("temperature", "repetition_penalty")):
+    if not (all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size"))
+            and all(type(out[k]) in (int, float) for k in ("temperature", "repetition_penalty"))):  # no bool
         raise MedQAError(fix)
     return out
 
@@ -100,7 +99,7 @@ def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context:
              refused: list[int]) -> MedQAError:
     """The refusal of the questions (indices `refused`) leaving less than `max_new_tokens`, with the fix."""
     problems = []
-    for n in refused:
+    for n in refused[:3]:
         left = context - len(prompts[n])
         most = context - max_new_tokens - (len(prompts[n]) - len(tokenizer.encode_ordinary(questions[n])))
         # when no question fits beside so long an answer, shortening this one cannot help
@@ -109,13 +108,13 @@ def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context:
         problems.append(f"question {n + 1} has {len(prompts[n])} tokens with the prompt around it, and the "
                         f"model reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a "
                         f"question can have at most {max(most, 0)} tokens. {fix}.")
-    return MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
-                                                if len(problems) > 3 else ""))
+    more = f" ({len(refused) - 3} more questions are too long.)" if len(refused) > 3 else ""
+    return MedQAError(" ".join(problems) + more)
 
 
 def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bool = True) -> list[str]:
-    """Answers by the notebook's recipe, in one call as its are (the same batches, kernels and seed); a
-    question is answered at full length or refused, never cut."""
+    """Answers by the notebook's recipe, all in one call as the notebook's (the same batches, kernels and
+    seed); a question is answered at full length or refused, never cut."""
     from medqa.generate import answer, answer_room
     from medqa.prompts import format_prompt
 
