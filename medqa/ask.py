@@ -115,14 +115,13 @@ def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context:
 def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bool = True) -> list[str]:
     """Answers by the notebook's recipe, all in one call as the notebook's (the same batches, kernels and
     seed); a question is answered at full length or refused, never cut."""
-    from medqa.generate import answer, answer_room
-    from medqa.prompts import format_prompt
+    from medqa import generate, prompts
 
-    prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
+    ids = [tokenizer.encode_ordinary(prompts.format_prompt(q)) for q in questions]
     context, most = model.config.n_positions, decoding.max_new_tokens
-    answer_room(prompts, context, most, least=most,
-                refusal=lambda refused: too_long(tokenizer, questions, prompts, context, most, refused))
-    return answer(model, tokenizer, prompts, decoding, progress=progress)
+    generate.answer_room(ids, context, most, least=most,
+                         refusal=lambda refused: too_long(tokenizer, questions, ids, context, most, refused))
+    return generate.answer(model, tokenizer, ids, decoding, progress=progress)
 
 
 def decoding_from_flags(args, saved: dict) -> Decoding:
@@ -151,12 +150,10 @@ def main(argv=None) -> int:
         folder = check_model_folder(args.model)
         questions = read_questions(args.questions, args.file)
         decoding = decoding_from_flags(args, decoding_defaults(folder))
-        from medqa.gpt2_tokenizer import get_tokenizer
-        from medqa.hardware import pick_device
-        from medqa.model import load_model
+        from medqa import gpt2_tokenizer, hardware, model as gpt
 
-        model = load_model(str(folder), pick_device())
-        answers = ask(model, get_tokenizer(), questions, decoding)
+        model = gpt.load_model(str(folder), hardware.pick_device())
+        answers = ask(model, gpt2_tokenizer.get_tokenizer(), questions, decoding)
     except MedQAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
