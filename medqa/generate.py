@@ -78,7 +78,8 @@ def describe_decoding(decoding: Decoding) -> str:
 
 
 def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask with every prompt's last token in the last column, padded by <|endoftext|>."""
+    """Ids and attention mask, each prompt's last token in the last column: the padding (<|endoftext|>) lies
+    in the prompt's columns, which the penalty skips, so no answer depends on the prompts batched with it."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([[EOT] * (width - len(r)) + r for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
