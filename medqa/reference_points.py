@@ -1,14 +1,6 @@
-"""Reference points: answers to the test questions that need no model, scored as the model's answers are.
-
-A ROUGE-L means little alone. Three answers taken from the training split, cut to the length limit the model's
-answers have, say what copying already earns:
-
-- `random answer`: a random training answer;
-- `nearest question`: the answer of the training question nearest to the test question (TF-IDF over questions,
-  cosine similarity);
-- `same template`: a random training answer to a question of the same MedQuAD template ("What causes X ?"),
-  with that question's disease name (focus_area) replaced by the test question's.
-"""
+"""Reference points: answers to the test questions that need no model (`random answer`, the `nearest
+question`'s answer, a `same template` answer with the disease swapped in), cut to the model's length limit and
+scored as its answers are, to say what copying a training answer already earns."""
 
 from __future__ import annotations
 
@@ -32,21 +24,14 @@ def random_answers(train_answers: list[str], n: int, seed: int) -> list[str]:
 
 def nearest_question_answers(train_questions: list[str], train_answers: list[str],
                              test_questions: list[str]) -> list[str]:
-    """For each test question, the answer of the most similar training question: TF-IDF vectors of words
-    and word pairs fitted on the training questions (otherwise scikit-learn's defaults: lower case, words of
-    two or more characters, smoothed idf, unit length), cosine similarity; a tie goes to the first such
-    question.
-
-    Word pairs keep some of the word order ("symptoms of" against "of symptoms"): the answers they find are
-    closer to the expected ones than with single words, so the reference point is the stronger one.
-    """
+    """For each test question, the answer of the most similar training question (the first on a tie): cosine
+    similarity of TF-IDF vectors of words and word pairs, which keep some word order ("symptoms of")."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2))
     train_vectors = vectorizer.fit_transform(train_questions)
     similarity = vectorizer.transform(test_questions) @ train_vectors.T  # rows have unit length: cosine
-    nearest = similarity.toarray().argmax(axis=1)
-    return [train_answers[i] for i in nearest]
+    return [train_answers[i] for i in similarity.toarray().argmax(axis=1)]
 
 
 def swap_name(answer: str, old: str, new: str) -> str:
@@ -57,20 +42,15 @@ def swap_name(answer: str, old: str, new: str) -> str:
 
 
 def same_template_answers(train_rows: list[dict], test_rows: list[dict], seed: int) -> list[str]:
-    """For each test row, a random training answer to a question of the same template
-    (evaluate.question_type), with the training row's focus_area replaced by the test row's; a random training
-    answer where no training question has that template. Rows are dicts with `instruction`, `output` and
-    `focus_area`."""
+    """For each test row, a random training answer to a question of the same template (any training answer
+    where none has it), the training row's focus_area replaced by the test row's."""
     rng = random.Random(seed)
     by_type: dict[str, list[dict]] = {}
     for row in train_rows:
         by_type.setdefault(question_type(row["instruction"]), []).append(row)
-    out = []
-    for row in test_rows:
-        pool = by_type.get(question_type(row["instruction"])) or train_rows
-        pick = rng.choice(pool)
-        out.append(swap_name(pick["output"], pick.get("focus_area") or "", row.get("focus_area") or ""))
-    return out
+    picks = [rng.choice(by_type.get(question_type(row["instruction"])) or train_rows) for row in test_rows]
+    return [swap_name(pick["output"], pick.get("focus_area") or "", row.get("focus_area") or "")
+            for pick, row in zip(picks, test_rows)]
 
 
 def cut_to_tokens(texts: list[str], tokenizer, max_tokens: int) -> list[str]:
@@ -83,20 +63,19 @@ def cut_to_tokens(texts: list[str], tokenizer, max_tokens: int) -> list[str]:
 def reference_answers(train_df, test_df, tokenizer, max_tokens: int, seed: int) -> dict[str, list[str]]:
     """The three reference points' answers to the test questions, each cut to `max_tokens` tokens."""
     columns = ["instruction", "output", "focus_area"]
-    train_rows = train_df[columns].to_dict(orient="records")
-    test_rows = test_df[columns].to_dict(orient="records")
+    rows = [df[columns].to_dict(orient="records") for df in (train_df, test_df)]
     answers = {
         "random answer": random_answers(list(train_df["output"]), len(test_df), seed),
         "nearest question": nearest_question_answers(list(train_df["instruction"]), list(train_df["output"]),
                                                      list(test_df["instruction"])),
-        "same template": same_template_answers(train_rows, test_rows, seed),
+        "same template": same_template_answers(*rows, seed),
     }
     return {name: cut_to_tokens(texts, tokenizer, max_tokens) for name, texts in answers.items()}
 
 
 def score_reference_points(answers: dict[str, list[str]], references: list[str]) -> tuple[dict, dict]:
-    """ROUGE and BLEU of each reference point, as evaluate.score_answers gives them for the model (no loss or
-    perplexity: no model wrote these). Returns the summaries for metrics.json and the per-example scores."""
+    """ROUGE and BLEU of each reference point (no perplexity: no model wrote them): the summaries for
+    metrics.json and the per-example scores."""
     scored = {name: text_scores(predictions, references) for name, predictions in answers.items()}
     return {name: s[0] for name, s in scored.items()}, {name: s[1] for name, s in scored.items()}
 
