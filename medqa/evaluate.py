@@ -158,26 +158,20 @@ def compare(before: dict | None, after: dict, reference_points: dict | None = No
     return table.astype(float)
 
 
-# MedQuAD's question templates (X: the focus area), from the public release's questions; `other` for the rest.
-QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, pattern in (
-    ("What is (are) X ?", r"what is \(are\) "),
-    ("What are the symptoms of X ?", r"what are the (signs and )?symptoms (of|for) "),
-    ("What are the treatments for X ?", r"what are the treatments for "),
-    ("Is X inherited ?", r"is .+ inherited ?\?"),
-    ("How many people are affected by X ?", r"how many people are affected by "),
-    ("What are the genetic changes related to X ?", r"what are the genetic changes related to "),
-    ("What causes X ?", r"what causes "),
-    ("How to diagnose X ?", r"how to diagnose "),
-    ("What research (or clinical trials) is being done for X ?",
-     r"what research (\(or clinical trials\) )?is being done for "),
-    ("What is the outlook for X ?", r"what is the outlook for "),
-    ("Who is at risk for X? ?", r"who is at risk for "),
-    ("Do you have information about X", r"do you have information about "),
-    ("What to do for X ?", r"what to do for "),
-    ("How to prevent X ?", r"how to prevent "),
-    ("What are the stages of X ?", r"what are the stages of "),
-    ("What are the complications of X ?", r"what are the complications of "),
-)]
+# MedQuAD's question templates (X: the focus area), from the public release's questions: a question follows
+# one when it starts as the template does before X (any case), or matches its pattern here; else `other`.
+_PATTERNS = {"What are the symptoms of X ?": r"what are the (signs and )?symptoms (of|for) ",
+             "Is X inherited ?": r"is .+ inherited ?\?",
+             "What research (or clinical trials) is being done for X ?":
+                 r"what research (\(or clinical trials\) )?is being done for "}
+_TEMPLATES = ("What is (are) X ?", "What are the symptoms of X ?", "What are the treatments for X ?",
+              "Is X inherited ?", "How many people are affected by X ?",
+              "What are the genetic changes related to X ?", "What causes X ?", "How to diagnose X ?",
+              "What research (or clinical trials) is being done for X ?", "What is the outlook for X ?",
+              "Who is at risk for X? ?", "Do you have information about X", "What to do for X ?",
+              "How to prevent X ?", "What are the stages of X ?", "What are the complications of X ?")
+QUESTION_TYPES = [(template, re.compile(_PATTERNS.get(template) or re.escape(template.split("X")[0]), re.I))
+                  for template in _TEMPLATES]
 
 
 def question_type(question: str) -> str:

@@ -147,7 +147,7 @@ does.
 
 def model_card(cfg, scores: dict | None = None, split: dict | None = None, data: dict | None = None) -> str:
     """README.md of the folder, a Hugging Face model card: `scores` as metrics.json's "evaluation", `split`
-    the examples per part, `data` what was read (medqa.data.describe); what is missing reads "not measured"."""
+    the examples per part, `data` what was read (data.describe); what is missing reads "not measured"."""
     base = HUB_IDS.get(cfg.MODEL, cfg.MODEL if cfg.MODEL.startswith("openai-community/") else None)
     # MedQuAD's licence, language and dataset (the hub's copy) only for MedQuAD: other data is the user's.
     medquad = bool(data and data.get("medquad"))
