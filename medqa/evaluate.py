@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import statistics
@@ -145,16 +144,17 @@ def compare(before: dict | None, after: dict, reference_points: dict | None = No
     rows = {"ROUGE-L F1 (mean)": ("rougeL", "mean"), "ROUGE-1 F1 (mean)": ("rouge1", "mean"),
             "BLEU": ("bleu",), "reference loss": ("loss",), "reference perplexity": ("perplexity",)}
 
-    def column(scores):
-        dig = lambda d, key: d.get(key) if isinstance(d, dict) else None  # noqa: E731
-        return [functools.reduce(dig, path, scores) for path in rows.values()]
+    def get(d, path):
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
 
-    table = pd.DataFrame({"after": column(after)}, index=list(rows))
+    columns = {"before": before} if before is not None else {}
+    columns.update({"after": after, **(reference_points or {})})
+    table = pd.DataFrame({name: [get(scores, p) for p in rows.values()] for name, scores in columns.items()},
+                         index=list(rows))
     if before is not None:
-        table.insert(0, "before", column(before))
-        table["change"] = table["after"] - table["before"]
-    for name, scores in (reference_points or {}).items():
-        table[name] = column(scores)
+        table.insert(2, "change", table["after"] - table["before"])
     return table.astype(float)
 
 
