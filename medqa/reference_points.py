@@ -16,12 +16,6 @@ MEANING = ("A model that beats a reference point writes answers closer to the ex
            "to look up a similar question and reuse its answer.")
 
 
-def random_answers(train_answers: list[str], n: int, seed: int) -> list[str]:
-    """`n` training answers drawn at random (with replacement), seeded."""
-    rng = random.Random(seed)
-    return [rng.choice(train_answers) for _ in range(n)]
-
-
 def nearest_question_answers(train_questions: list[str], train_answers: list[str],
                              test_questions: list[str]) -> list[str]:
     """For each test question, the answer of the most similar training question (the first on a tie): cosine
@@ -34,43 +28,38 @@ def nearest_question_answers(train_questions: list[str], train_answers: list[str
     return [train_answers[i] for i in similarity.toarray().argmax(axis=1)]
 
 
-def swap_name(answer: str, old: str, new: str) -> str:
-    """`answer` with every mention of the disease `old` (any case) replaced by `new`."""
-    if not old or not new:
-        return answer
-    return re.sub(re.escape(old), lambda _: new, answer, flags=re.IGNORECASE)
-
-
 def same_template_answers(train_rows: list[dict], test_rows: list[dict], seed: int) -> list[str]:
     """For each test row, a random training answer to a question of the same template (any training answer
-    where none has it), the training row's focus_area replaced by the test row's."""
+    where none has it), each mention of the training row's focus_area (any case) replaced by the test row's."""
     rng = random.Random(seed)
     by_type: dict[str, list[dict]] = {}
     for row in train_rows:
         by_type.setdefault(question_type(row["instruction"]), []).append(row)
-    picks = [rng.choice(by_type.get(question_type(row["instruction"])) or train_rows) for row in test_rows]
-    return [swap_name(pick["output"], pick.get("focus_area") or "", row.get("focus_area") or "")
-            for pick, row in zip(picks, test_rows)]
-
-
-def cut_to_tokens(texts: list[str], tokenizer, max_tokens: int) -> list[str]:
-    """Each text cut to its first `max_tokens` tokens: the most the model may write (MAX_NEW_TOKENS)."""
-    ids = tokenizer.encode_ordinary_batch(texts)
-    return [text if len(row) <= max_tokens else tokenizer.decode(row[:max_tokens]).strip()
-            for text, row in zip(texts, ids)]
+    out = []
+    for row in test_rows:
+        pick = rng.choice(by_type.get(question_type(row["instruction"])) or train_rows)
+        old, new = pick.get("focus_area") or "", row.get("focus_area") or ""
+        swapped = re.sub(re.escape(old), lambda _: new, pick["output"], flags=re.IGNORECASE)
+        out.append(swapped if old and new else pick["output"])
+    return out
 
 
 def reference_answers(train_df, test_df, tokenizer, max_tokens: int, seed: int) -> dict[str, list[str]]:
-    """The three reference points' answers to the test questions, each cut to `max_tokens` tokens."""
+    """The three reference points' answers to the test questions (`random answer`: drawn with replacement,
+    seeded), each cut to its first `max_tokens` tokens: the most the model may write (MAX_NEW_TOKENS)."""
+    rng = random.Random(seed)
     columns = ["instruction", "output", "focus_area"]
     rows = [df[columns].to_dict(orient="records") for df in (train_df, test_df)]
+    train_answers = list(train_df["output"])
     answers = {
-        "random answer": random_answers(list(train_df["output"]), len(test_df), seed),
-        "nearest question": nearest_question_answers(list(train_df["instruction"]), list(train_df["output"]),
+        "random answer": [rng.choice(train_answers) for _ in range(len(test_df))],
+        "nearest question": nearest_question_answers(list(train_df["instruction"]), train_answers,
                                                      list(test_df["instruction"])),
         "same template": same_template_answers(*rows, seed),
     }
-    return {name: cut_to_tokens(texts, tokenizer, max_tokens) for name, texts in answers.items()}
+    ids = {name: tokenizer.encode_ordinary_batch(texts) for name, texts in answers.items()}
+    return {name: [text if len(row) <= max_tokens else tokenizer.decode(row[:max_tokens]).strip()
+                   for text, row in zip(texts, ids[name])] for name, texts in answers.items()}
 
 
 def score_reference_points(answers: dict[str, list[str]], references: list[str]) -> tuple[dict, dict]:
