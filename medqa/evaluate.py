@@ -180,10 +180,6 @@ def question_type(question: str) -> str:
     return next((template for template, pattern in QUESTION_TYPES if pattern.match(text)), "other")
 
 
-def _mean(values):
-    return values.astype(float).mean()
-
-
 def breakdown(records: list[dict], before: list[dict] | None = None, reference_points: dict | None = None):
     """Mean ROUGE-L after (and before) fine-tuning, of each reference point, and the judge's mean where it
     judged, by source and by question type, with the number of answers, largest first. `records`:
@@ -205,12 +201,12 @@ def breakdown(records: list[dict], before: list[dict] | None = None, reference_p
     parts = []
     for by in ("source", "question type"):
         grouped = frame.groupby(by)
-        part = grouped[columns].agg(_mean)
+        part = grouped[columns].agg(lambda x: x.astype(float).mean())
         part.insert(0, "answers", grouped.size())
         if before is not None:
             part.insert(3, "change", part["ROUGE-L after"] - part["ROUGE-L before"])
         if frame["judge"].notna().any():
-            part["judge"] = grouped["judge"].agg(lambda x: _mean(x.dropna()))
+            part["judge"] = grouped["judge"].agg(lambda x: x.dropna().astype(float).mean())
             part["judged"] = grouped["judge"].agg(lambda x: int(x.notna().sum()))
         parts.append(part.sort_values("answers", ascending=False, kind="stable"))
     return pd.concat(parts, keys=["source", "question type"], names=["by", "group"])
@@ -233,8 +229,7 @@ def plot_scores(after: list[float], before: list[float] | None = None, judge_sco
     for label, values in (("before", before), ("after", after)):
         if values is not None:
             ax.hist(values, bins=[i / 20 for i in range(21)], alpha=0.6, label=f"{label} fine-tuning")
-    ax.set_xlabel("ROUGE-L F1 per test answer")
-    ax.set_ylabel("answers")
+    ax.set(xlabel="ROUGE-L F1 per test answer", ylabel="answers")
     ax.legend()
     if judged:
         axes[0][1].hist(judged, bins=range(0, 105, 5))
