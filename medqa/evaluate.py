@@ -1,9 +1,6 @@
 """How good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
 
-from __future__ import annotations
-
 import math
-import re
 import statistics
 import warnings
 from pathlib import Path
@@ -73,8 +70,7 @@ def text_seen(references: list[str]) -> float:
 
 
 def reference_perplexity(model, loader, plan=None) -> dict:
-    """Loss and perplexity of the reference answers (a loader with the prompt masked), in the memory plan's
-    precision and micro-batches (None: the device's default)."""
+    """Loss and perplexity of the reference answers (a prompt-masked loader), in the plan's precision."""
     loss = mean_loss(model, loader, plan)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
@@ -86,8 +82,7 @@ def summarise(values: list[float]) -> dict:
 
 
 def text_scores(predictions: list[str], references: list[str]) -> tuple[dict, list[dict]]:
-    """ROUGE and BLEU: their summary and the per-example ROUGE. Where they see less than SEEN_ENOUGH of the
-    references' text, the summary's "note" and a warning say so."""
+    """ROUGE and BLEU: their summary (a "note" and a warning where they see little) and per-example ROUGE."""
     per_example = rouge_scores(predictions, references)
     summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
     summary["bleu"] = corpus_bleu(predictions, references)
@@ -137,8 +132,7 @@ def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[d
 
 
 def compare(before: dict | None, after: dict, reference_points: dict | None = None):
-    """A before / after / change table of the headline scores, with a column per reference point (ROUGE and
-    BLEU only: no model wrote those answers) when given."""
+    """A before / after / change table of the headline scores, and a column per reference point if given."""
     import pandas as pd
 
     rows = {"ROUGE-L F1 (mean)": ("rougeL", "mean"), "ROUGE-1 F1 (mean)": ("rouge1", "mean"),
@@ -170,8 +164,8 @@ _TEMPLATES = ("What is (are) X ?", "What are the symptoms of X ?", "What are the
               "What research (or clinical trials) is being done for X ?", "What is the outlook for X ?",
               "Who is at risk for X? ?", "Do you have information about X", "What to do for X ?",
               "How to prevent X ?", "What are the stages of X ?", "What are the complications of X ?")
-QUESTION_TYPES = [(template, re.compile(_PATTERNS.get(template) or re.escape(template.split("X")[0]), re.I))
-                  for template in _TEMPLATES]
+QUESTION_TYPES = [(t, regex.compile(_PATTERNS.get(t) or regex.escape(t.split("X")[0]), regex.IGNORECASE))
+                  for t in _TEMPLATES]
 
 
 def question_type(question: str) -> str:

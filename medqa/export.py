@@ -2,8 +2,6 @@
 without this project (`from_pretrained`, `pipeline`), its tokenizer gives tiktoken's `gpt2` ids, and
 `generate` decodes as the notebook does."""
 
-from __future__ import annotations
-
 import inspect
 from pathlib import Path
 from types import SimpleNamespace

@@ -2,8 +2,6 @@
 question`'s answer, a `same template` answer with the disease swapped in), cut to the model's length limit and
 scored as its answers are, to say what copying a training answer already earns."""
 
-from __future__ import annotations
-
 import random
 import re
 
@@ -30,7 +28,7 @@ def nearest_question_answers(train_questions: list[str], train_answers: list[str
 
 def same_template_answers(train_rows: list[dict], test_rows: list[dict], seed: int) -> list[str]:
     """For each test row, a random training answer to a question of the same template (any training answer
-    where none has it), each mention of the training row's focus_area (any case) replaced by the test row's."""
+    where none has it), each mention of the training row's focus_area (any case) replaced by the test's."""
     rng = random.Random(seed)
     by_type: dict[str, list[dict]] = {}
     for row in train_rows:
@@ -63,8 +61,7 @@ def reference_answers(train_df, test_df, tokenizer, max_tokens: int, seed: int) 
 
 
 def score_reference_points(answers: dict[str, list[str]], references: list[str]) -> tuple[dict, dict]:
-    """ROUGE and BLEU of each reference point (no perplexity: no model wrote them): the summaries for
-    metrics.json and the per-example scores."""
+    """ROUGE and BLEU of each reference point: the summaries for metrics.json and the per-example scores."""
     scored = {name: text_scores(predictions, references) for name, predictions in answers.items()}
     return {name: s[0] for name, s in scored.items()}, {name: s[1] for name, s in scored.items()}
 
