@@ -175,10 +175,8 @@ def question_type(question: str) -> str:
 
 
 def breakdown(records: list[dict], before: list[dict] | None = None, reference_points: dict | None = None):
-    """Mean ROUGE-L after (and before) fine-tuning, of each reference point, and the judge's mean where it
-    judged, by source and by question type, with the number of answers, largest first. `records`:
-    test_responses.json's rows; `before`, and each of `reference_points` ({name: [...]}): per-example scores
-    in the same order."""
+    """Mean ROUGE-L after and before fine-tuning, of each reference point, and the judge's where it judged, by
+    source and by question type, largest first; `before` and `reference_points` in the order of `records`."""
     import pandas as pd
 
     frame = pd.DataFrame({"source": [r.get("source") or "unknown" for r in records],
