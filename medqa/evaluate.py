@@ -1,9 +1,6 @@
 """How good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
 
-from __future__ import annotations
-
 import math
-import re
 import statistics
 import warnings
 from pathlib import Path
@@ -14,23 +11,19 @@ from medqa import store
 from medqa.errors import MedQAError
 from medqa.train import mean_loss
 
-
 # Scripts written without spaces between words: each character is one token.
 _UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
-# Letters, their marks and digits of the other scripts that are not Latin.
 _OTHER = rf"[[\p{{L}}\p{{M}}\p{{Nd}}]--\p{{Latin}}--\p{{Common}}--\p{{Inherited}}--[{_UNSPACED}]]"
-# A token, in lower-cased text: one character of a script without spaces; a run of ASCII letters and digits,
-# as rouge-score takes English (accented Latin letters separate words there too, so English scores as it
-# does in rouge-score); a word of another script; one emoji.
 _EMOJI = r"[\p{Emoji_Presentation}\p{Emoji_Modifier}]"
+# A token of lower-cased text: a character of a script without spaces; a run of ASCII letters and digits, as
+# rouge-score takes English (accented Latin letters split words there too); a word of another script; emoji.
 TOKEN = regex.compile(rf"(?V1)[{_UNSPACED}]|[a-z0-9]+|{_OTHER}+|{_EMOJI}")
 SEEN_ENOUGH = 0.5  # below this share of the references' characters, the scores say they see little
 
 
 class AnyScriptTokenizer:
-    """rouge-score's tokenizer for text in any script: lower case, TOKEN's tokens, and Porter stemming of
-    ASCII words longer than three letters, as rouge-score stems English (its own tokenizer keeps only
-    [a-z0-9], so that Chinese, Hebrew or emoji answers score 0). English text gets rouge-score's tokens."""
+    """rouge-score's tokenizer for any script (its own keeps only [a-z0-9]): TOKEN's tokens of the lower-cased
+    text, ASCII words longer than three letters Porter-stemmed, so that English gets rouge-score's tokens."""
 
     def __init__(self):
         from nltk.stem import porter
@@ -47,17 +40,13 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=AnyScriptTokenizer())
-    out = []
-    for pred, ref in zip(predictions, references, strict=True):
-        score = scorer.score(ref, pred)
-        out.append({name: round(score[name].fmeasure, 4) for name in ("rouge1", "rougeL")})
-    return out
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return [{name: round(score[name].fmeasure, 4) for name in ("rouge1", "rougeL")} for score in scores]
 
 
 def bleu_tokenizer(references: list[str]) -> str:
-    """sacrebleu's tokenizer for the script of `references`: "13a" (its default) for English and text
-    mostly in ASCII letters, "zh" for Chinese, "char" for other scripts written without spaces, "intl" for the
-    rest."""
+    """sacrebleu's tokenizer for the references' script: "13a" for text mostly in ASCII letters, "zh" for
+    Chinese, "char" for other scripts without spaces, "intl" for the rest."""
     text = "".join(references)
     letters = max(len(regex.findall(r"\p{L}", text)), 1)
     unspaced = len(regex.findall(f"[{_UNSPACED}]", text)) / letters
@@ -80,19 +69,8 @@ def text_seen(references: list[str]) -> float:
     return seen / max(sum(len("".join(text.split())) for text in references), 1)
 
 
-def scored_text_note(references: list[str]) -> str | None:
-    """A sentence when ROUGE and BLEU see less than SEEN_ENOUGH of the references' text, else None."""
-    share = text_seen(references)
-    if share >= SEEN_ENOUGH:
-        return None
-    return (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the rest "
-            "(punctuation, symbols, or Latin letters with accents, which English tokenizing splits off) they "
-            "do not compare, so these scores say little about these answers.")
-
-
 def reference_perplexity(model, loader, plan=None) -> dict:
-    """Loss and perplexity of the reference answers (a loader built with the prompt masked), in the memory
-    plan's precision and micro-batches (train.plan_run's; None: the device's default)."""
+    """Loss and perplexity of the reference answers (a prompt-masked loader), in the plan's precision."""
     loss = mean_loss(model, loader, plan)
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
 
@@ -104,53 +82,45 @@ def summarise(values: list[float]) -> dict:
 
 
 def text_scores(predictions: list[str], references: list[str]) -> tuple[dict, list[dict]]:
-    """ROUGE and BLEU: their summary and the per-example ROUGE. Where they see little of the references' text
-    (scored_text_note), the summary's "note" and a warning say so."""
+    """ROUGE and BLEU: their summary (a "note" and a warning where they see little) and per-example ROUGE."""
     per_example = rouge_scores(predictions, references)
     summary = {key: summarise([p[key] for p in per_example]) for key in ("rouge1", "rougeL")}
     summary["bleu"] = corpus_bleu(predictions, references)
-    note = scored_text_note(references)
-    if note:
-        summary["note"] = note
-        warnings.warn(note, stacklevel=2)
+    share = text_seen(references)
+    if share < SEEN_ENOUGH:
+        summary["note"] = (f"ROUGE and BLEU see only {share:.0%} of the reference answers' characters: the "
+                           "rest (punctuation, symbols, or Latin letters with accents, which English "
+                           "tokenizing splits off) they do not compare, so these scores say little about "
+                           "these answers.")
+        warnings.warn(summary["note"], stacklevel=2)
     return summary, per_example
 
 
 def score_answers(model, loader, predictions, references, plan=None) -> tuple[dict, list[dict]]:
-    """Every automatic score: a summary for metrics.json and the per-example scores (`plan`: the run's memory
-    plan, for the perplexity)."""
+    """Every automatic score: a summary for metrics.json and the per-example scores."""
     summary, per_example = text_scores(predictions, references)
     summary.update(reference_perplexity(model, loader, plan))
     return summary, per_example
 
 
-def training_started(out) -> bool:
-    """Whether a run in `out` has trained: its checkpoint or metrics.json's loss history exists."""
-    metrics, fix = Path(out) / "metrics.json", "Delete it, or choose another OUTPUT_DIR."
-    if (Path(out) / "checkpoint.pt").exists():
-        return True
-    return metrics.exists() and "history" in store.read_json(metrics, fix)
-
-
 def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[dict, list[dict]]:
-    """The record of the model before fine-tuning: `records` (its answers with their scores) into
-    base_responses.json and `summary` into metrics.json's evaluation.before, while `out` shows no training.
-
-    Once training has started there (training_started), the model in memory may hold trained weights: the
-    record written before training is kept, returned and said so; with none kept, refused. Returns the
-    summary and the per-example scores (ROUGE-1, ROUGE-L) the run goes on with.
-    """
+    """Record the model before fine-tuning: `records` (its scored answers) into base_responses.json and
+    `summary` into metrics.json's evaluation.before, while `out` has no checkpoint and no loss history. Once
+    training has started the model may hold trained weights: the record kept from before is used (and said
+    so), or, with none kept, refused. Returns the summary and the per-example ROUGE the run goes on with."""
     out = Path(out)
+    metrics = out / "metrics.json"
     redo = ("To measure the untrained model again, set OUTPUT_DIR to a new folder (or delete this run's "
             "folder) and run the notebook from the top.")
-    if not training_started(out):
+    started = (out / "checkpoint.pt").exists() or metrics.exists() and "history" in store.read_json(
+        metrics, "Delete it, or choose another OUTPUT_DIR.")
+    if not started:
         store.write_json_atomic(out / "base_responses.json", records)
-        store.update_json(out / "metrics.json",
-                          lambda metrics: metrics.setdefault("evaluation", {}).update(before=summary))
+        store.update_json(metrics, lambda m: m.setdefault("evaluation", {}).update(before=summary))
         kept, kept_summary = records, summary
     else:
-        kept_summary = store.read_json(out / "metrics.json", "").get("evaluation", {}).get("before") \
-            if (out / "metrics.json").exists() else None
+        kept_summary = (store.read_json(metrics, "").get("evaluation", {}).get("before") if metrics.exists()
+                        else None)
         if kept_summary is None or not (out / "base_responses.json").exists():
             raise MedQAError(f"Training has started in OUTPUT_DIR={str(out)!r}, so this model's answers are "
                              f"not the untrained model's, and no record from before training is kept there: "
@@ -162,8 +132,7 @@ def record_before(out, records: list[dict], summary: dict, log=print) -> tuple[d
 
 
 def compare(before: dict | None, after: dict, reference_points: dict | None = None):
-    """A before / after / change table of the headline scores, with a column per reference point
-    (medqa.reference_points: ROUGE and BLEU only, as no model wrote those answers) when given."""
+    """A before / after / change table of the headline scores, and a column per reference point if given."""
     import pandas as pd
 
     rows = {"ROUGE-L F1 (mean)": ("rougeL", "mean"), "ROUGE-1 F1 (mean)": ("rouge1", "mean"),
@@ -174,36 +143,29 @@ def compare(before: dict | None, after: dict, reference_points: dict | None = No
             d = d.get(k) if isinstance(d, dict) else None
         return d
 
-    table = pd.DataFrame({"after": {name: get(after, p) for name, p in rows.items()}})
+    columns = {"before": before} if before is not None else {}
+    columns.update({"after": after, **(reference_points or {})})
+    table = pd.DataFrame({name: [get(scores, p) for p in rows.values()] for name, scores in columns.items()},
+                         index=list(rows))
     if before is not None:
-        table.insert(0, "before", [get(before, p) for p in rows.values()])
-        table["change"] = table["after"] - table["before"]
-    for name, scores in (reference_points or {}).items():
-        table[name] = [get(scores, p) for p in rows.values()]
+        table.insert(2, "change", table["after"] - table["before"])
     return table.astype(float)
 
 
-# MedQuAD's question templates (X: the focus area), from the questions of the public release; `other` for the
-# rest.
-QUESTION_TYPES = [(template, re.compile(pattern, re.IGNORECASE)) for template, pattern in (
-    ("What is (are) X ?", r"what is \(are\) "),
-    ("What are the symptoms of X ?", r"what are the (signs and )?symptoms (of|for) "),
-    ("What are the treatments for X ?", r"what are the treatments for "),
-    ("Is X inherited ?", r"is .+ inherited ?\?"),
-    ("How many people are affected by X ?", r"how many people are affected by "),
-    ("What are the genetic changes related to X ?", r"what are the genetic changes related to "),
-    ("What causes X ?", r"what causes "),
-    ("How to diagnose X ?", r"how to diagnose "),
-    ("What research (or clinical trials) is being done for X ?",
-     r"what research (\(or clinical trials\) )?is being done for "),
-    ("What is the outlook for X ?", r"what is the outlook for "),
-    ("Who is at risk for X? ?", r"who is at risk for "),
-    ("Do you have information about X", r"do you have information about "),
-    ("What to do for X ?", r"what to do for "),
-    ("How to prevent X ?", r"how to prevent "),
-    ("What are the stages of X ?", r"what are the stages of "),
-    ("What are the complications of X ?", r"what are the complications of "),
-)]
+# MedQuAD's question templates (X: the focus area), from the public release's questions: a question follows
+# one when it starts as the template does before X (any case), or matches its pattern here; else `other`.
+_PATTERNS = {"What are the symptoms of X ?": r"what are the (signs and )?symptoms (of|for) ",
+             "Is X inherited ?": r"is .+ inherited ?\?",
+             "What research (or clinical trials) is being done for X ?":
+                 r"what research (\(or clinical trials\) )?is being done for "}
+_TEMPLATES = ("What is (are) X ?", "What are the symptoms of X ?", "What are the treatments for X ?",
+              "Is X inherited ?", "How many people are affected by X ?",
+              "What are the genetic changes related to X ?", "What causes X ?", "How to diagnose X ?",
+              "What research (or clinical trials) is being done for X ?", "What is the outlook for X ?",
+              "Who is at risk for X? ?", "Do you have information about X", "What to do for X ?",
+              "How to prevent X ?", "What are the stages of X ?", "What are the complications of X ?")
+QUESTION_TYPES = [(t, regex.compile(_PATTERNS.get(t) or regex.escape(t.split("X")[0]), regex.IGNORECASE))
+                  for t in _TEMPLATES]
 
 
 def question_type(question: str) -> str:
@@ -213,16 +175,8 @@ def question_type(question: str) -> str:
 
 
 def breakdown(records: list[dict], before: list[dict] | None = None, reference_points: dict | None = None):
-    """Mean ROUGE-L after (and before) fine-tuning, of the reference points, and the judge's mean where it
-    judged, by source and by question type.
-
-    `records` are test_responses.json's rows (instruction, source, rougeL and judge_score, None when
-    unjudged); `before` the per-example scores of the model before fine-tuning, in the same order;
-    `reference_points` the per-example scores of each reference point ({name: [...]},
-    medqa.reference_points), in the same order. One row per source and per question type, with the number of
-    test answers behind it, largest first. The judge's columns (its mean over the answers it scored, and how
-    many) appear when it scored any.
-    """
+    """Mean ROUGE-L after and before fine-tuning, of each reference point, and the judge's where it judged, by
+    source and by question type, largest first; `before` and `reference_points` in the order of `records`."""
     import pandas as pd
 
     frame = pd.DataFrame({"source": [r.get("source") or "unknown" for r in records],
@@ -231,20 +185,18 @@ def breakdown(records: list[dict], before: list[dict] | None = None, reference_p
                           "judge": [r.get("judge_score") for r in records]}, dtype=object)
     columns = ["ROUGE-L after"]
     if before is not None:
-        frame.insert(2, "ROUGE-L before", [b["rougeL"] for b in before])
-        columns = ["ROUGE-L before", "ROUGE-L after"]
-    points = [f"ROUGE-L {name}" for name in reference_points or {}]
-    for column, each in zip(points, (reference_points or {}).values()):
-        frame[column] = [p["rougeL"] for p in each]
+        frame["ROUGE-L before"] = [b["rougeL"] for b in before]
+        columns.insert(0, "ROUGE-L before")
+    for name, each in (reference_points or {}).items():
+        frame[f"ROUGE-L {name}"] = [p["rougeL"] for p in each]
+        columns.append(f"ROUGE-L {name}")
     parts = []
     for by in ("source", "question type"):
         grouped = frame.groupby(by)
         part = grouped[columns].agg(lambda x: x.astype(float).mean())
         part.insert(0, "answers", grouped.size())
         if before is not None:
-            part["change"] = part["ROUGE-L after"] - part["ROUGE-L before"]
-        for column in points:
-            part[column] = grouped[column].agg(lambda x: x.astype(float).mean())
+            part.insert(3, "change", part["ROUGE-L after"] - part["ROUGE-L before"])
         if frame["judge"].notna().any():
             part["judge"] = grouped["judge"].agg(lambda x: x.dropna().astype(float).mean())
             part["judged"] = grouped["judge"].agg(lambda x: int(x.notna().sum()))
@@ -253,8 +205,7 @@ def breakdown(records: list[dict], before: list[dict] | None = None, reference_p
 
 
 def breakdown_rows(table) -> list[dict]:
-    """The breakdown as metrics.json keeps it: one dict per row (by, group, answers, the scores; None for
-    none)."""
+    """The breakdown as metrics.json keeps it: one dict per row, floats rounded, None for none."""
     flat = table.reset_index()
     rows = flat.astype(object).where(flat.notna(), None).to_dict(orient="records")
     return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
@@ -267,12 +218,10 @@ def plot_scores(after: list[float], before: list[float] | None = None, judge_sco
     judged = [x for x in (judge_scores or []) if x is not None]
     fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(10 if judged else 6, 3.6), squeeze=False)
     ax = axes[0][0]
-    bins = [i / 20 for i in range(21)]
-    if before is not None:
-        ax.hist(before, bins=bins, alpha=0.6, label="before fine-tuning")
-    ax.hist(after, bins=bins, alpha=0.6, label="after fine-tuning")
-    ax.set_xlabel("ROUGE-L F1 per test answer")
-    ax.set_ylabel("answers")
+    for label, values in (("before", before), ("after", after)):
+        if values is not None:
+            ax.hist(values, bins=[i / 20 for i in range(21)], alpha=0.6, label=f"{label} fine-tuning")
+    ax.set(xlabel="ROUGE-L F1 per test answer", ylabel="answers")
     ax.legend()
     if judged:
         axes[0][1].hist(judged, bins=range(0, 105, 5))

@@ -36,20 +36,22 @@ def loss_curve(history: list[dict]) -> str:
             f"{first['train_loss']:.2f} to {last['train_loss']:.2f} and the validation loss "
             f"{moved['val_loss']} from {first['val_loss']:.2f} to {last['val_loss']:.2f} (lowest "
             f"{low['val_loss']:.2f}, at step {low['step']}). Each train point is the mean over the steps "
-            f"since the point before, while the "
-            f"weights changed; each validation point is measured at its step, on the same validation sample. "
-            f"At the end the validation loss is {abs(gap):.2f} {'above' if gap > 0 else 'below'} the train "
+            "since the point before, while the weights changed; each validation point is measured at its "
+            f"step, on the same validation sample. At the end the validation loss is {abs(gap):.2f} "
+            f"{'above' if gap > 0 else 'below'} the train "
             f"loss{': the model fits the answers it trained on better than new ones' if gap > 0 else ''}.")
 
 
 def verdict(after: dict, reference: dict) -> str:
     """Per score, which reference points the model beats and which it loses to (at the table's 3 decimals)."""
+    def mean(scores, key):
+        return round(scores[key]["mean"] if isinstance(scores[key], dict) else scores[key], 3)
+
     lines = []
     for key, label in SCORES.items():
-        mine = round(_mean(after, key), 3)
-        groups = {"beats": [], "ties with": [], "loses to": []}
+        mine, groups = mean(after, key), {"beats": [], "ties with": [], "loses to": []}
         for name, scores in reference.items():
-            theirs = round(_mean(scores, key), 3)
+            theirs = mean(scores, key)
             word = "beats" if mine > theirs else "ties with" if mine == theirs else "loses to"
             groups[word].append(f"{name} ({theirs:.3f})")
         said = [f"{word} {' and '.join(names)}" for word, names in groups.items() if names]
@@ -57,17 +59,14 @@ def verdict(after: dict, reference: dict) -> str:
     return "\n".join(lines)
 
 
-def _mean(scores: dict, key: str) -> float:
-    return scores[key]["mean"] if isinstance(scores[key], dict) else scores[key]
-
-
 def empty_answers(new_ids: list[list[int]], prompts: list[list[int]], tokenizer) -> str:
-    """How many answers are empty, and what the model wrote instead: <|endoftext|> at once, or only blanks;
-    and how many of the tokens it wrote repeat the token just before them (the prompt's last, for the first)."""
+    """How many answers are empty, and what the model wrote instead (<|endoftext|> at once, or only blanks);
+    how many of the tokens it wrote repeat the token just before them (the prompt's last, for the first)."""
     empty = [(ids, p) for ids, p in zip(new_ids, prompts) if not clean_answer(tokenizer.decode(ids))]
     total = sum(len(ids) for ids in new_ids)
     repeats = sum(a == b for ids, p in zip(new_ids, prompts) for a, b in zip(p[-1:] + ids, ids))
-    echoed = f" {repeats:,} of the {total:,} tokens written repeat the token just before them." if total else ""
+    echoed = (f" {repeats:,} of the {total:,} tokens written repeat the token just before them." if total
+              else "")
     if not empty:
         return f"None of the {len(new_ids)} answers is empty.{echoed}"
     blank = [(ids, p) for ids, p in empty if ids]

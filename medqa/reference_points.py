@@ -1,16 +1,6 @@
-"""Reference points: answers to the test questions that need no model, scored as the model's answers are.
-
-A ROUGE-L means little alone. Three answers taken from the training split, cut to the length limit the model's
-answers have, say what copying already earns:
-
-- `random answer`: a random training answer;
-- `nearest question`: the answer of the training question nearest to the test question (TF-IDF over questions,
-  cosine similarity);
-- `same template`: a random training answer to a question of the same MedQuAD template ("What causes X ?"),
-  with that question's disease name (focus_area) replaced by the test question's.
-"""
-
-from __future__ import annotations
+"""Reference points: answers to the test questions that need no model (`random answer`, the `nearest
+question`'s answer, a `same template` answer with the disease swapped in), cut to the model's length limit and
+scored as its answers are, to say what copying a training answer already earns."""
 
 import random
 import re
@@ -24,79 +14,54 @@ MEANING = ("A model that beats a reference point writes answers closer to the ex
            "to look up a similar question and reuse its answer.")
 
 
-def random_answers(train_answers: list[str], n: int, seed: int) -> list[str]:
-    """`n` training answers drawn at random (with replacement), seeded."""
-    rng = random.Random(seed)
-    return [rng.choice(train_answers) for _ in range(n)]
-
-
 def nearest_question_answers(train_questions: list[str], train_answers: list[str],
                              test_questions: list[str]) -> list[str]:
-    """For each test question, the answer of the most similar training question: TF-IDF vectors of words
-    and word pairs fitted on the training questions (otherwise scikit-learn's defaults: lower case, words of
-    two or more characters, smoothed idf, unit length), cosine similarity; a tie goes to the first such
-    question.
-
-    Word pairs keep some of the word order ("symptoms of" against "of symptoms"): the answers they find are
-    closer to the expected ones than with single words, so the reference point is the stronger one.
-    """
+    """For each test question, the answer of the most similar training question (the first on a tie): cosine
+    similarity of TF-IDF vectors of words and word pairs, which keep some word order ("symptoms of")."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2))
     train_vectors = vectorizer.fit_transform(train_questions)
     similarity = vectorizer.transform(test_questions) @ train_vectors.T  # rows have unit length: cosine
-    nearest = similarity.toarray().argmax(axis=1)
-    return [train_answers[i] for i in nearest]
-
-
-def swap_name(answer: str, old: str, new: str) -> str:
-    """`answer` with every mention of the disease `old` (any case) replaced by `new`."""
-    if not old or not new:
-        return answer
-    return re.sub(re.escape(old), lambda _: new, answer, flags=re.IGNORECASE)
+    return [train_answers[i] for i in similarity.toarray().argmax(axis=1)]
 
 
 def same_template_answers(train_rows: list[dict], test_rows: list[dict], seed: int) -> list[str]:
-    """For each test row, a random training answer to a question of the same template
-    (evaluate.question_type), with the training row's focus_area replaced by the test row's; a random training
-    answer where no training question has that template. Rows are dicts with `instruction`, `output` and
-    `focus_area`."""
+    """For each test row, a random training answer to a question of the same template (any training answer
+    where none has it), each mention of the training row's focus_area (any case) replaced by the test's."""
     rng = random.Random(seed)
     by_type: dict[str, list[dict]] = {}
     for row in train_rows:
         by_type.setdefault(question_type(row["instruction"]), []).append(row)
     out = []
     for row in test_rows:
-        pool = by_type.get(question_type(row["instruction"])) or train_rows
-        pick = rng.choice(pool)
-        out.append(swap_name(pick["output"], pick.get("focus_area") or "", row.get("focus_area") or ""))
+        pick = rng.choice(by_type.get(question_type(row["instruction"])) or train_rows)
+        old, new = pick.get("focus_area") or "", row.get("focus_area") or ""
+        swapped = re.sub(re.escape(old), lambda _: new, pick["output"], flags=re.IGNORECASE)
+        out.append(swapped if old and new else pick["output"])
     return out
 
 
-def cut_to_tokens(texts: list[str], tokenizer, max_tokens: int) -> list[str]:
-    """Each text cut to its first `max_tokens` tokens: the most the model may write (MAX_NEW_TOKENS)."""
-    ids = tokenizer.encode_ordinary_batch(texts)
-    return [text if len(row) <= max_tokens else tokenizer.decode(row[:max_tokens]).strip()
-            for text, row in zip(texts, ids)]
-
-
 def reference_answers(train_df, test_df, tokenizer, max_tokens: int, seed: int) -> dict[str, list[str]]:
-    """The three reference points' answers to the test questions, each cut to `max_tokens` tokens."""
+    """The three reference points' answers to the test questions (`random answer`: drawn with replacement,
+    seeded), each cut to its first `max_tokens` tokens: the most the model may write (MAX_NEW_TOKENS)."""
+    rng = random.Random(seed)
     columns = ["instruction", "output", "focus_area"]
-    train_rows = train_df[columns].to_dict(orient="records")
-    test_rows = test_df[columns].to_dict(orient="records")
+    rows = [df[columns].to_dict(orient="records") for df in (train_df, test_df)]
+    train_answers = list(train_df["output"])
     answers = {
-        "random answer": random_answers(list(train_df["output"]), len(test_df), seed),
-        "nearest question": nearest_question_answers(list(train_df["instruction"]), list(train_df["output"]),
+        "random answer": [rng.choice(train_answers) for _ in range(len(test_df))],
+        "nearest question": nearest_question_answers(list(train_df["instruction"]), train_answers,
                                                      list(test_df["instruction"])),
-        "same template": same_template_answers(train_rows, test_rows, seed),
+        "same template": same_template_answers(*rows, seed),
     }
-    return {name: cut_to_tokens(texts, tokenizer, max_tokens) for name, texts in answers.items()}
+    ids = {name: tokenizer.encode_ordinary_batch(texts) for name, texts in answers.items()}
+    return {name: [text if len(row) <= max_tokens else tokenizer.decode(row[:max_tokens]).strip()
+                   for text, row in zip(texts, ids[name])] for name, texts in answers.items()}
 
 
 def score_reference_points(answers: dict[str, list[str]], references: list[str]) -> tuple[dict, dict]:
-    """ROUGE and BLEU of each reference point, as evaluate.score_answers gives them for the model (no loss or
-    perplexity: no model wrote these). Returns the summaries for metrics.json and the per-example scores."""
+    """ROUGE and BLEU of each reference point: the summaries for metrics.json and the per-example scores."""
     scored = {name: text_scores(predictions, references) for name, predictions in answers.items()}
     return {name: s[0] for name, s in scored.items()}, {name: s[1] for name, s in scored.items()}
 

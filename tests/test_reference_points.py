@@ -35,20 +35,29 @@ def test_a_template_no_training_question_has_falls_back_to_any_training_answer()
 
 
 def test_the_name_swap_ignores_case_and_leaves_text_without_a_name_alone():
-    assert rp.swap_name("GOUT and gout: Gout.", "Gout", "Lupus") == "Lupus and Lupus: Lupus."
-    assert rp.swap_name("Gout (a+b).", "a+b", "x") == "Gout (x)."  # the name is text, not a pattern
-    assert rp.swap_name("Gout.", "", "Lupus") == "Gout."
+    def swap(answer, old, new):
+        train = [{"instruction": "What causes Gout ?", "output": answer, "focus_area": old}]
+        return rp.same_template_answers(train, [{"instruction": "What causes Lupus ?", "focus_area": new}], 0)[0]
+
+    assert swap("GOUT and gout: Gout.", "Gout", "Lupus") == "Lupus and Lupus: Lupus."
+    assert swap("Gout (a+b).", "a+b", "x") == "Gout (x)."  # the name is text, not a pattern
+    assert swap("Gout.", "", "Lupus") == "Gout."
 
 
-def test_random_answers_are_training_answers_fixed_by_the_seed():
-    answers = [f"answer {i}" for i in range(50)]
-    first = rp.random_answers(answers, 20, seed=1)
-    assert first == rp.random_answers(answers, 20, seed=1) != rp.random_answers(answers, 20, seed=2)
-    assert set(first) <= set(answers) and len(set(first)) > 5
+def test_random_answers_are_training_answers_fixed_by_the_seed(tokenizer):
+    train = pd.DataFrame({"instruction": [f"question {i}" for i in range(50)],
+                          "output": [f"answer {i}" for i in range(50)], "focus_area": ""})
+    test = train.head(20)
+    first = rp.reference_answers(train, test, tokenizer, 64, seed=1)["random answer"]
+    assert first == rp.reference_answers(train, test, tokenizer, 64, seed=1)["random answer"] != \
+        rp.reference_answers(train, test, tokenizer, 64, seed=2)["random answer"]
+    assert set(first) <= set(train["output"]) and len(set(first)) > 5
 
 
 def test_answers_are_cut_to_the_models_length_limit(tokenizer):
-    assert rp.cut_to_tokens(["one two three four", "one"], tokenizer, 2) == ["one two", "one"]
+    frame = pd.DataFrame({"instruction": ["q one", "q two"], "output": ["one two three four", "one"],
+                          "focus_area": ""})
+    assert rp.reference_answers(frame, frame, tokenizer, 2, seed=0)["nearest question"] == ["one two", "one"]
 
 
 def test_scores_of_the_reference_points_by_hand(tokenizer):
