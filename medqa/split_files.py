@@ -11,8 +11,7 @@ from medqa.store import write_json_atomic
 
 
 def save_splits(folder, **splits: pd.DataFrame) -> Path:
-    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus MedQuAD's source and
-    focus_area)."""
+    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus source and focus_area)."""
     target = Path(folder) / "splits"
     target.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
