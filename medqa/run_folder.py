@@ -22,16 +22,12 @@ _held: dict[Path, tuple] = {}
 
 
 def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_source=None) -> Path:
-    """Make `out_dir` the run's whose settings are `signature`, recording them and the fingerprints of
-    `data_file` and `model_source` in run.json: the last step before the run writes there. A run there that
-    this one cannot continue is refused, or with `overwrite` replaced; a folder another process holds is
-    refused either way."""
+    """Make `out_dir` the run's, recording `signature` and the inputs' fingerprints in run.json. Refused: a
+    run there that this one cannot continue (unless `overwrite`), a folder another process holds (always)."""
     out = Path(out_dir)
     sources = {"DATA_PATH": data_file, "MODEL": model_source}
-    mine = dict(signature)
-    for key, (_, setting) in FINGERPRINTS.items():
-        if sources[setting] is not None:
-            mine[key] = store.fingerprint(sources[setting])
+    mine = dict(signature, **{key: store.fingerprint(sources[setting])
+                              for key, (_, setting) in FINGERPRINTS.items() if sources[setting] is not None})
     new_lock = not (out / LOCK_NAME).exists()
     if new_lock:  # checked before the lock file is made, so that a refusal leaves no trace
         _problems_or_refuse(out, mine, overwrite, sources)
@@ -129,7 +125,12 @@ def hold(out_dir) -> None:
             lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
             lock.acquire()
     except filelock.Timeout:
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({holder(out)}), and two runs "
+        try:
+            record = store.read_json(out / HOLDER_NAME, "")
+            who = f"process {record['pid']} on {record['host']}, since {record['since']}"
+        except (UnreadableFile, KeyError, TypeError):
+            who = "a process that has not yet recorded which it is"
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({who}), and two runs "
                          "in one folder would overwrite each other's files: wait until it ends (a "
                          "notebook's kernel holds the folder until it is shut down), or set OUTPUT_DIR to "
                          "another folder.") from None
@@ -153,11 +154,3 @@ def release(out_dir, remove: bool = False) -> None:
             Path(out_dir, LOCK_NAME).unlink(missing_ok=True)
         lock.release()
 
-
-def holder(out_dir) -> str:
-    """Who holds `out_dir`'s lock, as its holder file records it."""
-    try:
-        record = store.read_json(Path(out_dir) / HOLDER_NAME, "")
-        return f"process {record['pid']} on {record['host']}, since {record['since']}"
-    except (UnreadableFile, KeyError, TypeError):
-        return "a process that has not yet recorded which it is"

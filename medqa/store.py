@@ -124,8 +124,7 @@ def atomic_write(path, folder: bool = False):
                 os.close(made[0])
             tmp = Path(made if folder else made[1])
             yield tmp
-            _settle(tmp)
-            _replace(tmp, path)
+            _put_in_place(tmp, path)
             tmp = None
     finally:
         if tmp is not None and tmp.is_dir():
@@ -134,8 +133,18 @@ def atomic_write(path, folder: bool = False):
             tmp.unlink(missing_ok=True)
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path`; a folder cannot be renamed over another: the old one is set aside first."""
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Give `tmp`, and all in it, the modes the umask gives (tempfile makes them private, 0600 / 0700), flush
+    it to disk and rename it over `path`; a folder cannot be renamed over another: the old one is set aside."""
+    mask = _umask()
+    for p in [tmp, *(sorted(tmp.rglob("*")) if tmp.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
     if not (tmp.is_dir() and path.exists()):
         os.replace(tmp, path)
         return
@@ -148,20 +157,6 @@ def _replace(tmp: Path, path: Path) -> None:
         old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _settle(path: Path) -> None:
-    """Give a temporary file or folder, and all in it, the modes the umask gives, and flush it to disk:
-    tempfile makes them private (0600 / 0700), and renamed into place they would stay so."""
-    mask = _umask()
-    for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
-        if p.is_symlink():
-            continue
-        executable = p.is_dir() or p.stat().st_mode & 0o100
-        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _umask() -> int:
@@ -224,9 +219,8 @@ def read_json(path, fix: str):
 
 
 def update_json(path, change=None, /, **parts) -> dict:
-    """Update the JSON object at `path` (created if missing): `parts` replace the top-level keys they name,
-    then `change(obj)`, if given, changes what lies deeper. A lock on the folder keeps two processes that
-    record at once (the notebook and `python -m medqa.judge`) from losing each other's changes."""
+    """Update the JSON object at `path` (made if missing): `parts` replace top-level keys, then `change(obj)`,
+    under a lock, so that two processes recording at once (notebook, `medqa.judge`) both keep theirs."""
     path = Path(path)
     fix = "Delete it to start it afresh, or run again with OVERWRITE=True."
     with _folder_lock(path):
