@@ -1,7 +1,5 @@
 """The one exception type the project raises for problems a user can fix, and the one way it retries."""
 
-from __future__ import annotations
-
 
 class MedQAError(Exception):
     """A setting, a data file or a download is wrong; the message says what and how to fix it."""

@@ -1,8 +1,6 @@
 """The run folder (OUTPUT_DIR): one process runs in it at a time, holding its lock (flock, which the operating
 system drops with a killed process), and a run goes on there only from a run it can continue exactly."""
 
-from __future__ import annotations
-
 import datetime
 import os
 import socket
@@ -82,15 +80,13 @@ def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
     if not record.exists():
         left = [name for name in store.RUN_FILES if (out / name).exists()]
         return [f"files of a run without run.json ({', '.join(left)})"] if left else []
-    problems = []
     try:
         theirs = store.read_json(record, "")
-        if not isinstance(theirs, dict):
-            raise UnreadableFile(record, f"{record} holds no JSON object", "")
+        damage = None if isinstance(theirs, dict) else f"{record} holds no JSON object"
     except UnreadableFile as err:
-        problems.append(f"a damaged run.json ({err.problem})")
-        theirs = None
-    if theirs is not None:
+        damage = err.problem
+    problems = [] if damage is None else [f"a damaged run.json ({damage})"]
+    if damage is None:
         epochs = (theirs.get("EPOCHS"), mine.get("EPOCHS"))
         longer = all(isinstance(n, int) for n in epochs) and epochs[1] > epochs[0]
         differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()

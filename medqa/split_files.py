@@ -1,7 +1,5 @@
 """The split written as Alpaca JSON files, for checking it, reusing it with other tools, or comparing runs."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

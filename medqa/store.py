@@ -2,8 +2,6 @@
 them back with a clear error when a file is damaged. A failure of the disk or the folder, whichever library
 meets it, becomes a `StorageError` that names the file, the problem and the fix."""
 
-from __future__ import annotations
-
 import errno
 import hashlib
 import json
@@ -68,11 +66,6 @@ def storage_errno(err: BaseException) -> int | None:
     return None
 
 
-def is_storage_error(err: BaseException) -> bool:
-    """Whether `err` is a failure of the disk or the folder, which retrying cannot help."""
-    return storage_errno(err) is not None
-
-
 def write_error(path, err: BaseException) -> StorageError:
     """The StorageError for a write to `path` that failed with `err`, naming the file, problem and fix."""
     code = storage_errno(err) or getattr(err, "errno", None)
@@ -104,7 +97,7 @@ def storage_errors(path):
     except MedQAError:
         raise
     except Exception as err:
-        if not is_storage_error(err):
+        if storage_errno(err) is None:
             raise
         raise write_error(path, err) from err
 
@@ -135,7 +128,7 @@ def atomic_write(path, folder: bool = False):
 
 def _put_in_place(tmp: Path, path: Path) -> None:
     """Give `tmp`, and all in it, the modes the umask gives (tempfile makes them private, 0600 / 0700), flush
-    it to disk and rename it over `path`; a folder cannot be renamed over another: the old one is set aside."""
+    it to disk and rename it over `path` (a folder cannot be renamed over another: the old is set aside)."""
     mask = _umask()
     for p in [tmp, *(sorted(tmp.rglob("*")) if tmp.is_dir() else [])]:
         if p.is_symlink():
@@ -204,12 +197,12 @@ def read_json(path, fix: str):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+        problem = None if text.strip() else "is empty"
     except UnicodeDecodeError:
-        text = None
+        problem = "is not UTF-8 text"
     except OSError as err:
         problem = f"Could not read {path}: {err.strerror or err}"
         raise UnreadableFile(path, problem, fix, damaged=False) from None
-    problem = "is not UTF-8 text" if text is None else None if text.strip() else "is empty"
     if problem is None:
         try:
             return json.loads(text)
