@@ -1,22 +1,17 @@
 """The one exception type the project raises for problems a user can fix, and the one way it retries."""
 
-from __future__ import annotations
-
 
 class MedQAError(Exception):
     """A setting, a data file or a download is wrong; the message says what and how to fix it."""
 
 
 class StorageError(MedQAError):
-    """A file could not be written (full disk, no permission, a file where a folder should be): trying the
-    same write again cannot help, so retries give up on it at once."""
+    """A file could not be written (full disk, no permission, ...): retries give up on it at once."""
 
 
 class UnreadableFile(MedQAError):
-    """A file the project wrote cannot be read back (empty, cut short, not JSON, no permission).
-
-    `problem` names the file and what is wrong with it, without the fix, for messages that say more around it;
-    `fix` is how to get past it; str() is the whole message."""
+    """A file the project wrote cannot be read back; `problem` names the file and what is wrong, without the
+    `fix`; str() is the whole message."""
 
     def __init__(self, path, problem: str, fix: str, damaged: bool = True):
         self.path, self.problem, self.fix = path, problem, fix
@@ -24,20 +19,12 @@ class UnreadableFile(MedQAError):
         super().__init__(f"{problem}{cause}. {fix}".rstrip())
 
 
-def retry(action, tries: int = 3, backoff: float = 2.0, retry_on=(Exception,), sleep=None, give_up_on=()):
-    """`action()`, tried up to `tries` times, waiting backoff, 2*backoff, ... seconds between tries.
-
-    Only exceptions of the types in `retry_on` and not in `give_up_on` are retried; the last one is raised as
-    it is, so that the caller can say what failed in its own words. Built on tenacity, so that every retry in
-    the project behaves alike.
-    """
+def retry(action, tries: int = 3, backoff: float = 2.0, retry_on=(Exception,), give_up_on=()):
+    """`action()`, tried up to `tries` times, waiting backoff, 2*backoff, ... seconds between tries, for the
+    errors in `retry_on` and not in `give_up_on`; the last error is raised as it is."""
     import tenacity
 
-    kwargs = {} if sleep is None else {"sleep": sleep}
-    retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(tries),
-                                 wait=(tenacity.wait_exponential(multiplier=backoff, min=0, max=60) if backoff
-                                       else tenacity.wait_none()),
-                                 retry=tenacity.retry_if_exception_type(retry_on)
-                                 & tenacity.retry_if_not_exception_type(give_up_on),
-                                 reraise=True, **kwargs)
-    return retrying(action)
+    wait = tenacity.wait_exponential(multiplier=backoff, min=0, max=60) if backoff else tenacity.wait_none()
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(tries), wait=wait, reraise=True,
+                             retry=tenacity.retry_if_exception_type(retry_on)
+                             & tenacity.retry_if_not_exception_type(give_up_on))(action)

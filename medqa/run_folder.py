@@ -1,13 +1,5 @@
-"""The run folder (OUTPUT_DIR): one run at a time, and a run goes on only from a run it can continue exactly.
-
-`claim` makes the folder a run's: it takes the folder's lock, checks what an earlier run left there against
-this run (its settings, the fingerprints of its data file and model, damaged files) and records the run in
-run.json. The lock is held by the process (the notebook's kernel) until it ends, dies or claims another
-folder: a second process is refused at once and told which one holds the folder; a killed process holds
-nothing, because the operating system drops its lock (flock) with it.
-"""
-
-from __future__ import annotations
+"""The run folder (OUTPUT_DIR): one process runs in it at a time, holding its lock (flock, which the operating
+system drops with a killed process), and a run goes on there only from a run it can continue exactly."""
 
 import datetime
 import os
@@ -19,28 +11,21 @@ from medqa.errors import MedQAError, UnreadableFile
 
 LOCK_NAME = ".medqa-run.lock"        # locked while a process runs in the folder
 HOLDER_NAME = ".medqa-run-holder.json"  # which process that is, for the message a second run gets
-# What claim records beside the settings: what the data file and the model source were.
-FINGERPRINTS = {"DATA_FINGERPRINT": "the data file", "MODEL_FINGERPRINT": "the model (MODEL's weights)"}
+# What claim records beside the settings: what the data file and the model source were, and their setting.
+FINGERPRINTS = {"DATA_FINGERPRINT": ("the data file", "DATA_PATH"),
+                "MODEL_FINGERPRINT": ("the model (MODEL's weights)", "MODEL")}
 
 # folder -> (its lock, the lock file's identity): one per folder and process, as flock is per open file
 _held: dict[Path, tuple] = {}
 
 
 def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_source=None) -> Path:
-    """Make `out_dir` the run's whose settings are `signature`: the last step before the run writes there.
-
-    Call it after the data is read and cleaned and the model is loaded, so that a run that fails any of those
-    checks leaves the folder as it was. It records `signature` and the fingerprints of `data_file` and
-    `model_source` (see store.fingerprint) in run.json. A run there with other settings, other data or another
-    model, or with damaged files, is refused, or with `overwrite` replaced; a folder another process holds is
-    refused either way.
-    """
+    """Make `out_dir` the run's, recording `signature` and the inputs' fingerprints in run.json. Refused: a
+    run there that this one cannot continue (unless `overwrite`), a folder another process holds (always)."""
     out = Path(out_dir)
-    mine = dict(signature)
-    for key, source in (("DATA_FINGERPRINT", data_file), ("MODEL_FINGERPRINT", model_source)):
-        if source is not None:
-            mine[key] = store.fingerprint(source)
     sources = {"DATA_PATH": data_file, "MODEL": model_source}
+    mine = dict(signature, **{key: store.fingerprint(sources[setting])
+                              for key, (_, setting) in FINGERPRINTS.items() if sources[setting] is not None})
     new_lock = not (out / LOCK_NAME).exists()
     if new_lock:  # checked before the lock file is made, so that a refusal leaves no trace
         _problems_or_refuse(out, mine, overwrite, sources)
@@ -54,7 +39,9 @@ def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_sourc
         if not held_before:
             release(out, remove=new_lock)
         raise
-    _write_holder(out)
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    store.write_json_atomic(out / HOLDER_NAME, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                "since": since})
     for other in [folder for folder in _held if folder != out.resolve()]:
         release(other)  # a process runs one run at a time: the folder it claimed before is free again
     return out
@@ -62,65 +49,14 @@ def claim(out_dir, signature: dict, overwrite: bool, data_file=None, model_sourc
 
 def _problems_or_refuse(out: Path, mine: dict, overwrite: bool, sources: dict) -> list[str]:
     """Why the run in `out` cannot simply continue as the run `mine`; refused unless `overwrite` may replace
-    it."""
+    it, and never when that would delete the user's own files."""
     problems = _run_problems(out, mine, sources) if out.is_dir() else []
-    if problems and not overwrite:
+    if not problems:
+        return problems
+    if not overwrite:
         raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds a run this one cannot continue: "
                          f"{'; '.join(problems)}. To keep it, set OUTPUT_DIR to another folder; to replace "
                          "it, set OVERWRITE=True.")
-    if problems:
-        _never_discard_inputs(out, sources)
-    return problems
-
-
-def _trains_longer(name: str, theirs, mine) -> bool:
-    """More EPOCHS continue the run in OUTPUT_DIR (medqa.train.begin_schedule); fewer would redefine it."""
-    return name == "EPOCHS" and isinstance(theirs, int) and isinstance(mine, int) and mine > theirs
-
-
-def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
-    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs,
-    damage."""
-    record = out / "run.json"
-    if not record.exists():
-        left = [name for name in store.RUN_FILES if (out / name).exists()]
-        return [f"files of a run without run.json ({', '.join(left)})"] if left else []
-    problems = []
-    try:
-        theirs = store.read_json(record, "")
-        if not isinstance(theirs, dict):
-            raise UnreadableFile(record, f"{record} holds no JSON object", "")
-    except UnreadableFile as err:
-        problems.append(f"a damaged run.json ({err.problem})")
-        theirs = None
-    if theirs is not None:
-        differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
-                  if k not in FINGERPRINTS and theirs.get(k) != v and not _trains_longer(k, theirs.get(k), v)]
-        if differ:
-            problems.append(f"other settings ({', '.join(differ)})")
-        problems += [_changed(k, theirs[k], mine[k], sources) for k in FINGERPRINTS
-                     if k in theirs and k in mine and theirs[k] != mine[k]]
-    if (out / "checkpoint.pt").is_file() and (problem := store.zip_problem(out / "checkpoint.pt")):
-        problems.append(f"a damaged checkpoint.pt (it {problem})")
-    if (out / "metrics.json").is_file():
-        try:
-            store.read_json(out / "metrics.json", "")
-        except UnreadableFile as err:
-            problems.append(f"a damaged metrics.json ({err.problem})")
-    return problems
-
-
-def _changed(key: str, theirs: str, mine: str, sources: dict) -> str:
-    """The input that changed under a run, named by the setting that chose it and the file it is."""
-    setting = "DATA_PATH" if key == "DATA_FINGERPRINT" else "MODEL"
-    return (f"{FINGERPRINTS[key]} changed since that run began ({setting}: {str(sources[setting])!r}; "
-            f"{theirs} there, {mine} now)")
-
-
-def _never_discard_inputs(out: Path, sources: dict) -> None:
-    """OVERWRITE replaces a run of this notebook, never the user's own files: refuse when the folder holds
-    no run.json (its files are not a run's), or when this run's data file or model lies where a run's files
-    go."""
     if not (out / "run.json").exists():
         raise MedQAError(f"OUTPUT_DIR={str(out)!r} holds files named like a run's but no run.json, so they "
                          "are not a run of this notebook and OVERWRITE=True does not delete them: set "
@@ -134,9 +70,41 @@ def _never_discard_inputs(out: Path, sources: dict) -> None:
             raise MedQAError(f"{label}={str(source)!r} lies inside OUTPUT_DIR={str(out)!r} where the old "
                              "run's files are, and OVERWRITE=True would delete it: copy it elsewhere (or "
                              f"set OUTPUT_DIR to another folder) first.")
+    return problems
 
 
-# ---------------------------------------------------------------- one run per folder
+def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
+    """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs,
+    damage. More EPOCHS continue a run (medqa.train.begin_schedule); fewer would redefine it."""
+    record = out / "run.json"
+    if not record.exists():
+        left = [name for name in store.RUN_FILES if (out / name).exists()]
+        return [f"files of a run without run.json ({', '.join(left)})"] if left else []
+    try:
+        theirs = store.read_json(record, "")
+        damage = None if isinstance(theirs, dict) else f"{record} holds no JSON object"
+    except UnreadableFile as err:
+        damage = err.problem
+    problems = [] if damage is None else [f"a damaged run.json ({damage})"]
+    if damage is None:
+        epochs = (theirs.get("EPOCHS"), mine.get("EPOCHS"))
+        longer = all(isinstance(n, int) for n in epochs) and epochs[1] > epochs[0]
+        differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items()
+                  if k not in FINGERPRINTS and theirs.get(k) != v and not (k == "EPOCHS" and longer)]
+        if differ:
+            problems.append(f"other settings ({', '.join(differ)})")
+        problems += [f"{what} changed since that run began ({setting}: {str(sources[setting])!r}; "
+                     f"{theirs[k]} there, {mine[k]} now)" for k, (what, setting) in FINGERPRINTS.items()
+                     if k in theirs and k in mine and theirs[k] != mine[k]]
+    if (out / "checkpoint.pt").is_file() and (problem := store.zip_problem(out / "checkpoint.pt")):
+        problems.append(f"a damaged checkpoint.pt (it {problem})")
+    if (out / "metrics.json").is_file():
+        try:
+            store.read_json(out / "metrics.json", "")
+        except UnreadableFile as err:
+            problems.append(f"a damaged metrics.json ({err.problem})")
+    return problems
+
 
 def hold(out_dir) -> None:
     """Lock `out_dir` (made if missing) for this process, or refuse at once, naming the process holding it."""
@@ -153,7 +121,12 @@ def hold(out_dir) -> None:
             lock = filelock.FileLock(out / LOCK_NAME, timeout=0)
             lock.acquire()
     except filelock.Timeout:
-        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({holder(out)}), and two runs "
+        try:
+            record = store.read_json(out / HOLDER_NAME, "")
+            who = f"process {record['pid']} on {record['host']}, since {record['since']}"
+        except (UnreadableFile, KeyError, TypeError):
+            who = "a process that has not yet recorded which it is"
+        raise MedQAError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({who}), and two runs "
                          "in one folder would overwrite each other's files: wait until it ends (a "
                          "notebook's kernel holds the folder until it is shut down), or set OUTPUT_DIR to "
                          "another folder.") from None
@@ -169,26 +142,11 @@ def _identity(path: Path) -> tuple | None:
 
 
 def release(out_dir, remove: bool = False) -> None:
-    """Free `out_dir` for other processes (the lock also goes when the process ends); `remove` deletes the
-    lock file too, for a claim that failed in a folder that had none (a process that opened it meanwhile
-    notices)."""
+    """Free `out_dir` for other processes; `remove` deletes the lock file too, for a claim that failed in a
+    folder that had none."""
     lock, _ = _held.pop(Path(out_dir).resolve(), (None, None))
     if lock is not None:
         if remove:
             Path(out_dir, LOCK_NAME).unlink(missing_ok=True)
         lock.release()
 
-
-def holder(out_dir) -> str:
-    """Who holds `out_dir`'s lock, as its holder file records it."""
-    try:
-        record = store.read_json(Path(out_dir) / HOLDER_NAME, "")
-        return f"process {record['pid']} on {record['host']}, since {record['since']}"
-    except (UnreadableFile, KeyError, TypeError):
-        return "a process that has not yet recorded which it is"
-
-
-def _write_holder(out: Path) -> None:
-    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
-    store.write_json_atomic(out / HOLDER_NAME, record)

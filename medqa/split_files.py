@@ -1,7 +1,5 @@
 """The split written as Alpaca JSON files, for checking it, reusing it with other tools, or comparing runs."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd
@@ -11,8 +9,7 @@ from medqa.store import write_json_atomic
 
 
 def save_splits(folder, **splits: pd.DataFrame) -> Path:
-    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus MedQuAD's source and
-    focus_area)."""
+    """Write each split to `folder`/splits/<name>.json as Alpaca JSON (plus source and focus_area)."""
     target = Path(folder) / "splits"
     target.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():

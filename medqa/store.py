@@ -1,13 +1,6 @@
-"""Writing results so that an interrupted or failed write leaves the old file or the new one, never half of
-one, and reading them back with a clear error when a file is damaged.
-
-Every file the project writes goes through `atomic_write`: a temporary file (or folder) beside the target,
-flushed to disk and then renamed over it, removed on any error. A failure of the disk or the folder, whichever
-library meets it (json, safetensors, torch.save, save_pretrained, matplotlib), becomes a `StorageError` that
-names the file, the problem ("no space left on device", ...) and the fix (`storage_errors`).
-"""
-
-from __future__ import annotations
+"""Writing results so that a failed write leaves the old file or the new one, never half of one, and reading
+them back with a clear error when a file is damaged. A failure of the disk or the folder, whichever library
+meets it, becomes a `StorageError` that names the file, the problem and the fix."""
 
 import errno
 import hashlib
@@ -31,9 +24,10 @@ TMP_PREFIX = ".tmp-"  # hidden, and the target's name stays at the end so that r
 _WRITABLE = "make the folder writable (chmod u+w) or point OUTPUT_DIR elsewhere"
 _READ_ONLY = ("read-only file system", "choose another OUTPUT_DIR, on a writable disk (chmod cannot make a "
                                        "read-only mount writable)")
+_FREE = "free some space (or point OUTPUT_DIR elsewhere) and run again"
+_CHECK = "check the disk and the folder, then run again"
 # Failures of the file system, as (problem, fix). Only these become a StorageError: other OSErrors (a network
 # error inside a download, say) stay what they are, for the caller to retry or report.
-_FREE = "free some space (or point OUTPUT_DIR elsewhere) and run again"
 _FIXES = {
     errno.ENOSPC: ("no space left on device", _FREE),
     errno.EDQUOT: ("disk quota exceeded", _FREE),
@@ -46,24 +40,21 @@ _FIXES = {
                    "move that folder away or choose another OUTPUT_DIR"),
     errno.EEXIST: ("a file stands where a folder should go",
                    "move that file away or choose another OUTPUT_DIR"),
-    **{code: (None, "check the disk and the folder, then run again")
-       for code in (errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT)},
+    **{code: (None, _CHECK) for code in (errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT)},
 }
 # How Rust's io::Error ends its message (safetensors' SafetensorError has no errno of its own).
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def url_scheme(text) -> str | None:
-    """The scheme of a URL such as https://host/x or s3://bucket/x (lower case), which the project never reads
-    or writes as a path: Path() would turn it into a local path with one slash lost."""
+    """The scheme (lower case) of a URL such as https://host/x, which the project never takes for a path."""
     found = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://", str(text))
     return found.group(1).lower() if found else None
 
 
 def storage_errno(err: BaseException) -> int | None:
-    """The errno of a failure of the file system behind `err`, or None: an OSError's own, or one that another
-    library's error carries as its cause or context (torch's zip writer) or in its message (safetensors).
-    An OSError without one of those errnos (a download's URLError, say) is not a failure of the disk."""
+    """The errno of a failure of the file system behind `err` (its own, or its cause's or context's, or named
+    in its message as safetensors does), or None; an OSError with another errno is not one."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -75,15 +66,10 @@ def storage_errno(err: BaseException) -> int | None:
     return None
 
 
-def is_storage_error(err: BaseException) -> bool:
-    """Whether `err` is a failure of the disk or the folder (storage_errno), which retrying cannot help."""
-    return storage_errno(err) is not None
-
-
 def write_error(path, err: BaseException) -> StorageError:
     """The StorageError for a write to `path` that failed with `err`, naming the file, problem and fix."""
     code = storage_errno(err) or getattr(err, "errno", None)
-    problem, fix = _FIXES.get(code, (None, "check the disk and the folder, then run again"))
+    problem, fix = _FIXES.get(code, (None, _CHECK))
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) and on_read_only_mount(Path(path)):
         problem, fix = _READ_ONLY
     problem = problem or getattr(err, "strerror", None) or (os.strerror(code) if code else str(err))
@@ -105,27 +91,21 @@ def on_read_only_mount(path: Path) -> bool:
 
 @contextmanager
 def storage_errors(path):
-    """A failure of the disk or the folder inside the block, whichever library meets it, raised as the
-    StorageError that names `path` and the fix; any other error passes as it is."""
+    """A failure of the disk or the folder inside the block raised as the StorageError for `path`."""
     try:
         yield
     except MedQAError:
         raise
     except Exception as err:
-        if not is_storage_error(err):
+        if storage_errno(err) is None:
             raise
         raise write_error(path, err) from err
 
 
 @contextmanager
 def atomic_write(path, folder: bool = False):
-    """Yield a temporary path beside `path`; when the block ends without error, flush it to disk and rename it
-    over `path`. On any error the temporary file is removed and `path` keeps what it held; a failure of the
-    disk or the folder is a StorageError (storage_errors).
-
-    With `folder=True` the temporary path is a folder; the old folder is set aside until the new one is in
-    place.
-    """
+    """Yield a temporary path (a folder with `folder`) beside `path`, flushed to disk and renamed over it when
+    the block ends without error; on any error it is removed and `path` keeps what it held."""
     path = Path(path)
     tmp = None
     try:
@@ -137,16 +117,27 @@ def atomic_write(path, folder: bool = False):
                 os.close(made[0])
             tmp = Path(made if folder else made[1])
             yield tmp
-            _settle(tmp)
-            _replace(tmp, path)
+            _put_in_place(tmp, path)
             tmp = None
     finally:
-        if tmp is not None:
-            _remove(tmp)
+        if tmp is not None and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path`; a folder cannot be renamed over another: the old one is set aside first."""
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Give `tmp`, and all in it, the modes the umask gives (tempfile makes them private, 0600 / 0700), flush
+    it to disk and rename it over `path` (a folder cannot be renamed over another: the old is set aside)."""
+    mask = _umask()
+    for p in [tmp, *(sorted(tmp.rglob("*")) if tmp.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
     if not (tmp.is_dir() and path.exists()):
         os.replace(tmp, path)
         return
@@ -161,38 +152,14 @@ def _replace(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _settle(path: Path) -> None:
-    """A temporary file or folder, and what a writer put into it, given the modes the user's umask gives and
-    flushed to disk. tempfile (and save_pretrained's own temporary files) make them private (0600 / 0700),
-    and renamed into place they would keep that mode, so that nobody else on a shared machine or Drive could
-    read the run."""
-    mask = _umask()
-    for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
-        if p.is_symlink():
-            continue
-        executable = p.is_dir() or p.stat().st_mode & 0o100
-        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def _umask() -> int:
     """The process's umask: read from /proc where it is shown, so that no other thread sees it change."""
     try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
+        return int(re.search(r"^Umask:\s*(\d+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError, ValueError):
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path, obj) -> None:
@@ -202,7 +169,7 @@ def write_json_atomic(path, obj) -> None:
 
 
 def save_figure(fig, path, dpi: int = 110) -> None:
-    """A matplotlib figure written like every other file (the format from the name's extension, e.g. .png)."""
+    """A matplotlib figure into `path`, atomically, in the format its extension names (e.g. .png)."""
     path = Path(path)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
@@ -212,8 +179,8 @@ def save_torch_atomic(obj, path) -> None:
     """`torch.save(obj)` into `path`, atomically."""
     import torch
 
-    # through a Python file, so that a failed write keeps its errno (torch's zip writer raises a RuntimeError
-    # whose context is the file's OSError; given a path, it would say only "unexpected pos")
+    # through a Python file, so that a failed write keeps its errno (given a path, torch's zip writer would
+    # say only "unexpected pos")
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 
@@ -230,29 +197,23 @@ def read_json(path, fix: str):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+        problem = None if text.strip() else "is empty"
     except UnicodeDecodeError:
         problem = "is not UTF-8 text"
     except OSError as err:
-        raise UnreadableFile(path, f"Could not read {path}: "
-                                   f"{err.strerror or err}", fix, damaged=False) from None
-    else:
-        if not text.strip():
-            problem = "is empty"
-        else:
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as err:
-                problem = f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        problem = f"Could not read {path}: {err.strerror or err}"
+        raise UnreadableFile(path, problem, fix, damaged=False) from None
+    if problem is None:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            problem = f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
     raise UnreadableFile(path, f"{path} {problem}", fix)
 
 
 def update_json(path, change=None, /, **parts) -> dict:
-    """Update the JSON object at `path` (created if missing) and write it back: `parts` replace the top-level
-    keys they name, then `change(obj)`, if given, changes what lies deeper.
-
-    The read, the update and the write hold a lock on the file's folder, so that two processes that record
-    results at once (the notebook's kernel and `python -m medqa.judge`) both keep theirs, and a change deeper
-    than the top level is made to what the file holds then, not to an earlier read of it."""
+    """Update the JSON object at `path` (made if missing): `parts` replace top-level keys, then `change(obj)`,
+    under a lock, so that two processes recording at once (notebook, `medqa.judge`) both keep theirs."""
     path = Path(path)
     fix = "Delete it to start it afresh, or run again with OVERWRITE=True."
     with _folder_lock(path):
@@ -268,9 +229,8 @@ def update_json(path, change=None, /, **parts) -> dict:
 
 @contextmanager
 def _folder_lock(path: Path, wait_s: float = 60):
-    """An exclusive lock on the folder that holds `path`, for one short read-update-write: filelock's flock on
-    the folder itself, so that it leaves no file behind and stays apart from the run folder's lock
-    (run_folder.py). Where the file system (or Windows) cannot lock a folder, the update goes on unlocked."""
+    """flock on the folder that holds `path`: no file left behind, apart from the run folder's lock. Where the
+    folder cannot be locked, the update goes on unlocked."""
     import filelock
     import tenacity
 
@@ -299,8 +259,7 @@ def _folder_lock(path: Path, wait_s: float = 60):
 
 
 def zip_problem(path) -> str | None:
-    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, read from its directory
-    only."""
+    """Why a zip-based file (a torch checkpoint, pytorch_model.bin) is unreadable, from its directory."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -330,13 +289,9 @@ def safetensors_problem(path) -> str | None:
     return None if size >= expected else f"is cut short ({size:,} of {expected:,} bytes)"
 
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "state"}  # what train.py saves
-
-
 def load_checkpoint(path):
-    """`torch.load` of a training checkpoint, every tensor on the CPU whatever device trains
-    (torch.set_rng_state takes only a CPU ByteTensor; load_state_dict copies weights and optimizer state to
-    wherever the model is). A damaged checkpoint gives a MedQAError that says how to get past it."""
+    """`torch.load` of a training checkpoint onto the CPU (torch.set_rng_state takes only a CPU tensor); a
+    damaged one gives a MedQAError that says how to get past it."""
     import pickle
 
     import torch
@@ -348,7 +303,8 @@ def load_checkpoint(path):
     if problem is None:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+            keys = {"model", "optimizer", "scheduler", "rng", "state"}  # what train.py saves
+            if not isinstance(ckpt, dict) or not keys <= set(ckpt):
                 problem = "is not a checkpoint of this notebook (keys are missing)"
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
                 AttributeError) as err:
@@ -360,8 +316,7 @@ def load_checkpoint(path):
 
 
 def discard_run(out_dir, litter_only: bool = False) -> None:
-    """Remove what an earlier run wrote (only on OVERWRITE=True), and the temporary files of writes that a
-    killed kernel left (also with `litter_only`: they are never a file of the run)."""
+    """Remove what an earlier run wrote, and the temporary files of killed writes (alone: `litter_only`)."""
     out_dir = Path(out_dir)
     with storage_errors(out_dir):
         names = [] if litter_only else [out_dir / name for name in RUN_FILES]
@@ -373,12 +328,8 @@ def discard_run(out_dir, litter_only: bool = False) -> None:
 
 
 def fingerprint(source) -> str:
-    """What identifies a data file or a model source, to notice when one changes under a run.
-
-    A file: the SHA-256 of its bytes. A model folder: the SHA-256 of config.json and the weight files (names,
-    sizes and contents), which is what `from_pretrained` reads: a model retrained to the same shape has the
-    same names and sizes, so only the contents tell. Anything else is a hub id and stands for itself.
-    """
+    """What identifies a data file (the SHA-256 of its bytes), a model folder (of the names, sizes and
+    contents of what `from_pretrained` reads) or a hub id (itself), to notice when one changes under a run."""
     path = Path(source)
     if path.is_file():
         return "sha256:" + _sha256(path)

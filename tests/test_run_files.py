@@ -611,7 +611,7 @@ def test_a_downloads_own_error_is_not_taken_for_a_failure_of_the_disk(tmp_path):
 
     with pytest.raises(urllib.error.URLError) as err:
         urllib.request.urlopen((tmp_path / "missing.csv").as_uri())
-    assert not store.is_storage_error(err.value)
+    assert store.storage_errno(err.value) is None
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
