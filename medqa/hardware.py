@@ -3,11 +3,10 @@ when it runs out of memory. Everything decides from `Capabilities`, so tests han
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import platform
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import psutil
@@ -18,6 +17,9 @@ from medqa.errors import MedQAError
 GiB = 1024 ** 3
 FIT_ADVICE = ("lower MAX_LENGTH (now {}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train adapters "
               "only")  # for the errors that say a model does not fit
+# Bytes the forward pass keeps for the backward pass per token, layer and unit of n_embd, with the fused
+# GELU medqa.model loads, in 16 bits and fp32, as tests/test_memory_plan.py measures them
+ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 CGROUP = Path("/sys/fs/cgroup")  # where Docker, Kubernetes, JupyterHub and Colab set a process's memory limit
 
 
@@ -66,8 +68,7 @@ def _read_bytes(path: Path) -> int | None:
 
 
 def free_ram() -> int:
-    """The RAM this process can still take: the machine's available RAM, or less where a cgroup (v2, else v1)
-    limit or `ulimit -v` leaves less."""
+    """The RAM this process can take: the available RAM, or less where a cgroup or `ulimit -v` leaves less."""
     rooms = [psutil.virtual_memory().available]
     for limit, usage in (("memory.max", "memory.current"),
                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
@@ -87,11 +88,10 @@ def capabilities(device: torch.device) -> Capabilities:
         free, _ = torch.cuda.mem_get_info(device)
         # the blocks PyTorch's allocator caches are used to the driver, yet this process's to reuse
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        props = torch.cuda.get_device_properties(device)
         # including_emulation=False: a T4 or V100 "supports" bf16 only by emulating it, slowly
         return Capabilities("cuda", torch.cuda.get_device_name(device),
                             torch.cuda.is_bf16_supported(including_emulation=False), free,
-                            (props.major, props.minor))
+                            torch.cuda.get_device_capability(device))
     if device.type == "mps":
         # Metal counts the allocator's cached blocks as held: hand them back first
         torch.mps.empty_cache()
@@ -100,15 +100,14 @@ def capabilities(device: torch.device) -> Capabilities:
     return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), free_ram())
 
 
-@functools.cache
+@cache
 def capabilities_cached(device: torch.device) -> Capabilities:
     """The capabilities without the free memory (which changes), read once per device and process."""
-    return dataclasses.replace(capabilities(device), free_bytes=None)
+    return replace(capabilities(device), free_bytes=None)
 
 
 def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:
-    """The precision to train in (PRECISION when set), and why, in words: bf16 where it is native, fp16 on
-    CUDA's fp16 tensor cores, else fp32."""
+    """The precision to train in (PRECISION when set), and why, in words."""
     if requested is not None:
         return requested, "PRECISION is set"
     if caps.native_bf16 and caps.kind in ("cuda", "cpu"):
@@ -125,11 +124,6 @@ def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[
     return "fp32", f"{caps.name} has neither AVX-512 BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
-# Bytes the forward pass keeps for the backward pass per token, layer and unit of n_embd, with the fused
-# GELU medqa.model loads, in 16 bits and fp32, as tests/test_memory_plan.py measures them
-ACTIVATION_BYTES = {"half": 40, "fp32": 72}
-
-
 @dataclass(frozen=True)
 class Workload:
     """What a training step's memory depends on: the model's shape and the rows' length and precision."""
@@ -141,8 +135,7 @@ class Workload:
     attention_matrix: bool = False  # MPS has no fused attention kernel: it keeps the attention matrix
 
     def saved_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """What one forward pass keeps for the backward pass: the layers' activations (with checkpointing
-        each layer's fp32 input and one layer's set), any attention matrix, and the head's."""
+        """What one forward pass keeps for the backward pass (checkpointed: layer inputs, one layer's set)."""
         c, half = self.config, self.precision in ("bf16", "fp16")
         tokens = rows * self.length
         per_layer = ACTIVATION_BYTES["half" if half else "fp32"] * c.n_embd * tokens
@@ -153,9 +146,9 @@ class Workload:
         return layers + tokens * (c.n_embd * (4 + (2 if half else 4)) + c.vocab_size * 4 + 24)
 
     def peak_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """Peak memory of a training step, as the backward pass starts: the weights, gradients and AdamW's
-        moments, autocast's 16-bit copy, what the forward pass saved, and the logits' gradients."""
+        """Peak memory of a training step, as the backward pass starts."""
         half = self.precision in ("bf16", "fp16")
+        # fp32 weights, gradients and AdamW's moments, autocast's 16-bit copy; log-softmax's two gradients
         static = self.n_params * 4 + self.n_trainable * (4 + 8) + (self.n_params * 2 if half else 0)
         logit_grads = rows * self.length * self.config.vocab_size * (4 + 4)
         return static + self.saved_bytes(rows, checkpointing) + logit_grads
@@ -224,8 +217,7 @@ class Plan:
         return rec | ({"memory_adaptations": list(self.adaptations)} if self.adaptations else {})
 
     def after_out_of_memory(self, rows: int, step: int, kind: str) -> None:
-        """After step `step` ran out of `kind` memory in passes of `rows` rows, the next way to run, said in
-        `adaptations`; the error that names the fix when none is left."""
+        """Move to the next way to run after running out of memory, or raise the error naming the fix."""
         if rows > 1:
             self.micro_batch = next(r for r, _ in ways_to_run(self.batch_size) if r < rows)
         elif not self.checkpointing:
@@ -242,8 +234,7 @@ class Plan:
                 "gradient_checkpointing": self.checkpointing, "memory_adaptations": list(self.adaptations)}
 
     def resume_adapted(self, memory: dict | None) -> bool:
-        """Start from what a run on this device adapted to (a fresh plan would run out again); whether it
-        changed the plan."""
+        """Whether a resume starts from what the run adapted to on this device (a fresh plan fails again)."""
         if memory is None or memory["device"] != self.device:
             return False
         self.micro_batch = min(self.micro_batch or self.batch_size, memory["micro_batch"])
@@ -254,8 +245,7 @@ class Plan:
 
 def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_bytes: int = 0,
                 headroom: float = 0.85) -> Plan:
-    """The first of ways_to_run whose expected peak fits `headroom` of the free memory and the model's
-    `resident_bytes` (counted in the estimate, so given back to the budget)."""
+    """The first of ways_to_run whose peak fits `headroom` of the free and the model's `resident_bytes`."""
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     for rows, checkpointing in ways_to_run(batch_size):
         peak = work.peak_bytes(rows, checkpointing)
@@ -287,8 +277,7 @@ def choose_profile(caps: Capabilities) -> tuple[str, str]:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether an error is the device running out of memory: CUDA's OutOfMemoryError, or a RuntimeError of
-    MPS, the CPU's allocator (accelerate recognises them) or cuBLAS ("CUBLAS_STATUS_ALLOC_FAILED")."""
+    """Whether an error is the device (CUDA, MPS, the CPU's allocator, cuBLAS) running out of memory."""
     from accelerate.utils.memory import should_reduce_batch_size
 
     text = str(err)
@@ -322,5 +311,5 @@ def release_cached_memory(device: torch.device) -> None:
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor copied to `device`: asynchronously only from pinned memory to CUDA (MPS could read it
-    late)."""
+    changed)."""
     return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
