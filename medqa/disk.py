@@ -16,20 +16,16 @@ ADAM_MOMENTS = 2  # AdamW keeps two fp32 tensors per trained parameter
 
 
 def _stored_bytes(tensors) -> int:
-    """Bytes torch.save and safetensors write for these tensors: a storage shared by two names (GPT-2's tied
-    embedding and LM head) is written once."""
-    seen, total = set(), 0
+    """Bytes torch.save and safetensors write: a storage shared by two names (GPT-2's tied embedding and LM
+    head) is written once."""
+    storages = {}
     for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.device.type)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+        storages.setdefault((t.untyped_storage().data_ptr(), t.device.type), t.untyped_storage().nbytes())
+    return sum(storages.values())
 
 
 def checkpoint_bytes(model) -> int:
-    """The training checkpoint as train.save_checkpoint writes it: the state_dict (frozen weights included)
-    and AdamW's moments in the trained parameters' precision (fp32 master weights)."""
+    """The training checkpoint: the state_dict and AdamW's moments in the trained parameters' precision."""
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return _stored_bytes(model.state_dict().values()) + ADAM_MOMENTS * trained
 
@@ -40,17 +36,10 @@ def model_folder_bytes(model) -> int:
 
 
 def size(n_bytes: int) -> str:
-    """A size in words: GiB to one decimal, or MiB rounded up under 0.1 GiB, so that no size that is not
-    zero reads as 0.0."""
+    """A size in words: GiB to one decimal, or MiB rounded up under 0.1 GiB (never a false 0.0)."""
     if n_bytes >= GiB / 10:
         return f"{n_bytes / GiB:.1f} GiB"
     return f"{math.ceil(n_bytes / MiB)} MiB"
-
-
-def _folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 @dataclass(frozen=True)
@@ -75,11 +64,11 @@ class DiskEstimate:
 
 
 def estimate(model, out_dir) -> DiskEstimate:
-    """What the run will write into `out_dir` and what the disk there has free (the folder need not exist
-    yet)."""
+    """What the run will write into `out_dir` (which need not exist yet) and what the disk there has free."""
     out = Path(out_dir).absolute()
     existing = next(p for p in (out, *out.parents) if p.exists())
-    replaced = _folder_bytes(out / "checkpoint.pt") + _folder_bytes(out / "model")  # the run's own, if any
+    owned = (out / "checkpoint.pt", out / "model")  # the run's own, if any, replaced as it writes
+    replaced = sum(p.stat().st_size for q in owned for p in (q, *q.rglob("*")) if p.is_file())
     free = shutil.disk_usage(existing).free + replaced
     weights = _stored_bytes(model.state_dict().values())
     lora = weights + ADAM_MOMENTS * 4 * sum(p.numel() for p in model.parameters()) // 100  # adapters: ~1%

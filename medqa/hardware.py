@@ -1,16 +1,12 @@
-"""Where the work runs and how: the device, the precision it computes in, and the memory plan a run follows
-and corrects when it runs out of memory.
-
-Everything here decides from `Capabilities`, which `capabilities()` reads from the machine; tests hand in
-made-up ones (a 16 GiB T4 without bf16, an 80 GiB H100, a 16 GiB Mac, a CPU) to check every branch here.
-"""
+"""Where the work runs and how: the device, its precision, and the memory plan a run follows and corrects
+when it runs out of memory. Everything decides from `Capabilities`, so tests hand in made-up machines."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import platform
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import psutil
@@ -19,6 +15,11 @@ import torch
 from medqa.errors import MedQAError
 
 GiB = 1024 ** 3
+FIT_ADVICE = ("lower MAX_LENGTH (now {}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train adapters "
+              "only")  # for the errors that say a model does not fit
+# Bytes the forward pass keeps for the backward pass per token, layer and unit of n_embd, with the fused
+# GELU medqa.model loads, in 16 bits and fp32, as tests/test_memory_plan.py measures them
+ACTIVATION_BYTES = {"half": 40, "fp32": 72}
 CGROUP = Path("/sys/fs/cgroup")  # where Docker, Kubernetes, JupyterHub and Colab set a process's memory limit
 
 
@@ -26,10 +27,8 @@ CGROUP = Path("/sys/fs/cgroup")  # where Docker, Kubernetes, JupyterHub and Cola
 class Capabilities:
     kind: str                # "cuda" | "mps" | "cpu"
     name: str                # e.g. "Tesla T4", "AMD EPYC"
-    native_bf16: bool        # computes bf16 in hardware (CUDA compute capability >= 8, AVX-512 BF16 / AMX)
-    # memory free now (free GPU memory, MPS's recommended maximum less what Metal holds, the RAM this process
-    # may still take): what the model already loaded takes is not in it (plan_memory adds it back)
-    free_bytes: int | None
+    native_bf16: bool        # computes bf16 in hardware, not by emulating it
+    free_bytes: int | None   # free now, not counting what the loaded model takes (plan_memory adds it back)
     compute_capability: tuple[int, int] | None = None  # CUDA's (major, minor); None elsewhere or unknown
 
 
@@ -37,20 +36,15 @@ def pick_device() -> torch.device:
     """CUDA if there is a GPU, else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def cpu_name() -> str:
     """The CPU's model name, as lscpu gives it."""
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor() or platform.machine())
-    except OSError:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
@@ -73,29 +67,19 @@ def _read_bytes(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # cgroup v2 says "max" where there is no limit
 
 
-def _cgroup_room() -> int | None:
-    """What the process's cgroup (v2, else v1) lets it take beyond what it uses; None without a limit."""
+def free_ram() -> int:
+    """The RAM this process can take: the available RAM, or less where a cgroup or `ulimit -v` leaves less."""
+    rooms = [psutil.virtual_memory().available]
     for limit, usage in (("memory.max", "memory.current"),
                          ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
         cap, used = _read_bytes(CGROUP / limit), _read_bytes(CGROUP / usage)
         if cap is not None and used is not None and cap < 2 ** 60:  # v1 writes "no limit" as about 2^63
-            return max(cap - used, 0)
-    return None
-
-
-def _address_space_room() -> int | None:
-    """What RLIMIT_AS (`ulimit -v`) leaves of the process's address space; None without a limit."""
+            rooms.append(max(cap - used, 0))
+            break
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return max(soft - psutil.Process().memory_info().vms, 0)
-
-
-def free_ram() -> int:
-    """The RAM this process can still take: the machine's available RAM, or less where a cgroup limit or
-    `ulimit -v` leaves less."""
-    rooms = [psutil.virtual_memory().available, _cgroup_room(), _address_space_room()]
-    return min(r for r in rooms if r is not None)
+    if soft != resource.RLIM_INFINITY:
+        rooms.append(max(soft - psutil.Process().memory_info().vms, 0))
+    return min(rooms)
 
 
 def capabilities(device: torch.device) -> Capabilities:
@@ -104,35 +88,26 @@ def capabilities(device: torch.device) -> Capabilities:
         free, _ = torch.cuda.mem_get_info(device)
         # the blocks PyTorch's allocator caches are used to the driver, yet this process's to reuse
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        props = torch.cuda.get_device_properties(device)
         # including_emulation=False: a T4 or V100 "supports" bf16 only by emulating it, slowly
         return Capabilities("cuda", torch.cuda.get_device_name(device),
                             torch.cuda.is_bf16_supported(including_emulation=False), free,
-                            (props.major, props.minor))
+                            torch.cuda.get_device_capability(device))
     if device.type == "mps":
-        # Metal counts the allocator's cached blocks as held: hand them back first, so that Metal's share of
-        # unified memory for one process, less what it holds, is what is free
+        # Metal counts the allocator's cached blocks as held: hand them back first
         torch.mps.empty_cache()
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return Capabilities("mps", "Apple silicon (MPS)", False, free)
     return Capabilities("cpu", cpu_name(), cpu_has_native_bf16(), free_ram())
 
 
-@functools.cache
+@cache
 def capabilities_cached(device: torch.device) -> Capabilities:
     """The capabilities without the free memory (which changes), read once per device and process."""
-    return dataclasses.replace(capabilities(device), free_bytes=None)
+    return replace(capabilities(device), free_bytes=None)
 
 
 def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[str, str]:
-    """The precision to train in (PRECISION when set), and why, in words.
-
-    bf16 autocast where bf16 is computed natively: CUDA compute capability 8 and later, CPUs with AVX-512 BF16
-    or AMX (faster there than fp32: benchmarks/profiles.py). fp16 autocast with a gradient scaler on Volta
-    and Turing (T4, V100), whose tensor cores compute fp16 but not bf16. fp32 on Pascal and older (compute
-    capability below 7), where fp16 runs at a small fraction of fp32 speed; on MPS (not measured there, so the
-    safe choice); on CPUs that would only emulate bf16.
-    """
+    """The precision to train in (PRECISION when set), and why, in words."""
     if requested is not None:
         return requested, "PRECISION is set"
     if caps.native_bf16 and caps.kind in ("cuda", "cpu"):
@@ -149,17 +124,6 @@ def choose_precision(caps: Capabilities, requested: str | None = None) -> tuple[
     return "fp32", f"{caps.name} has neither AVX-512 BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
-# ---------------------------------------------------------------- memory
-
-# Bytes the forward pass keeps for the backward pass per token, layer and unit of n_embd, with the fused
-# GELU medqa.model loads (tests/test_memory_plan.py measures them). In 16 bits: the LayerNorms' fp32 inputs
-# (4 + 4), the first projections' inputs (2 + 2), attention's q, k, v and output (6 + 2), the GELU's input
-# and the second projection's (8 + 8); in fp32 the 16-bit ones twice that. The margin (4, 8) covers what
-# CUDA's kernels keep beyond the CPU's: another layout of attention's output, the logsumexp's padding, the
-# dropout masks.
-ACTIVATION_BYTES = {"half": 40, "fp32": 72}
-
-
 @dataclass(frozen=True)
 class Workload:
     """What a training step's memory depends on: the model's shape and the rows' length and precision."""
@@ -171,42 +135,23 @@ class Workload:
     attention_matrix: bool = False  # MPS has no fused attention kernel: it keeps the attention matrix
 
     def saved_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """What one forward pass keeps for the backward pass (the weights' 16-bit copies aside: peak_bytes):
-
-        - each layer's activations, ACTIVATION_BYTES * n_embd per token; with checkpointing only each layer's
-          fp32 input (4 * n_embd per token) plus one layer's full set, recomputed in the backward pass;
-        - the attention matrix (n_head * length^2 fp32 values per row and layer) where no fused kernel runs;
-        - the head: the final LayerNorm's fp32 input, the LM head's input and log-softmax's fp32 output (the
-          logits), plus 24 bytes a token: the int64 token ids the embedding and the loss keep, the
-          LayerNorm's statistics.
-        """
+        """What one forward pass keeps for the backward pass (checkpointed: layer inputs, one layer's set)."""
         c, half = self.config, self.precision in ("bf16", "fp16")
         tokens = rows * self.length
         per_layer = ACTIVATION_BYTES["half" if half else "fp32"] * c.n_embd * tokens
         if self.attention_matrix:
             per_layer += c.n_head * self.length * self.length * 4 * rows
         layers = (c.n_layer * 4 * c.n_embd * tokens + per_layer) if checkpointing else c.n_layer * per_layer
+        # the final LayerNorm's fp32 input, the LM head's input, the fp32 logits; token ids and statistics
         return layers + tokens * (c.n_embd * (4 + (2 if half else 4)) + c.vocab_size * 4 + 24)
 
     def peak_bytes(self, rows: int, checkpointing: bool = False) -> int:
-        """Peak memory of a training step, as the backward pass starts (all the forward kept is still there):
-
-        - fp32 weights, their gradients and AdamW's two moments (trainable parameters only), plus a 16-bit
-          copy of the weights that autocast keeps during the step;
-        - what the forward pass keeps for the backward pass (saved_bytes);
-        - the logits' gradients: rows x length x vocab fp32 values twice, log-softmax's incoming and outgoing
-          gradient, beside its saved output.
-        """
+        """Peak memory of a training step, as the backward pass starts."""
         half = self.precision in ("bf16", "fp16")
+        # fp32 weights, gradients and AdamW's moments, autocast's 16-bit copy; log-softmax's two gradients
         static = self.n_params * 4 + self.n_trainable * (4 + 8) + (self.n_params * 2 if half else 0)
         logit_grads = rows * self.length * self.config.vocab_size * (4 + 4)
         return static + self.saved_bytes(rows, checkpointing) + logit_grads
-
-
-def fit_advice(max_length: int) -> str:
-    """What makes a model fit less memory, for the errors that say it does not fit."""
-    return (f"lower MAX_LENGTH (now {max_length}), choose a smaller MODEL, or set LORA_R (e.g. 16) to train "
-            f"adapters only")
 
 
 def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> str:
@@ -219,9 +164,7 @@ def describe_passes(micro_batch: int, checkpointing: bool, batch_size: int) -> s
 
 
 def ways_to_run(batch_size: int) -> list[tuple[int, bool]]:
-    """(rows per pass, gradient checkpointing) from the most memory to the least: the whole batch, halves,
-    ..., one row, then one row with checkpointing. The plan starts at the first that fits; running out of
-    memory moves it down."""
+    """(rows per pass, gradient checkpointing), from the whole batch by halves to one row checkpointed."""
     sizes = [batch_size]
     while sizes[-1] > 1:
         sizes.append(-(-sizes[-1] // 2))
@@ -230,9 +173,7 @@ def ways_to_run(batch_size: int) -> list[tuple[int, bool]]:
 
 @dataclass
 class Plan:
-    """How this machine runs the model: in which precision, in passes of how many rows. Every forward pass
-    (training, validation, the reference perplexity) follows it. Running out of memory moves it down
-    ways_to_run (after_out_of_memory), `adaptations` says why, and metrics.json records the caller's plan."""
+    """How every forward pass runs: its precision, and passes of how many rows (ways_to_run, moved down)."""
     precision: str = "fp32"
     micro_batch: int | None = None  # rows per forward/backward; None: the whole batch
     checkpointing: bool = False     # gradient checkpointing: recompute each layer's activations backward
@@ -276,8 +217,7 @@ class Plan:
         return rec | ({"memory_adaptations": list(self.adaptations)} if self.adaptations else {})
 
     def after_out_of_memory(self, rows: int, step: int, kind: str) -> None:
-        """Step `step` ran out of `kind` memory in passes of `rows` rows: move to the next way to run, and say
-        so in `adaptations`. When none is left, raise the error that names the fix."""
+        """Move to the next way to run after running out of memory, or raise the error naming the fix."""
         if rows > 1:
             self.micro_batch = next(r for r, _ in ways_to_run(self.batch_size) if r < rows)
         elif not self.checkpointing:
@@ -294,8 +234,7 @@ class Plan:
                 "gradient_checkpointing": self.checkpointing, "memory_adaptations": list(self.adaptations)}
 
     def resume_adapted(self, memory: dict | None) -> bool:
-        """A run resumed on the device it ran out of memory on starts with what it adapted to (its fresh plan
-        would run out again); on another device the fresh plan stands. Whether it changed the plan."""
+        """Whether a resume starts from what the run adapted to on this device (a fresh plan fails again)."""
         if memory is None or memory["device"] != self.device:
             return False
         self.micro_batch = min(self.micro_batch or self.batch_size, memory["micro_batch"])
@@ -306,11 +245,7 @@ class Plan:
 
 def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_bytes: int = 0,
                 headroom: float = 0.85) -> Plan:
-    """The first of ways_to_run whose expected peak fits `headroom` of the memory (the rest is for the
-    allocator's fragmentation and the framework's buffers). `resident_bytes`: what the model's weights
-    already take of `caps.free_bytes` (plan_run reads it with the model loaded); the estimate counts them, so
-    the budget does too. Micro-batches change the numbers only by rounding: the loss is a sum over target
-    tokens divided by the whole batch's count; no row's result depends on its neighbours (right padding)."""
+    """The first of ways_to_run whose peak fits `headroom` of the free and the model's `resident_bytes`."""
     budget = None if caps.free_bytes is None else int((caps.free_bytes + resident_bytes) * headroom)
     for rows, checkpointing in ways_to_run(batch_size):
         peak = work.peak_bytes(rows, checkpointing)
@@ -320,43 +255,29 @@ def plan_memory(caps: Capabilities, work: Workload, batch_size: int, resident_by
     raise MedQAError(
         f"The model does not fit the {budget / GiB:.1f} GiB available on this {caps.kind} device "
         f"({caps.name}) even one row at a time with gradient checkpointing (about {peak / GiB:.1f} GiB): "
-        f"{fit_advice(work.length)}.")
-
-
-def gpt2_parameters(n_layer: int, n_embd: int, vocab: int = 50257, context: int = 1024) -> int:
-    """GPT-2's parameter count from its shape (the LM head shares the token embedding)."""
-    return vocab * n_embd + context * n_embd + n_layer * (12 * n_embd ** 2 + 13 * n_embd) + 2 * n_embd
-
-
-# GPT-2 355M (gpt2-medium) on batches of 8 x 1024 tokens: the `full` profile
-FULL_SHAPE = dict(n_layer=24, n_head=16, n_embd=1024, batch_size=8, max_length=1024)
+        f"{FIT_ADVICE.format(work.length)}.")
 
 
 def choose_profile(caps: Capabilities) -> tuple[str, str]:
-    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory (its fixed part, weights,
-    gradients and AdamW's moments, leaves an 8 GiB card no room), else `cpu`; and why, in words."""
+    """`full` on a CUDA GPU where gpt2-medium's training fits the free memory, else `cpu`; and why."""
     if caps.kind != "cuda":
         return "cpu", f"no CUDA GPU ({caps.kind}): GPT-2 124M on 1,000 examples"
     from transformers import GPT2Config
 
-    shape = dict(FULL_SHAPE)
-    batch_size, max_length = shape.pop("batch_size"), shape.pop("max_length")
-    n_params = gpt2_parameters(shape["n_layer"], shape["n_embd"])
-    work = Workload(n_params, n_params, GPT2Config(**shape), max_length, choose_precision(caps)[0])
+    n_params = 354_823_168  # gpt2-medium's: the LM head shares the token embedding
+    work = Workload(n_params, n_params, GPT2Config(n_layer=24, n_head=16, n_embd=1024), 1024,
+                    choose_precision(caps)[0])
     try:
-        plan = plan_memory(caps, work, batch_size)
+        plan = plan_memory(caps, work, 8)  # the full profile's batches of 8 x 1024 tokens
     except MedQAError:
         return "cpu", (f"{caps.name} has {caps.free_bytes / GiB:.1f} GiB free: too little to fine-tune "
                        f"gpt2-medium (the full profile), so GPT-2 124M (the cpu profile) trains on it")
-    how = describe_passes(plan.micro_batch, plan.checkpointing, batch_size)
+    how = describe_passes(plan.micro_batch, plan.checkpointing, 8)
     return "full", f"{caps.name}: gpt2-medium fits with {how}"
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether an error is the device running out of memory: CUDA's torch.OutOfMemoryError, and the plain
-    RuntimeErrors of MPS ("MPS backend out of memory"), the CPU's allocator ("DefaultCPUAllocator: can't
-    allocate memory", under a cgroup or `ulimit -v` limit) that accelerate recognises, and cuBLAS when it
-    cannot get the workspace for a matrix product ("CUBLAS_STATUS_ALLOC_FAILED")."""
+    """Whether an error is the device (CUDA, MPS, the CPU's allocator, cuBLAS) running out of memory."""
     from accelerate.utils.memory import should_reduce_batch_size
 
     text = str(err)
@@ -370,13 +291,12 @@ def out_of_memory_error(kind: str, step: int, max_length: int, how: str) -> MedQ
         f"Out of {kind} memory at step {step}{how}. Close what else holds the device's memory "
         f"(another notebook's kernel, another process), restart this notebook's kernel (Colab: Runtime → "
         f"Restart session) so that nothing of this attempt stays in memory, and run again: training resumes "
-        f"from the last checkpoint, which is kept. Otherwise {fit_advice(max_length)}, with "
+        f"from the last checkpoint, which is kept. Otherwise {FIT_ADVICE.format(max_length)}, with "
         f"OVERWRITE=True (these settings define the run, so it starts afresh).")
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on the device: CUDA and MPS run it asynchronously, so a clock read without
-    this counts only the queueing."""
+    """Wait for the work queued on the device (CUDA and MPS run it asynchronously), before a clock is read."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -384,15 +304,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def release_cached_memory(device: torch.device) -> None:
-    """Hand the blocks PyTorch's allocator keeps cached back to the device, so that a smaller retry starts
-    from unfragmented memory."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
+    """Hand the allocator's cached blocks back to the device, so that a smaller retry starts unfragmented."""
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).empty_cache()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to `device`, the one way the project does it: asynchronous only from pinned
-    memory on CUDA (from other memory it gains nothing there, and on MPS it can read memory since changed)."""
+    """A host tensor copied to `device`: asynchronously only from pinned memory to CUDA (MPS could read it
+    changed)."""
     return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())

@@ -402,7 +402,7 @@ def test_a_cgroup_limit_caps_the_free_ram_the_plan_sees(tmp_path, monkeypatch, f
         (tmp_path / name).write_text(text)
     monkeypatch.setattr(hardware, "CGROUP", tmp_path)
     monkeypatch.setattr(hardware.psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GiB))
-    monkeypatch.setattr(hardware, "_address_space_room", lambda: None)
+    monkeypatch.setattr(hardware.resource, "getrlimit", lambda which: (hardware.resource.RLIM_INFINITY,) * 2)
     assert hardware.free_ram() == (20 * GiB if room is None else room * 2 ** 20)
     assert hardware.capabilities(torch.device("cpu")).free_bytes == hardware.free_ram()
 
