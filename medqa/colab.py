@@ -13,7 +13,7 @@ from pathlib import Path
 # Colab's own packages stay as they are: its torch is built for its GPU, google-colab pins the others, and
 # replacing any can force a restart. They are installed (pinned) only where missing, and a pip constraint
 # keeps a dependency from replacing them; the project's own packages are installed at their pinned versions.
-KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm")
+KEEP = ("torch", "numpy", "pandas", "matplotlib", "tqdm", "scipy", "platformdirs")
 
 
 def run(cmd: list[str], what: str) -> None:

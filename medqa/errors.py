@@ -1,8 +1,15 @@
-"""The one exception type the project raises for problems a user can fix, and the one way it retries."""
+"""The one exception type the project raises for problems a user can fix, the one way to check for them, and
+the one way it retries."""
 
 
 class MedQAError(Exception):
     """A setting, a data file or a download is wrong; the message says what and how to fix it."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise MedQAError(message) unless `ok`: the project's checks of what a user gave, one line each."""
+    if not ok:
+        raise MedQAError(message)
 
 
 class StorageError(MedQAError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medqa import store
-from medqa.errors import MedQAError
+from medqa.errors import require
 
 # Pretrained GPT-2 on the Hugging Face hub.
 HUB_IDS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -20,12 +20,6 @@ RANDOM_SHAPES = {TINY_MODEL: dict(n_layer=2, n_head=2, n_embd=64),
                  "random-gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2's (124M)
                  "random-gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}  # gpt2-medium's (355M)
 KNOWN_MODELS = tuple(HUB_IDS) + tuple(RANDOM_SHAPES)
-
-
-def require(ok: bool, message: str) -> None:
-    """Raise MedQAError(message) unless `ok`: the project's checks of what a user gave, one line each."""
-    if not ok:
-        raise MedQAError(message)
 
 
 def check_model_folder(folder, label: str = "MODEL", how: str | None = None) -> Path:

@@ -10,8 +10,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from medqa import run_folder, setting_names
-from medqa.errors import MedQAError
-from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder, require
+from medqa.errors import MedQAError, require
+from medqa.model_folder import KNOWN_MODELS, TINY_MODEL, check_model_folder
 from medqa.ollama_api import DEFAULT_HOST, check_ollama_host
 from medqa.store import on_read_only_mount, update_json, url_scheme
 
