@@ -88,10 +88,10 @@ def start(model, opt, config, plan: Plan, out_dir: Path, batches_per_epoch: int,
     else:
         resume(run, checkpoint, log)
         del checkpoint  # its host copies of the weights and AdamW's moments would stay for the whole run
-    if run.scaler is None:  # resumed in another precision (PRECISION None follows the hardware): no scale
-        run.state.loss_scale = None
-    else:  # the scale the next step starts with
+    if run.scaler is not None:  # the scale the next step starts with
         run.state.loss_scale = run.state.loss_scale or run.scaler.get_scale()
+    else:  # resumed in another precision (PRECISION None follows the hardware): no scale to report now
+        run.state.loss_scale = None
     return run
 
 
@@ -101,7 +101,7 @@ def resume(run: Training, checkpoint: dict, log) -> None:
     names = {f.name for f in fields(TrainingState)}  # names this class lacks are left out
     saved = TrainingState(**{k: v for k, v in checkpoint["state"].items() if k in names})
     run.state = replace(saved, window_loss=saved.window_loss.to(run.device),
-                                    schedules=saved.schedules or run.state.schedules)
+                        schedules=saved.schedules or run.state.schedules)
     run.schedule = make_schedule(run)  # before the optimizer's state: a new schedule sets its learning rate
     run.opt.load_state_dict(checkpoint["optimizer"])
     run.schedule.load_state_dict(checkpoint["scheduler"])
