@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,15 +17,14 @@ from tqdm.std import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from medqa import disk, hardware
-from medqa.batches import IGNORE, LengthGroupedBatches, collate
+from medqa.batches import IGNORE, make_loader
 from medqa.errors import MedQAError
 from medqa.hardware import Plan, Workload
 from medqa.model import count_parameters, count_trainable, enable_checkpointing
 from medqa.store import save_figure
-from medqa.training_run import (Training, above_the_bar, begin_schedule, end_epoch,
-                                interrupts_after_the_block, paused, rng_state, save_checkpoint, set_rng_state,
-                                start, stop_at_max_steps, stop_if_not_finite, stop_on_interrupt,
-                                terminate_as_interrupt)
+from medqa.training_run import (Training, above_the_bar, begin_schedule, interrupts_after_the_block, paused,
+                                rng_state, save_checkpoint, set_rng_state, start, stop_if_not_finite,
+                                stop_on_interrupt, terminate_as_interrupt)
 
 
 @dataclass(frozen=True)
@@ -51,10 +48,8 @@ class TrainingConfig:
     @classmethod
     def from_settings(cls, settings) -> TrainingConfig:
         """The run settings this config names, in capitals."""
-        return cls(**{f.name: getattr(settings, f.name.upper()) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(settings, f.name.upper()) for f in fields(cls)})
 
-
-# ---------------------------------------------------------------- one step
 
 def make_optimizer(model, lr: float, weight_decay: float):
     """AdamW with weight decay on the matrices only (not on biases and LayerNorm), fused where supported."""
@@ -68,12 +63,9 @@ def micro_batches(batch: dict, rows: int | None) -> list[dict]:
     """A batch cut into pieces of `rows` rows, each cut to its own longest row (the rest is padding)."""
     if rows is None or rows >= len(batch["input_ids"]):
         return [batch]
-    pieces = []
-    for i in range(0, len(batch["input_ids"]), rows):
-        piece = {k: v[i: i + rows] for k, v in batch.items()}
-        width = int(piece["attention_mask"].sum(1).max())
-        pieces.append({k: v[:, :width] for k, v in piece.items()})
-    return pieces
+    pieces = [{k: v[i: i + rows] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), rows)]
+    widths = [int(piece["attention_mask"].sum(1).max()) for piece in pieces]
+    return [{k: v[:, :width] for k, v in piece.items()} for piece, width in zip(pieces, widths)]
 
 
 class Step(NamedTuple):
@@ -122,6 +114,7 @@ def train_step(model, opt, group: list[dict], plan: Plan, scaler=None, schedule=
     return Step(total, n_targets, n_tokens, skipped)
 
 
+
 def loss_sum(model, batch: dict, plan: Plan) -> torch.Tensor:
     """The forward pass and the summed loss of train_step, for a pass without a step (mean_loss)."""
     device = next(model.parameters()).device
@@ -134,9 +127,8 @@ def loss_sum(model, batch: dict, plan: Plan) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_loss(model, loader, plan: Plan | None = None) -> float:
-    """Average loss per target token over a loader (for validation: batches.sample_examples' fixed sample),
-    in the plan's precision and micro-batches (plan_run's, as training: the numbers a run reports share one
-    precision, and no pass needs more memory than a training pass); None: the device's default, whole."""
+    """Average loss per target token over a loader, in the plan's precision and micro-batches (plan_run's, as
+    training's: one precision for all a run reports); None: the device's default, whole batches."""
     device = next(model.parameters()).device
     plan = plan or Plan.default(device)
     was_training = model.training
@@ -180,12 +172,10 @@ def simple_loop(model, train_loader, val_loader, config: TrainingConfig, plan: P
     return history
 
 
-# ---------------------------------------------------------------- the plan
 
 def plan_run(model, batch_size: int, max_length: int, precision: str | None = None, out_dir=None) -> Plan:
-    """How this machine trains the model: precision (and why) and memory plan on the model's device, and,
-    given `out_dir`, what the run writes there against the free disk (a disk too small stops here).
-    Gradient checkpointing is switched on here when the plan needs it."""
+    """How this machine trains the model: precision (and why), memory plan and, given `out_dir`, what the run
+    writes there against the free disk (too little stops here). Gradient checkpointing goes on if planned."""
     device = next(model.parameters()).device
     caps = hardware.capabilities(device)
     precision, reason = hardware.choose_precision(caps, precision)
@@ -204,29 +194,20 @@ def plan_run(model, batch_size: int, max_length: int, precision: str | None = No
     return plan
 
 
-# ---------------------------------------------------------------- the loop
-
-
 def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epoch_end=None, log=print,
           plan: Plan | None = None) -> list[dict]:
-    """Fine-tune `model` on `train_data` (the training loader, or a dataset); returns the loss history.
-    `plan`: what plan_run returned (made here when not given).
-
-    A checkpoint goes to OUTPUT_DIR/checkpoint.pt every CHECKPOINT_EVERY steps, at MAX_STEPS, at each epoch's
-    end and when the kernel is interrupted. If one is there, training continues from it, and ends as an
-    uninterrupted run would; a finished run given more EPOCHS goes on with a new schedule (begin_schedule).
-    """
-    train_set, sampler, make_batch = _training_batches(train_data, config)
-    check_max_steps(config, len(sampler))
-    steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
+    """Fine-tune `model` on `train_data` (a make_loader loader, or a dataset) in `plan` (plan_run's); the loss
+    history. A checkpoint (out_dir/checkpoint.pt: every CHECKPOINT_EVERY steps, at MAX_STEPS, each epoch's
+    end, an interrupt) resumes exactly; a finished run given more EPOCHS goes on with a new schedule."""
+    loader = _training_loader(train_data, config)
+    check_max_steps(config, len(loader))
     if plan is None:  # the notebook shows the plan it passes in; say it here when it was not shown
         plan = plan_run(model, config.batch_size, config.max_length, config.precision, out_dir)
         log(plan.summary())
     opt = make_optimizer(model, config.learning_rate, config.weight_decay)
-    run = start(model, opt, config, plan, Path(out_dir), steps_per_epoch, log)
+    run = start(model, opt, config, plan, Path(out_dir), len(loader), log)
     model.train()
-    # A text bar, not a widget: a stored notebook shows a widget as it was first drawn ("0/22"), a text bar as
-    # it last was, so a reader on GitHub sees the training that ran.
+    # a text bar: a stored notebook shows a widget as first drawn ("0/22"), a text bar as it last was
     run.bar = tqdm(total=run.total_steps, initial=run.state.step, desc="fine-tuning", unit="step",
                    file=sys.stdout)
     run.lap_started = time.perf_counter()
@@ -234,24 +215,28 @@ def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epo
     with terminate_as_interrupt():
         try:
             while run.state.epoch < config.epochs:
-                # a checkpoint never holds a new schedule's record beside the old schedule's state
-                with interrupts_after_the_block():
+                with interrupts_after_the_block():  # never a new schedule's record beside the old one's state
                     begin_schedule(run, log)
-                batches = sampler.batches(run.state.epoch)
+                batches = loader.batch_sampler.batches(run.state.epoch)
                 while run.state.pos < len(batches):
                     if config.max_steps is not None and run.state.step >= config.max_steps:
-                        stop_at_max_steps(run, log)
+                        save_checkpoint(run)
+                        with above_the_bar(run.bar):
+                            log(f"Stopped at MAX_STEPS={config.max_steps}; re-run with a larger MAX_STEPS to "
+                                f"continue.")
                         return run.state.history
-                    chosen = batches[run.state.pos: run.state.pos + config.grad_accum]
-                    group = [make_batch([train_set[i] for i in b]) for b in chosen]
+                    group = [loader.collate_fn([loader.dataset[i] for i in rows])
+                             for rows in batches[run.state.pos: run.state.pos + config.grad_accum]]
                     with interrupts_after_the_block():
                         take_step(run, group, log)
                         if run.state.step % config.eval_every == 0 or run.state.pos >= len(batches):
                             log_point(run, val_loader, started)
                         if run.state.step % config.checkpoint_every == 0 and run.state.pos < len(batches):
                             save_checkpoint(run)  # an epoch's end saves below
-                with interrupts_after_the_block():
-                    end_epoch(run)
+                with interrupts_after_the_block():  # the epoch is done: the checkpoint holds its end
+                    run.state.epoch += 1
+                    run.state.pos = 0
+                    save_checkpoint(run)
                 answer_between_epochs(run, on_epoch_end)
         except KeyboardInterrupt:
             raise stop_on_interrupt(run) from None
@@ -265,22 +250,20 @@ def train(model, train_data, val_loader, config: TrainingConfig, out_dir, on_epo
     return run.state.history
 
 
-def _training_batches(data, config: TrainingConfig):
-    """The dataset, batch order and collate function to train with: a loader's own (its batch sampler must say
-    which batches each epoch has, `batches(epoch)`, for exact resume), or the project's for a bare dataset."""
-    if isinstance(data, DataLoader):
-        if not hasattr(data.batch_sampler, "batches"):
-            raise MedQAError("train() needs a loader from medqa.batches.make_loader (its batch sampler gives "
-                             "each epoch's batches, so that a resumed run sees the same ones): build it with "
-                             "make_loader.")
-        return data.dataset, data.batch_sampler, data.collate_fn
-    sampler = LengthGroupedBatches(data.lengths, config.batch_size, seed=config.seed, shuffle=True)
-    return data, sampler, partial(collate, max_length=config.max_length, mask_prompt=config.mask_prompt)
+def _training_loader(data, config: TrainingConfig) -> DataLoader:
+    """`data` as a loader (make_loader's for a dataset); its sampler's `batches(epoch)` makes resume exact."""
+    if not isinstance(data, DataLoader):
+        return make_loader(data, config.batch_size, config.max_length, shuffle=True, seed=config.seed,
+                           mask_prompt=config.mask_prompt)
+    if not hasattr(data.batch_sampler, "batches"):
+        raise MedQAError("train() needs a loader from medqa.batches.make_loader (its batch sampler gives "
+                         "each epoch's batches, so that a resumed run sees the same ones): build it with "
+                         "make_loader.")
+    return data
 
 
 def check_max_steps(config: TrainingConfig, batches_per_epoch: int) -> None:
-    """MAX_STEPS stops a run early; it never makes one longer than its EPOCHS. `batches_per_epoch`: the
-    training loader's length, checked before the run claims its folder and writes anything."""
+    """MAX_STEPS stops a run early; it never makes one longer than its EPOCHS (checked before writing)."""
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total = config.epochs * steps_per_epoch
     if config.max_steps is not None and config.max_steps > total:
@@ -293,9 +276,8 @@ def check_max_steps(config: TrainingConfig, batches_per_epoch: int) -> None:
 
 
 def take_step(run: Training, group: list[dict], log) -> None:
-    """One optimizer step as the plan says, and its counts in the state. A step that runs out of memory runs
-    again from its start (its partial gradients dropped, its random state restored) as the plan, corrected,
-    says; the state records the correction (a resume keeps it)."""
+    """One optimizer step and its counts in the state. A step that runs out of memory runs again from its
+    start (partial gradients dropped, random state restored) as the corrected plan says; a resume keeps it."""
     run.step_rng = rng_state(run.device)
     while True:
         try:
@@ -329,8 +311,7 @@ def take_step(run: Training, group: list[dict], log) -> None:
 
 
 def log_point(run: Training, val_loader, started: float) -> None:
-    """Record train and validation loss, and the training throughput (train steps only); stop on
-    non-finite."""
+    """Record train and validation loss and the train steps' throughput; stop on non-finite."""
     state = run.state
     if state.window_targets == 0:
         return
@@ -356,9 +337,8 @@ def log_point(run: Training, val_loader, started: float) -> None:
 
 
 def answer_between_epochs(run: Training, on_epoch_end) -> None:
-    """`on_epoch_end(epoch)` (the notebook samples an answer), outside training's time and randomness:
-    sampling draws from (and reseeds) the global generators, so training's state is put back afterwards,
-    and a run resumed from the epoch's checkpoint goes on as this one does."""
+    """`on_epoch_end(epoch)` outside training's time and randomness: sampling draws from (and reseeds) the
+    global generators, so training's are put back after, and a resume from the epoch's end goes on alike."""
     if on_epoch_end is None:
         return
     rng = rng_state(run.device)

@@ -1,16 +1,14 @@
-"""A training run in progress: its state, the checkpoint it resumes from exactly (after a crash, a
-MAX_STEPS stop or an interrupt), its learning-rate schedules, and the interrupts (Ctrl-C, SIGTERM) it holds
-until a step is whole. medqa.train's loop drives it."""
+"""A training run in progress: its state, the checkpoint it resumes from exactly, its learning-rate schedules,
+and the interrupts (Ctrl-C, SIGTERM) it holds until a step is whole. medqa.train's loop drives it."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -44,18 +42,6 @@ class TrainingState:
     # one {"first_step", "first_epoch", "last_epoch"} for each schedule: more than one in a continued run
     schedules: list = field(default_factory=list)
 
-    def saved(self) -> dict:
-        """The state as the checkpoint keeps it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def restored(cls, saved: dict, device) -> TrainingState:
-        """The state a checkpoint kept, on `device` (names this class lacks are left out)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        state = cls(**{k: v for k, v in saved.items() if k in names})
-        state.window_loss = state.window_loss.to(device)
-        return state
-
 
 @dataclass
 class Training:
@@ -80,16 +66,23 @@ class Training:
         return self.config.epochs * self.steps_per_epoch
 
 
-def start(model, opt, config, plan: Plan, out_dir: Path, steps_per_epoch: int, log) -> Training:
-    """The run of `model` with optimizer `opt` (AdamW: medqa.train.make_optimizer), its gradient scaler (fp16)
-    and its state: from the checkpoint when there is one. `config`: a medqa.train.TrainingConfig."""
+def start(model, opt, config, plan: Plan, out_dir: Path, batches_per_epoch: int, log) -> Training:
+    """The run of `model` with `opt` (train.make_optimizer's AdamW): from the checkpoint when there is one."""
     device = next(model.parameters()).device
     first = {"first_step": 0, "first_epoch": 0, "last_epoch": config.epochs}
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     run = Training(model, config, plan, device, out_dir / "checkpoint.pt", steps_per_epoch, opt,
                    torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None,
                    TrainingState(window_loss=torch.zeros((), device=device), schedules=[first]))
     torch.manual_seed(config.seed)
-    checkpoint = _read_checkpoint(run.checkpoint, config.overwrite, log)
+    checkpoint = None
+    if run.checkpoint.exists():
+        try:
+            checkpoint = load_checkpoint(run.checkpoint)
+        except MedQAError:  # damaged inside, though its zip directory looked whole to claim_output_dir
+            if not config.overwrite:
+                raise
+            log(f"{run.checkpoint} is damaged; OVERWRITE=True: training starts afresh and replaces it.")
     if checkpoint is None:
         run.schedule = make_schedule(run)
     else:
@@ -102,23 +95,13 @@ def start(model, opt, config, plan: Plan, out_dir: Path, steps_per_epoch: int, l
     return run
 
 
-def _read_checkpoint(path: Path, overwrite: bool, log) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return load_checkpoint(path)
-    except MedQAError:
-        if not overwrite:
-            raise
-        log(f"{path} is damaged; OVERWRITE=True: training starts afresh and replaces it.")
-        return None  # damaged inside, though its zip directory looked whole to claim_output_dir
-
-
 def resume(run: Training, checkpoint: dict, log) -> None:
     """Weights, optimizer, schedule, random state and the training state as the checkpoint saved them."""
     run.model.load_state_dict(checkpoint["model"])
-    saved = TrainingState.restored(checkpoint["state"], run.device)
-    run.state = dataclasses.replace(saved, schedules=saved.schedules or run.state.schedules)
+    names = {f.name for f in fields(TrainingState)}  # names this class lacks are left out
+    saved = TrainingState(**{k: v for k, v in checkpoint["state"].items() if k in names})
+    run.state = replace(saved, window_loss=saved.window_loss.to(run.device),
+                        schedules=saved.schedules or run.state.schedules)
     run.schedule = make_schedule(run)  # before the optimizer's state: a new schedule sets its learning rate
     run.opt.load_state_dict(checkpoint["optimizer"])
     run.schedule.load_state_dict(checkpoint["scheduler"])
@@ -143,11 +126,8 @@ def make_schedule(run: Training):
 
 
 def begin_schedule(run: Training, log) -> None:
-    """A run whose schedule ended (its learning rate decayed to zero) and that EPOCHS now asks to go on
-    with gets a new warm-up and cosine schedule over the added epochs, from its weights and AdamW's
-    moments. Stretching the old schedule instead would raise the learning rate again in the middle of the
-    decay it already went through and change what the finished epochs meant; a new one is a warm restart,
-    recorded in the checkpoint and in the history (`schedule`)."""
+    """A finished run that EPOCHS asks to go on gets a new warm-up and cosine schedule over the added epochs
+    (a warm restart): stretching the old one would raise the learning rate in the middle of its decay."""
     current = run.state.schedules[-1]
     if run.state.epoch < current["last_epoch"]:
         return
@@ -167,26 +147,11 @@ def save_checkpoint(run: Training) -> None:
         scaler = run.scaler.state_dict() if run.scaler is not None else None
         save_torch_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
                            "scheduler": run.schedule.state_dict(), "rng": rng_state(run.device),
-                           "state": run.state.saved(), "scaler": scaler}, run.checkpoint)
-
-
-def end_epoch(run: Training) -> None:
-    """An epoch is done: the next starts at its first batch, and the checkpoint holds the epoch's end."""
-    run.state.epoch += 1
-    run.state.pos = 0
-    save_checkpoint(run)
-
-
-def stop_at_max_steps(run: Training, log) -> None:
-    """MAX_STEPS reached: the checkpoint, and how to go on."""
-    save_checkpoint(run)
-    with above_the_bar(run.bar):
-        log(f"Stopped at MAX_STEPS={run.config.max_steps}; re-run with a larger MAX_STEPS to continue.")
+                           "state": asdict(run.state), "scaler": scaler}, run.checkpoint)
 
 
 def stop_on_interrupt(run: Training) -> KeyboardInterrupt:
-    """An interrupt (Jupyter's Interrupt kernel, Ctrl-C) lands between steps (interrupts_after_the_block): the
-    state is that of the last whole step, so the checkpoint written here continues exactly."""
+    """The checkpoint of the last whole step (interrupts land between steps), and the interrupt to raise."""
     run.opt.zero_grad(set_to_none=True)  # a step cut short by an exception leaves partial gradients
     if run.step_rng is not None:  # ... and its dropout's draws: the step runs again from its start
         set_rng_state(run.step_rng, run.device)
@@ -196,24 +161,22 @@ def stop_on_interrupt(run: Training) -> KeyboardInterrupt:
         f"again with the same settings and OUTPUT_DIR to continue from step {run.state.step + 1}.")
 
 
-def _catchable(signum) -> bool:
-    """Whether Python handles the signal here: only the main thread can, and only where a handler is set."""
-    return threading.current_thread() is threading.main_thread() and signal.getsignal(signum) is not None
-
-
 @contextmanager
-def terminate_as_interrupt():
-    """SIGTERM, which `timeout`, job schedulers and notebook servers send, stops training as Ctrl-C does
-    (KeyboardInterrupt: the step finishes and the checkpoint is written); the previous handler comes back
-    after."""
-    if not _catchable(signal.SIGTERM):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+def _handled(handler, *signums):
+    """`handler` for the signals Python handles here (only the main thread can, where a handler is set)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, handler) for signum in signums
+                if main and signal.getsignal(signum) is not None}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def terminate_as_interrupt():
+    """SIGTERM (sent by `timeout`, job schedulers, notebook servers) stops training as Ctrl-C does."""
+    return _handled(signal.default_int_handler, signal.SIGTERM)
 
 
 @contextmanager
@@ -221,13 +184,8 @@ def interrupts_after_the_block():
     """Hold SIGINT (Ctrl-C, Jupyter's Interrupt kernel) and SIGTERM until the block ends, so that neither
     lands inside an optimizer step or between a step and its counts; then raise KeyboardInterrupt."""
     received = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM) if _catchable(signum)}
-    try:
+    with _handled(lambda signum, frame: received.append(signum), signal.SIGINT, signal.SIGTERM):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if received:
         raise KeyboardInterrupt
 
@@ -253,10 +211,9 @@ def above_the_bar(bar):
 
 
 def stop_if_not_finite(run: Training) -> None:
-    """Stop when the loss or the weights stop being finite: training cannot recover, and the last good
-    checkpoint must stay as it is."""
+    """Stop when the loss or the weights stop being finite: the last good checkpoint must stay as it is."""
     loss = float(run.state.window_loss)
-    # one sync for all the weights, not one per tensor (hundreds on a GPU)
+    # one sync for all the weights, not one per tensor
     if math.isfinite(loss) and bool(torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()):
         return
     what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became inf or nan"
@@ -266,7 +223,7 @@ def stop_if_not_finite(run: Training) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    """The random generators' states that training draws from (dropout, the CPU's and the device's)."""
+    """The random generators' states that training draws from (dropout): the CPU's and the device's."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -276,8 +233,7 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what rng_state saved. A checkpoint written on a machine with more GPUs than this one
-    restores the GPUs present (training draws on one)."""
+    """Restore what rng_state saved; a checkpoint from a machine with more GPUs restores the GPUs present."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
