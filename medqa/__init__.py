@@ -1,4 +1,4 @@
-"""Helpers for llm.ipynb: fine-tune GPT-2 on MedQuAD disease questions, one module per job (docs/design.md)."""
+"""Helpers for llm.ipynb, which fine-tunes GPT-2 on MedQuAD: one module per job (docs/design.md)."""
 
 from medqa.errors import MedQAError
 

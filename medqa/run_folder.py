@@ -75,7 +75,7 @@ def _problems_or_refuse(out: Path, mine: dict, overwrite: bool, sources: dict) -
 
 def _run_problems(out: Path, mine: dict, sources: dict) -> list[str]:
     """Why the run in OUTPUT_DIR cannot simply continue as the run `mine`: other settings, changed inputs,
-    damage. More EPOCHS continue a run (medqa.train.begin_schedule); fewer would redefine it."""
+    damage. More EPOCHS continue a run (medqa.training_run.begin_schedule); fewer would redefine it."""
     record = out / "run.json"
     if not record.exists():
         left = [name for name in store.RUN_FILES if (out / name).exists()]
