@@ -1,6 +1,7 @@
 """How good are the answers? ROUGE, BLEU, perplexity of the references (the LLM judge: medqa/judge.py)."""
 
 import math
+import re
 import statistics
 import warnings
 from pathlib import Path
@@ -164,7 +165,7 @@ _TEMPLATES = ("What is (are) X ?", "What are the symptoms of X ?", "What are the
               "What research (or clinical trials) is being done for X ?", "What is the outlook for X ?",
               "Who is at risk for X? ?", "Do you have information about X", "What to do for X ?",
               "How to prevent X ?", "What are the stages of X ?", "What are the complications of X ?")
-QUESTION_TYPES = [(t, regex.compile(_PATTERNS.get(t) or regex.escape(t.split("X")[0]), regex.IGNORECASE))
+QUESTION_TYPES = [(t, re.compile(_PATTERNS.get(t) or re.escape(t.split("X")[0]), re.IGNORECASE))
                   for t in _TEMPLATES]
 
 

@@ -46,11 +46,13 @@ class Progress:
 
     def finish(self) -> None:
         """Every request has its reply in the answers file: nothing is left to resume."""
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
-def load_answers(path: Path) -> list[dict]:
+def load_answers(path) -> list[dict]:
     """The records of the answers file `path`, checked; a MedQAError names what is wrong."""
+    path = Path(path)
     hint = "pass the answers file the notebook writes, OUTPUT_DIR/test_responses.json"
     if path.is_dir():
         inside = path / "test_responses.json"

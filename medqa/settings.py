@@ -287,7 +287,8 @@ _RANGES = (
 
 
 def validate(cfg: Settings) -> None:
-    """Reject values out of range before anything is read, trained or written (resolve checked the types)."""
+    """Reject values of the wrong type or out of range before anything is read, trained or written."""
+    _check_types(asdict(cfg))
     for name in [name for name, kind in _TYPES.items() if kind == "float"]:
         require(math.isfinite(getattr(cfg, name)),
                 f"{name}={getattr(cfg, name)!r} is not a finite number: use a value like {_example(name)!r}.")

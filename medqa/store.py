@@ -120,7 +120,7 @@ def atomic_write(path, folder: bool = False):
             _put_in_place(tmp, path)
             tmp = None
     finally:
-        if tmp is not None and tmp.is_dir():
+        if tmp is not None and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp is not None:
             tmp.unlink(missing_ok=True)

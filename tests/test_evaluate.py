@@ -166,3 +166,10 @@ def test_the_record_before_fine_tuning_is_never_written_from_trained_weights(tmp
     with pytest.raises(MedQAError, match="no record from before training is kept"):
         evaluate.record_before(fresh, trained, {"loss": 7.747})
     assert not (fresh / "base_responses.json").exists()
+
+
+def test_question_types_ignore_case_as_python_does():
+    # re's IGNORECASE folds the dotless ı and the Kelvin sign K with i and k; a template still matches them
+    assert evaluate.question_type("what ıs (are) gout ?") == "What is (are) X ?"
+    assert evaluate.question_type("WHAT CAUSES gout ?") == "What causes X ?"
+    assert evaluate.question_type("Why does gout hurt ?") == "other"

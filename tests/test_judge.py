@@ -642,3 +642,10 @@ def test_a_result_another_process_records_meanwhile_is_kept(ollama, run_dir, mon
     evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
     assert evaluation["after"] == {"bleu": 3.0} and others
     assert sorted(evaluation["judge"]) == sorted(others + ["test_responses.json"])
+
+
+def test_progress_in_memory_finishes_and_answers_load_from_a_string_path(tmp_path):
+    judge_files.Progress().finish()  # kept in memory only: nothing to remove
+    path = tmp_path / "test_responses.json"
+    path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a", "model_response": "b"}]))
+    assert judge_files.load_answers(str(path))[0]["model_response"] == "b"

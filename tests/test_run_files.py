@@ -619,3 +619,14 @@ def test_a_downloads_own_error_is_not_taken_for_a_failure_of_the_disk(tmp_path):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     except RuntimeError as wrapped:
         assert store.storage_errno(wrapped) == errno.ENOSPC
+
+
+def test_a_failed_write_removes_its_temporary_link_too(tmp_path):
+    # a writer may put a link to a folder where its temporary file was; the failed write leaves neither
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(RuntimeError):
+        with store.atomic_write(tmp_path / "out.json") as tmp:
+            tmp.unlink()
+            tmp.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -228,3 +229,15 @@ def test_an_output_dir_on_a_read_only_mount_is_not_told_to_chmod(tmp_path, monke
     with pytest.raises(MedQAError, match="read-only file system") as err:
         settings.resolve({"PROFILE": "smoke", "OUTPUT_DIR": str(tmp_path / "run")}, env={})
     assert "chmod" not in str(err.value) and "writable disk" in str(err.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"BATCH_SIZE": "8"}, "is text (str)"), ({"BATCH_SIZE": 8.0}, "without the decimal point"),
+    ({"OVERWRITE": "maybe"}, "must be True or False"), ({"SEED": True}, "must be a whole number"),
+    ({"LEARNING_RATE": "x"}, "is text (str)")])
+def test_validate_called_alone_still_checks_types(change, words):
+    from dataclasses import replace
+
+    cfg = settings.resolve({"PROFILE": "smoke"}, {}, log=lambda *a: None)
+    with pytest.raises(MedQAError, match=re.escape(words)):
+        settings.validate(replace(cfg, **change))
