@@ -130,13 +130,13 @@ def decoding_from_flags(args, saved: dict) -> Decoding:
 
     given = {name: saved[name] if getattr(args, name) is None else getattr(args, name) for name in saved}
     decoding = Decoding(**given, batch_size=args.batch_size, seed=args.seed)
-    finite = math.isfinite(decoding.temperature) and math.isfinite(decoding.repetition_penalty)
+    temperature, penalty = decoding.temperature, decoding.repetition_penalty
     for name, ok, rule in (("max_new_tokens", decoding.max_new_tokens > 0, "above 0"),
                            ("batch_size", decoding.batch_size > 0, "above 0"),
                            ("no_repeat_ngram_size", decoding.no_repeat_ngram_size >= 0, "0 or above"),
-                           ("temperature", finite and decoding.temperature >= 0,
+                           ("temperature", math.isfinite(temperature) and temperature >= 0,
                             "a finite number, 0 or above"),
-                           ("repetition_penalty", finite and decoding.repetition_penalty >= 1,
+                           ("repetition_penalty", math.isfinite(penalty) and penalty >= 1,
                             "a finite number, 1.0 or above")):
         if not ok:
             raise MedQAError(f"--{name.replace('_', '-')} {getattr(decoding, name)}: must be {rule}.")

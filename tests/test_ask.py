@@ -124,3 +124,12 @@ def test_an_answer_longer_than_the_context_names_the_only_fix(folder, tokenizer,
     left = 1024 - len(tokenizer.encode_ordinary(prompts.format_prompt("How is gout treated?")))
     rc, _, err = asked(capsys, "--model", folder, "How is gout treated?", "--max-new-tokens", 5000)
     assert rc == 2 and "Shorten" not in err and f"Lower --max-new-tokens to {left} or less" in err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--repetition-penalty", "inf"], "--repetition-penalty inf: must be a finite number, 1.0 or above."),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number, 0 or above."),
+    (["--repetition-penalty", "0.5"], "--repetition-penalty 0.5: must be a finite number, 1.0 or above.")])
+def test_a_bad_decoding_flag_is_named_as_given(folder, capsys, flags, said):
+    rc, out, err = asked(capsys, "--model", folder, "What is gout?", *flags)
+    assert rc == 2 and said in err
