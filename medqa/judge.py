@@ -128,14 +128,15 @@ def _ask_all(ask, requests: list, budget: Budget, bar, progress: Progress) -> tu
         except JudgeUnavailable as err:
             return replies, str(err)
         except Unscored as err:  # no reply worth keeping: a re-run asks again
-            reply, failures_in_row = (None, str(err)), failures_in_row + 1
+            reply = (None, str(err))
+            failures_in_row += 1
         replies[key] = reply
         bar.update()
-        try:
-            if failures_in_row == 0:
+        if failures_in_row == 0:
+            try:
                 progress.keep(key, reply)
-        except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
-            return replies, f"replies could not be kept ({err})"
+            except MedQAError as err:  # a full disk, say: stop, rather than ask for replies it cannot keep
+                return replies, f"replies could not be kept ({err})"
         if failures_in_row >= MAX_FAILURES_IN_ROW:
             return replies, f"{failures_in_row} requests in a row failed (last: {reply[1]})"
     return replies, None
@@ -220,22 +221,26 @@ def describe(summary: Summary) -> str:
         return f"LLM judge ({summary.model}){about}: not run, so its mean and sanity anchors are null."
     sanity, empty = summary.sanity, summary.empty_answers
     empty = f" ({empty} empty answers scored 0 without asking)" if empty else ""
-    lines = [(True, f"LLM judge ({summary.model}){about}: mean {summary.mean} over {summary.scored} of "
-                    f"{summary.n} answers{empty}"),
-             (True, f"  sanity on {sanity['n']} test items: reference judged against itself "
-                    f"{sanity['self']}, against another question's reference {sanity['other']}"),
-             (summary.reused, f"  {summary.reused} replies kept from an earlier, unfinished judging"),
-             (summary.unscored, f"  unscored: {summary.unscored_by_reason}"),
-             (summary.too_long_for_context, f"  {summary.too_long_for_context} prompts longer than "
-                                            f"num_ctx={summary.num_ctx} (cut by the server)")]
-    return "\n".join(line for shown, line in lines if shown)
+    lines = [f"LLM judge ({summary.model}){about}: mean {summary.mean} over {summary.scored} of "
+             f"{summary.n} answers{empty}",
+             f"  sanity on {sanity['n']} test items: reference judged against itself {sanity['self']}, "
+             f"against another question's reference {sanity['other']}"]
+    if summary.reused:
+        lines.append(f"  {summary.reused} replies kept from an earlier, unfinished judging")
+    if summary.unscored:
+        lines.append(f"  unscored: {summary.unscored_by_reason}")
+    if summary.too_long_for_context:
+        lines.append(f"  {summary.too_long_for_context} prompts longer than num_ctx={summary.num_ctx} "
+                     f"(cut by the server)")
+    return "\n".join(lines)
 
 
 def judge_answers(path, host: str, model: str, *, budget_s: float = DEFAULT_BUDGET_S,
                   seed: int = DEFAULT_SEED, timeout_s: float = 120.0, log=print) -> tuple[Summary, list]:
     """judge_file's work; a MedQAError says what is wrong with the files (the command line exits 2 on it)."""
     path = Path(path)
-    records, metrics_path = load_answers(path), path.with_name("metrics.json")
+    records = load_answers(path)
+    metrics_path = path.with_name("metrics.json")
     read_metrics(metrics_path)
     progress = Progress(path, log)
     summary, scores = judge(records, host, model, budget_s=budget_s, seed=seed, timeout_s=timeout_s, log=log,

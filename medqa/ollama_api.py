@@ -88,21 +88,28 @@ def read_score(content) -> tuple[int | None, str]:
         obj = json.loads(text)
     except ValueError:
         obj = None
-    has_score = isinstance(obj, dict) and "score" in obj
-    value = obj["score"] if has_score else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        how = "json"
-    else:
-        text = _SCALE.sub(" ", str(value) if has_score else text)
-        fractions = _FRACTION.findall(text)
-        if any(float(denominator) != 100 for _, denominator in fractions):
-            return None, "score on another scale"
-        candidates = {float(n) for n, _ in fractions} or {float(n) for n in _NUMBER.findall(text)}
-        if not candidates:
-            return None, "no score in reply"
-        if len(candidates) > 1:
-            return None, "ambiguous reply"
-        value, how = candidates.pop(), "text"
+    if isinstance(obj, dict) and "score" in obj:
+        value = obj["score"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _in_range(value, "json")
+        text = str(value)
+    return _from_text(text)
+
+
+def _from_text(text: str) -> tuple[int | None, str]:
+    text = _SCALE.sub(" ", text)
+    fractions = _FRACTION.findall(text)
+    if any(float(denominator) != 100 for _, denominator in fractions):
+        return None, "score on another scale"
+    candidates = {float(n) for n, _ in fractions} or {float(n) for n in _NUMBER.findall(text)}
+    if not candidates:
+        return None, "no score in reply"
+    if len(candidates) > 1:
+        return None, "ambiguous reply"
+    return _in_range(candidates.pop(), "text")
+
+
+def _in_range(value: float, how: str) -> tuple[int | None, str]:
     if not float(value).is_integer():
         return None, "score not a whole number"
     if not 0 <= value <= 100:
@@ -138,15 +145,19 @@ def failure(err: Exception) -> str:
     import ollama
     import pydantic
 
-    readings = ((ConnectionError, lambda: "connection refused"),
-                (ollama.ResponseError,
-                 lambda: "no model" if err.status_code == 404 else f"HTTP {err.status_code}"),
-                (httpx.TimeoutException, lambda: "timeout"),
-                (httpx.TransportError, lambda: f"connection failed ({type(err).__name__})"),
-                (json.JSONDecodeError, lambda: "reply not JSON"),
-                ((pydantic.ValidationError, TypeError), lambda: "unexpected reply shape"))
-    return next((read() for kind, read in readings if isinstance(err, kind)),
-                f"unexpected error ({type(err).__name__})")
+    if isinstance(err, ConnectionError):
+        return "connection refused"
+    if isinstance(err, ollama.ResponseError):
+        return "no model" if err.status_code == 404 else f"HTTP {err.status_code}"
+    if isinstance(err, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(err, httpx.TransportError):
+        return f"connection failed ({type(err).__name__})"
+    if isinstance(err, json.JSONDecodeError):
+        return "reply not JSON"
+    if isinstance(err, (pydantic.ValidationError, TypeError)):
+        return "unexpected reply shape"
+    return f"unexpected error ({type(err).__name__})"
 
 
 def check_model(host: str, model: str, timeout_s: float) -> tuple[int, bool]:

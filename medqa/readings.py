@@ -49,7 +49,8 @@ def verdict(after: dict, reference: dict) -> str:
 
     lines = []
     for key, label in SCORES.items():
-        mine, groups = mean(after, key), {"beats": [], "ties with": [], "loses to": []}
+        mine = mean(after, key)
+        groups = {"beats": [], "ties with": [], "loses to": []}
         for name, scores in reference.items():
             theirs = mean(scores, key)
             word = "beats" if mine > theirs else "ties with" if mine == theirs else "loses to"

@@ -303,7 +303,7 @@ def load_checkpoint(path):
     if problem is None:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            keys = {"model", "optimizer", "scheduler", "rng", "state"}  # what train.py saves
+            keys = {"model", "optimizer", "scheduler", "rng", "state"}  # what save_checkpoint saves
             if not isinstance(ckpt, dict) or not keys <= set(ckpt):
                 problem = "is not a checkpoint of this notebook (keys are missing)"
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,

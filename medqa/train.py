@@ -114,7 +114,6 @@ def train_step(model, opt, group: list[dict], plan: Plan, scaler=None, schedule=
     return Step(total, n_targets, n_tokens, skipped)
 
 
-
 def loss_sum(model, batch: dict, plan: Plan) -> torch.Tensor:
     """The forward pass and the summed loss of train_step, for a pass without a step (mean_loss)."""
     device = next(model.parameters()).device
@@ -170,7 +169,6 @@ def simple_loop(model, train_loader, val_loader, config: TrainingConfig, plan: P
             if step == config.max_steps:
                 return history
     return history
-
 
 
 def plan_run(model, batch_size: int, max_length: int, precision: str | None = None, out_dir=None) -> Plan:
